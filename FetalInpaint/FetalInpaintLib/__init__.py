@@ -1,0 +1,21 @@
+"""FetalInpaintLib: self-supervised inpainting pretraining and feature export (no Slicer imports).
+
+Modules
+-------
+corruptors  : numpy and batched torch corruptions (holes, shapes, biased toss).
+data        : intensity normalisation, acquisition-axis slices, patches, split by volume.
+model       : fully convolutional inpainting autoencoder.
+training    : ``TrainConfig``, ``train``, ``load_checkpoint``.
+evaluation  : PSNR / SSIM against mean fill and biharmonic inpainting.
+features    : dense feature maps, patch embeddings, t-SNE plots.
+probe       : brain vs non-brain patch probe.
+"""
+
+__version__ = "0.1.0"
+
+from .errors import (  # noqa: F401
+    CheckpointError,
+    FetalInpaintError,
+    InvalidVolumeError,
+    ArchitectureMismatchError,
+)

@@ -1,0 +1,115 @@
+"""Shared pytest fixtures: a real, GUI-free Slicer MRML scene from the ``slicer-core`` wheel.
+
+The desktop application wires its core logics into ``slicer.mrmlScene`` and
+``slicer.modules.<name>.logic()``; ``slicer.util`` looks them up there.  The ``mrml_scene``
+fixture does the same wiring with the real slicer-core logic objects (no stand-ins), so
+``slicer.util.addVolumeFromArray``, ``updateSegmentBinaryLabelmapFromArray`` and
+``arrayFromSegmentBinaryLabelmap`` behave as in Slicer.
+"""
+
+import csv
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPOSITORY_ROOT.parent / "shared" / "data"
+
+# The module folders hold the importable packages (FetalAnnotateLib, FetalAnnotateLogic, ...),
+# exactly as Slicer puts a scripted module's folder on sys.path.
+for module_dir in ("FetalAnnotate", "FetalInpaint"):
+    path = str(REPOSITORY_ROOT / module_dir)
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+
+class _LoadedModule:
+    """What ``slicer.modules.<name>`` is for a loaded module: something with ``logic()``."""
+
+    def __init__(self, logic):
+        self._logic = logic
+
+    def logic(self):
+        return self._logic
+
+
+def start_headless_slicer():
+    """Create a scene and register the real slicer-core logics as the application does.
+
+    Returns
+    -------
+    slicer.vtkMRMLScene
+        The new scene, also set as ``slicer.mrmlScene``.
+    """
+    import slicer
+    import slicer.util  # noqa: F401  (makes slicer.util an attribute of slicer)
+
+    scene = slicer.vtkMRMLScene()
+    app_logic = slicer.vtkSlicerApplicationLogic()
+    app_logic.SetMRMLScene(scene)
+
+    color_logic = slicer.vtkMRMLColorLogic()
+    color_logic.SetMRMLApplicationLogic(app_logic)
+    color_logic.SetMRMLScene(scene)
+    color_logic.AddDefaultColorNodes()
+    app_logic.SetModuleLogic("Colors", color_logic)
+
+    logics = {"colors": color_logic}
+    for name, module_name, logic_class in (
+        ("volumes", "Volumes", slicer.vtkSlicerVolumesLogic),
+        ("segmentations", "Segmentations", slicer.vtkSlicerSegmentationsModuleLogic),
+        ("transforms", "Transforms", slicer.vtkSlicerTransformLogic),
+    ):
+        logic = logic_class()
+        logic.SetMRMLScene(scene)
+        logic.SetMRMLApplicationLogic(app_logic)
+        app_logic.SetModuleLogic(module_name, logic)
+        logics[name] = logic
+
+    slicer.mrmlScene = scene
+    slicer.app_logic = app_logic
+    slicer.modules = types.SimpleNamespace(**{name: _LoadedModule(logic) for name, logic in logics.items()})
+    return scene
+
+
+@pytest.fixture
+def mrml_scene():
+    """A fresh MRML scene with the volumes, segmentations, colors and transforms logics."""
+    import slicer
+
+    scene = start_headless_slicer()
+    yield scene
+    scene.Clear(True)
+    del slicer.mrmlScene
+
+
+def load_cases(dataset=None):
+    """Rows of ``../shared/data/cases.csv`` (optionally one dataset), or skip when absent."""
+    manifest = SHARED_DATA / "cases.csv"
+    if not manifest.exists():
+        pytest.skip(f"development data not found at {SHARED_DATA}")
+    with open(manifest, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return [row for row in rows if dataset is None or row["dataset"] == dataset]
+
+
+def load_case_arrays(row):
+    """Image (float32, z,y,x), boolean target mask, spacing (z,y,x mm) of one case row."""
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(SHARED_DATA / row["image"]))
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(SHARED_DATA / row["label"])))
+    value = int(row["label_value"] or 0)
+    target = (label == value) if value else (label > 0)
+    return sitk.GetArrayFromImage(image).astype(np.float32), target, tuple(image.GetSpacing()[::-1])
+
+
+@pytest.fixture
+def shared_data():
+    """Path of the development data folder; skips the test when it is not present."""
+    if not SHARED_DATA.exists():
+        pytest.skip(f"development data not found at {SHARED_DATA}")
+    return SHARED_DATA

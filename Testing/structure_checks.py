@@ -1,0 +1,169 @@
+"""Checks of the extension's layout that Slicer's build would otherwise only reveal in Slicer.
+
+Each check takes the repository root and returns a list of problems (empty when all is well),
+so the tests can run them both on this checkout and on a deliberately broken copy.
+"""
+
+import ast
+import json
+import re
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+MODULES = ("FetalAnnotate", "FetalInpaint")
+FORBIDDEN_IN_LIB = {"slicer", "qt", "ctk", "vtk", "vtkmodules", "qSlicerSegmentationsEditorEffectsPythonQt"}
+_SET_COMMAND = re.compile(r"set\(\s*(\w+)\s+(.*?)\)", re.S)
+_UI_ATTRIBUTE = re.compile(r"\bui\.([A-Za-z_]\w*)")
+
+
+def cmake_variables(cmake_file):
+    """The ``set(NAME values...)`` commands of a CMakeLists.txt as a dict of value lists."""
+    text = re.sub(r"#[^\n]*", "", Path(cmake_file).read_text())
+    return {name: re.findall(r'"[^"]*"|\S+', body) for name, body in _SET_COMMAND.findall(text)}
+
+
+def listed_module_files(module_dir):
+    """Files the module's CMakeLists.txt lists as scripts and resources, as paths relative to it."""
+    variables = cmake_variables(Path(module_dir) / "CMakeLists.txt")
+    module_name = variables.get("MODULE_NAME", [Path(module_dir).name])[0]
+    listed = []
+    for key in ("MODULE_PYTHON_SCRIPTS", "MODULE_PYTHON_RESOURCES"):
+        for entry in variables.get(key, []):
+            listed.append(entry.strip('"').replace("${MODULE_NAME}", module_name))
+    return listed
+
+
+def module_files_on_disk(module_dir):
+    """Python files and resources a module ships (its Testing/ folder and caches excluded)."""
+    module_dir = Path(module_dir)
+    shipped = []
+    for path in sorted(module_dir.rglob("*")):
+        relative = path.relative_to(module_dir)
+        if not path.is_file() or relative.parts[0] == "Testing" or "__pycache__" in relative.parts:
+            continue
+        if path.suffix == ".py" or relative.parts[0] == "Resources" or path.suffix == ".png":
+            shipped.append(relative.as_posix())
+    return shipped
+
+
+def check_cmake_lists(root):
+    """Every listed file exists and every shipped file is listed, for each module."""
+    problems = []
+    for module in MODULES:
+        module_dir = Path(root) / module
+        if not (module_dir / "CMakeLists.txt").exists():
+            problems.append(f"{module}/CMakeLists.txt is missing")
+            continue
+        listed = listed_module_files(module_dir)
+        problems += [f"{module}/CMakeLists.txt lists {name}, which does not exist"
+                     for name in listed if not (module_dir / name).is_file()]
+        problems += [f"{module}/{name} is not listed in {module}/CMakeLists.txt"
+                     for name in module_files_on_disk(module_dir) if name not in listed]
+    return problems
+
+
+def check_extension_cmake(root):
+    """The top-level CMakeLists.txt has the extension template's fields and one subdirectory per module."""
+    text = (Path(root) / "CMakeLists.txt").read_text()
+    problems = []
+    for required in ("project(FetalAnnotate)", "find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})",
+                     "include(${Slicer_EXTENSION_GENERATE_CONFIG})", "include(${Slicer_EXTENSION_CPACK})"):
+        if required not in text:
+            problems.append(f"CMakeLists.txt lacks {required}")
+    variables = cmake_variables(Path(root) / "CMakeLists.txt")
+    for field in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
+                  "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"):
+        if not variables.get(field):
+            problems.append(f"CMakeLists.txt does not set {field}")
+    for module in MODULES:
+        if f"add_subdirectory({module})" not in text:
+            problems.append(f"CMakeLists.txt does not add_subdirectory({module})")
+    return problems
+
+
+def check_catalog_entry(root):
+    """``FetalAnnotate.json`` follows the ExtensionsIndex schema and agrees with CMakeLists.txt."""
+    entry = json.loads((Path(root) / "FetalAnnotate.json").read_text())
+    variables = cmake_variables(Path(root) / "CMakeLists.txt")
+    problems = [f"FetalAnnotate.json lacks {key}" for key in
+                ("$schema", "category", "scm_url", "scm_revision", "build_dependencies", "build_subdirectory", "tier")
+                if key not in entry]
+    depends = [word for value in variables.get("EXTENSION_DEPENDS", []) for word in value.strip('"').split()]
+    depends = [] if depends == ["NA"] else depends
+    if sorted(entry.get("build_dependencies", [])) != sorted(depends):
+        problems.append(f"build_dependencies {entry.get('build_dependencies')} != EXTENSION_DEPENDS {depends}")
+    category = " ".join(variables.get("EXTENSION_CATEGORY", [])).strip('"')
+    if entry.get("category") != category:
+        problems.append(f"category {entry.get('category')!r} != EXTENSION_CATEGORY {category!r}")
+    homepage = " ".join(variables.get("EXTENSION_HOMEPAGE", [])).strip('"')
+    if not homepage.startswith(entry.get("scm_url", "\0")):
+        problems.append(f"EXTENSION_HOMEPAGE {homepage!r} is not on scm_url {entry.get('scm_url')!r}")
+    return problems
+
+
+def ui_object_names(ui_file):
+    """Object names of all widgets, layouts and actions in a Qt Designer ``.ui`` file (raises if it does not parse)."""
+    tree = ElementTree.parse(ui_file)
+    return {element.get("name") for element in tree.iter() if element.tag in ("widget", "layout", "action")
+            and element.get("name")}
+
+
+def check_ui_names(root):
+    """Every ``.ui`` parses and every ``ui.<name>`` the module's code uses is an object in its ``.ui``."""
+    problems = []
+    for module in MODULES:
+        module_dir = Path(root) / module
+        ui_file = module_dir / "Resources" / "UI" / f"{module}.ui"
+        try:
+            names = ui_object_names(ui_file)
+        except (OSError, ElementTree.ParseError) as error:
+            problems.append(f"{ui_file.relative_to(root)} does not parse: {error}")
+            continue
+        for source in [module_dir / f"{module}.py"]:
+            for name in sorted(set(_UI_ATTRIBUTE.findall(source.read_text()))):
+                if name not in names:
+                    problems.append(f"{source.relative_to(root)} uses ui.{name}, not an object in {ui_file.name}")
+    return problems
+
+
+def imported_top_level_modules(python_file):
+    """Top-level package names imported anywhere in a Python file (absolute imports only)."""
+    tree = ast.parse(Path(python_file).read_text(), filename=str(python_file))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def check_lib_imports(root):
+    """No ``*Lib/`` package imports slicer, qt, ctk or vtk: the numeric cores must run headless."""
+    problems = []
+    for lib_dir in sorted(Path(root).glob("*/*Lib")):
+        for python_file in sorted(lib_dir.rglob("*.py")):
+            for name in sorted(imported_top_level_modules(python_file) & FORBIDDEN_IN_LIB):
+                problems.append(f"{python_file.relative_to(root)} imports {name}")
+    return problems
+
+
+def check_module_classes(root):
+    """Each module file defines the Module, Widget and Test classes and provides the Logic class."""
+    problems = []
+    for module in MODULES:
+        source = Path(root) / module / f"{module}.py"
+        tree = ast.parse(source.read_text(), filename=str(source))
+        defined = {node.name for node in tree.body if isinstance(node, ast.ClassDef)}
+        imported = {alias.asname or alias.name for node in tree.body if isinstance(node, ast.ImportFrom)
+                    for alias in node.names}
+        for expected in (module, f"{module}Widget", f"{module}Test"):
+            if expected not in defined:
+                problems.append(f"{source.relative_to(root)} does not define class {expected}")
+        if f"{module}Logic" not in defined | imported:
+            problems.append(f"{source.relative_to(root)} neither defines nor imports {module}Logic")
+    return problems
+
+
+ALL_CHECKS = (check_cmake_lists, check_extension_cmake, check_catalog_entry, check_ui_names, check_lib_imports,
+              check_module_classes)

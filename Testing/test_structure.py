@@ -1,0 +1,92 @@
+"""The extension's layout: CMake lists, .ui names, catalog entry, headless Lib packages.
+
+Each check runs on this checkout (it must find nothing) and on a copy broken on purpose (it
+must find exactly that breakage), so a check that can never fail would fail here.
+"""
+
+import py_compile
+import shutil
+from pathlib import Path
+
+import pytest
+
+import structure_checks as checks
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("check", checks.ALL_CHECKS, ids=lambda check: check.__name__)
+def test_checkout_passes(check):
+    assert check(ROOT) == []
+
+
+def test_every_python_file_compiles():
+    for path in sorted(ROOT.glob("Fetal*/**/*.py")):
+        py_compile.compile(str(path), doraise=True)
+
+
+@pytest.fixture
+def broken_copy(tmp_path):
+    """A copy of the files the checks read, to break on purpose."""
+    copy = tmp_path / "extension"
+    for name in ("CMakeLists.txt", "FetalAnnotate.json", *checks.MODULES):
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, copy / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            copy.mkdir(exist_ok=True)
+            shutil.copy(source, copy / name)
+    return copy
+
+
+def test_removed_listed_file_is_reported(broken_copy):
+    listed = checks.listed_module_files(broken_copy / "FetalAnnotate")
+    victim = next(name for name in listed if name.endswith(".py") and "/" in name)
+    (broken_copy / "FetalAnnotate" / victim).unlink()
+    assert checks.check_cmake_lists(broken_copy) == [
+        f"FetalAnnotate/CMakeLists.txt lists {victim}, which does not exist"]
+
+
+def test_unlisted_module_file_is_reported(broken_copy):
+    (broken_copy / "FetalInpaint" / "FetalInpaintLib" / "forgotten.py").write_text("")
+    assert checks.check_cmake_lists(broken_copy) == [
+        "FetalInpaint/FetalInpaintLib/forgotten.py is not listed in FetalInpaint/CMakeLists.txt"]
+
+
+def test_misspelled_ui_name_is_reported(broken_copy):
+    ui_file = broken_copy / "FetalAnnotate" / "Resources" / "UI" / "FetalAnnotate.ui"
+    used = sorted(set(checks._UI_ATTRIBUTE.findall((broken_copy / "FetalAnnotate" / "FetalAnnotate.py").read_text())))
+    name = used[0]
+    ui_file.write_text(ui_file.read_text().replace(f'name="{name}"', f'name="{name}Typo"'))
+    assert checks.check_ui_names(broken_copy) == [
+        f"FetalAnnotate/FetalAnnotate.py uses ui.{name}, not an object in FetalAnnotate.ui"]
+
+
+def test_unparsable_ui_is_reported(broken_copy):
+    ui_file = broken_copy / "FetalInpaint" / "Resources" / "UI" / "FetalInpaint.ui"
+    ui_file.write_text(ui_file.read_text()[:-40])
+    problems = checks.check_ui_names(broken_copy)
+    assert len(problems) == 1 and "does not parse" in problems[0]
+
+
+def test_slicer_import_in_lib_is_reported(broken_copy):
+    lib_file = broken_copy / "FetalAnnotate" / "FetalAnnotateLib" / "phantom.py"
+    lib_file.write_text(lib_file.read_text() + "\n\ndef _late():\n    import qt.QtCore\n    from vtk import vtkImageData\n")
+    assert checks.check_lib_imports(broken_copy) == [
+        "FetalAnnotate/FetalAnnotateLib/phantom.py imports qt",
+        "FetalAnnotate/FetalAnnotateLib/phantom.py imports vtk",
+    ]
+
+
+def test_catalog_disagreeing_with_cmake_is_reported(broken_copy):
+    catalog = broken_copy / "FetalAnnotate.json"
+    catalog.write_text(catalog.read_text().replace('"PyTorch"', '"MONAIAuto3DSeg"'))
+    assert checks.check_catalog_entry(broken_copy) == [
+        "build_dependencies ['MONAIAuto3DSeg'] != EXTENSION_DEPENDS ['PyTorch']"]
+
+
+def test_missing_module_class_is_reported(broken_copy):
+    module_file = broken_copy / "FetalInpaint" / "FetalInpaint.py"
+    module_file.write_text(module_file.read_text().replace("class FetalInpaintTest(", "class FetalInpaintTests("))
+    assert checks.check_module_classes(broken_copy) == [
+        "FetalInpaint/FetalInpaint.py does not define class FetalInpaintTest"]
