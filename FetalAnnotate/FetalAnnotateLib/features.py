@@ -122,11 +122,12 @@ def compute_features(volume, spacing, settings, progress=None):
 
     Returns
     -------
-    features : ndarray of float32, shape (n_features, z, y, x)
+    features : ndarray of float32, shape (z, y, x, n_features)
+        Voxel-major, so that blocks of voxels are contiguous rows for the classifier.
     """
     image = normalize_intensity(volume, settings["normalize_percentiles"])
     axes = filter_axes(spacing, image.shape, settings["anisotropy_ratio"])
-    features = np.empty((count_features(settings),) + image.shape, np.float32)
+    features = np.empty(image.shape + (count_features(settings),), np.float32)
     if settings["preset"] == "paper-table1":
         _paper_table1_features(image, axes, settings, features, progress)
     else:
@@ -144,7 +145,7 @@ def _scale_space_features(image, spacing, axes, settings, out, progress):
     """Fill ``out`` with intensity and Gaussian-derivative features at mm scales."""
     channel = 0
     if settings["intensity"]:
-        out[channel] = image
+        out[..., channel] = image
         channel += 1
     filters = settings["filters"]
     scales = settings["scales_mm"]
@@ -154,14 +155,14 @@ def _scale_space_features(image, spacing, axes, settings, out, progress):
         smooth = ndi.gaussian_filter(image, sigma, mode="nearest")
         for name in filters:
             if name == "gaussian":
-                out[channel] = smooth
+                out[..., channel] = smooth
             elif name == "gradient":
-                out[channel] = _gradient_magnitude(smooth, spacing, axes) * np.float32(scale)
+                out[..., channel] = _gradient_magnitude(smooth, spacing, axes) * np.float32(scale)
             elif name == "laplacian":
-                out[channel] = _laplacian(smooth, spacing, axes) * np.float32(scale**2)
+                out[..., channel] = _laplacian(smooth, spacing, axes) * np.float32(scale**2)
             elif name == "std":
                 second_moment = ndi.gaussian_filter(image * image, sigma, mode="nearest")
-                np.sqrt(np.maximum(second_moment - smooth * smooth, 0.0), out=out[channel])
+                np.sqrt(np.maximum(second_moment - smooth * smooth, 0.0), out=out[..., channel])
             else:
                 raise ValueError(f"unknown filter {name!r}")
             channel += 1
@@ -196,35 +197,35 @@ def _paper_table1_features(image, axes, settings, out, progress):
         return tuple(float(s) if axis in axes else 0.0 for axis in range(3))
 
     channel = 0
-    out[channel] = image
+    out[..., channel] = image
     channel += 1
     u8 = (np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)
     plane_axis = next((axis for axis in range(3) if axis not in axes), 0)
     for radius in settings["entropy_radius"]:
-        planes = np.moveaxis(out[channel], plane_axis, 0)
+        planes = np.moveaxis(out[..., channel], plane_axis, 0)
         for index, plane in enumerate(np.moveaxis(u8, plane_axis, 0)):
             planes[index] = entropy(plane, disk(radius))
         channel += 1
     report_progress(progress, 0.4, "Table I filters")
     for k in settings["std_size"]:
         mean = ndi.uniform_filter(image, size(k))
-        out[channel] = np.sqrt(np.maximum(ndi.uniform_filter(image * image, size(k)) - mean * mean, 0.0))
+        out[..., channel] = np.sqrt(np.maximum(ndi.uniform_filter(image * image, size(k)) - mean * mean, 0.0))
         channel += 1
     for s in settings["gaussian_sigma"]:
-        out[channel] = ndi.gaussian_filter(image, sigma(s))
+        out[..., channel] = ndi.gaussian_filter(image, sigma(s))
         channel += 1
     for s in settings["gradient_sigma"]:
-        out[channel] = _gradient_magnitude(ndi.gaussian_filter(image, sigma(s)), (1.0, 1.0, 1.0), axes)
+        out[..., channel] = _gradient_magnitude(ndi.gaussian_filter(image, sigma(s)), (1.0, 1.0, 1.0), axes)
         channel += 1
     for s in settings["laplacian_sigma"]:
-        out[channel] = _laplacian(ndi.gaussian_filter(image, sigma(s)), (1.0, 1.0, 1.0), axes)
+        out[..., channel] = _laplacian(ndi.gaussian_filter(image, sigma(s)), (1.0, 1.0, 1.0), axes)
         channel += 1
     for k in settings["maximum_size"]:
-        out[channel] = ndi.maximum_filter(image, size(k))
+        out[..., channel] = ndi.maximum_filter(image, size(k))
         channel += 1
     for k in settings["minimum_size"]:
-        out[channel] = ndi.minimum_filter(image, size(k))
+        out[..., channel] = ndi.minimum_filter(image, size(k))
         channel += 1
     for k in settings["mean_size"]:
-        out[channel] = ndi.uniform_filter(image, size(k))
+        out[..., channel] = ndi.uniform_filter(image, size(k))
         channel += 1

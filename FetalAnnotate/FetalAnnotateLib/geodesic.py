@@ -33,6 +33,7 @@ class GeodesicCosts:
         self.shape = image.shape
         self.axes = tuple(axes)
         # Sweep-major copies: the swept axis first, so each update touches contiguous memory.
+        self.extent_mm = float(sum(image.shape[axis] * spacing[axis] for axis in self.axes))
         self._costs = {}
         for axis in self.axes:
             moved = np.moveaxis(image, axis, 0)
@@ -42,7 +43,7 @@ class GeodesicCosts:
             step += np.float32(spacing[axis] ** 2)
             self._costs[axis] = np.ascontiguousarray(np.sqrt(step, out=step))
 
-    def distance(self, seeds, n_rounds=2, limit=None):
+    def distance(self, seeds, n_rounds=2, limit=None, box=None):
         """Geodesic distance (mm, float32) from the voxels where ``seeds`` is True.
 
         Parameters
@@ -52,18 +53,28 @@ class GeodesicCosts:
         n_rounds : int
             Rounds of forward and backward sweeps along every axis.
         limit : float, optional
-            Distances are clipped to this value (default: the volume's diagonal in path cost
-            of plain steps times 4), so the map stays finite.
+            Distances are clipped to this value so the map stays finite (default: four
+            times the sum of the volume's extents in mm).
+        box : tuple of slice, optional
+            Compute only inside this box (paths stay inside it); returns the box's shape.
         """
+        if box is None:
+            box = tuple(slice(0, n) for n in self.shape)
+        box = tuple(slice(*s.indices(n)[:2]) for s, n in zip(box, self.shape))
         if limit is None:
-            limit = 4.0 * float(sum(self.shape[axis] * np.sqrt(self._costs[axis].min() if self._costs[axis].size else 1.0) for axis in self.axes))
+            limit = 4.0 * self.extent_mm
+        seeds = seeds[box]
         distance = np.where(seeds, np.float32(0.0), np.float32(limit)).astype(np.float32)
         if not seeds.any():
             return distance
         for _ in range(n_rounds):
             for axis in self.axes:
+                if distance.shape[axis] < 2:
+                    continue
+                others = tuple(box[a] for a in range(3) if a != axis)
+                cost = self._costs[axis][(slice(box[axis].start, box[axis].stop - 1),) + others]
                 moved = np.ascontiguousarray(np.moveaxis(distance, axis, 0))
-                _sweep(moved, self._costs[axis])
+                _sweep(moved, cost)
                 np.moveaxis(distance, axis, 0)[...] = moved
         return distance
 

@@ -126,8 +126,8 @@ def batch_masks(shape, name, strength=0.2, size=None, count=None, kinds=SHAPE_KI
         shapes, regions are added until at least this fraction is hidden (ignored when ``count``
         is given).
     size : int or None
-        Side of the square holes / diameter of the shapes in pixels; None = min(H, W) // 8
-        (at least 2).
+        Side of the square holes / largest diameter of the shapes in pixels; None = min(H, W) // 8
+        for holes and min(H, W) // 4 for shapes (at least 2).
     count : int or None
         Exact number of holes or shapes instead of a target fraction.
     kinds : tuple of str
@@ -147,7 +147,9 @@ def batch_masks(shape, name, strength=0.2, size=None, count=None, kinds=SHAPE_KI
         return _rand((batch, height, width), generator, device) < fraction
     if name not in ("holes", "shapes"):
         raise FetalInpaintError(f"unknown corruptor {name!r}; choose one of {sorted(CORRUPTORS)}.")
-    size = int(size) if size else max(2, min(height, width) // 8)
+    # Default sizes give holes and shapes of similar area (8 px squares, 8-16 px shapes at 64x64).
+    default_size = min(height, width) // (8 if name == "holes" else 4)
+    size = int(size) if size else max(2, default_size)
     if count is None and fraction == 0.0:
         return torch.zeros((batch, height, width), dtype=torch.bool, device=device)
     if name == "holes":
@@ -237,7 +239,7 @@ def corrupt_shapes(image, rng=None, n_shapes=None, size=None, fraction=0.2, kind
     n_shapes : int or None
         Exact number of shapes; None = add shapes until ``fraction`` is hidden.
     size : int or None
-        Largest shape diameter in pixels (shapes span size/2..size); None = min(H, W) // 8.
+        Largest shape diameter in pixels (shapes span size/2..size); None = min(H, W) // 4.
     fraction : float, default 0.2
     kinds : tuple of str, default ("circle", "triangle", "square")
     fill : float, default 0.0

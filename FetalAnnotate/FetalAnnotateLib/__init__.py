@@ -1,0 +1,22 @@
+"""FetalAnnotate engine: interactive fetal-MRI segmentation from a few paint strokes.
+
+Pure numpy / scipy / scikit-learn / scikit-image; no Slicer import, so it runs and is tested
+outside Slicer. See ``docs/engine.md``.
+"""
+
+from .engine import DEFAULT_FOREST, AnnotationSession, PixelClassifier, SegmentationResult
+from .features import FEATURE_PRESETS, compute_features
+from .validation import FetalAnnotateError, ImageError, OperationCancelled, StrokeError
+
+__all__ = [
+    "AnnotationSession",
+    "SegmentationResult",
+    "PixelClassifier",
+    "FetalAnnotateError",
+    "StrokeError",
+    "ImageError",
+    "OperationCancelled",
+    "FEATURE_PRESETS",
+    "DEFAULT_FOREST",
+    "compute_features",
+]

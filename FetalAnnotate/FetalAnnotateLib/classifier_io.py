@@ -1,0 +1,180 @@
+"""Save and load trained pixel classifiers as ``skops`` files (no arbitrary pickle is ever loaded).
+
+A classifier file holds the forest, the feature settings that produced its training features,
+the class values and their names (the segment names the user painted), the scikit-learn version
+that trained it and this file format's version. Loading refuses, with a message that says what to
+do, any file that is not such a file, that is corrupted, that holds types outside an explicit
+trusted list, or that was written by an incompatible FetalAnnotate or scikit-learn version.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .validation import FetalAnnotateError
+
+FORMAT_NAME = "FetalAnnotate pixel classifier"
+FORMAT_VERSION = 1
+FILE_SUFFIX = ".skops"
+
+# Types that skops does not trust by default but a fitted scikit-learn forest needs; nothing else
+# outside skops' default trusted set is ever accepted.
+TRUSTED_TYPES = ("sklearn.tree._tree.Tree",)
+_FOREST_MODULE_PREFIX = "sklearn.ensemble."
+
+
+class ClassifierFileError(FetalAnnotateError):
+    """A classifier file cannot be loaded: foreign, corrupted or from an incompatible version."""
+
+
+@dataclass(frozen=True)
+class SavedClassifier:
+    """A classifier read from a file, with what was stored beside it.
+
+    Attributes
+    ----------
+    classifier : PixelClassifier
+        Ready for ``predict_proba(image, spacing)``.
+    class_names : tuple of str
+        Name of each class, in the order of ``classifier.classes``.
+    sklearn_version : str
+        scikit-learn version that trained the forest.
+    format_version : int
+        Version of the file format.
+    metadata : dict
+        Free JSON-able information saved with the classifier (e.g. the training volume's name).
+    """
+
+    classifier: object
+    class_names: tuple
+    sklearn_version: str
+    format_version: int
+    metadata: dict
+
+
+def save_classifier(path, classifier, class_names, metadata=None):
+    """Write a trained classifier to a ``.skops`` file.
+
+    Parameters
+    ----------
+    path : str or Path
+        Output file (``.skops`` is appended when the name has another suffix).
+    classifier : PixelClassifier
+        Trained classifier, e.g. ``AnnotationSession.pixel_classifier()``.
+    class_names : sequence of str
+        One name per entry of ``classifier.classes`` (e.g. the stroke segments' names).
+    metadata : dict, optional
+        JSON-able information to keep with the classifier.
+
+    Returns
+    -------
+    Path
+        The written file.
+    """
+    import sklearn
+    import skops.io
+
+    classes = [int(value) for value in classifier.classes]
+    names = [str(name) for name in class_names]
+    if len(names) != len(classes):
+        raise ClassifierFileError(f"{len(names)} class names given for {len(classes)} classes {classes}")
+    path = Path(path)
+    if path.suffix != FILE_SUFFIX:
+        path = path.with_name(path.name + FILE_SUFFIX)
+    content = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "sklearn_version": sklearn.__version__,
+        "classes": classes,
+        "class_names": names,
+        # JSON text keeps the settings free of any type skops would have to trust.
+        "feature_settings": json.dumps(classifier.feature_settings),
+        "metadata": json.dumps(metadata or {}),
+        "forest": classifier.forest,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    skops.io.dump(content, path, compression=8)
+    return path
+
+
+def load_classifier(path):
+    """Read a classifier written by :func:`save_classifier`.
+
+    Parameters
+    ----------
+    path : str or Path
+        A ``.skops`` classifier file.
+
+    Returns
+    -------
+    SavedClassifier
+
+    Raises
+    ------
+    ClassifierFileError
+        If the file is missing, not a FetalAnnotate classifier, corrupted, holds untrusted types,
+        or was written by an incompatible FetalAnnotate or scikit-learn version.
+    """
+    import sklearn
+    import skops.io
+
+    from .engine import PixelClassifier
+
+    path = Path(path)
+    if not path.is_file():
+        raise ClassifierFileError(f"classifier file {path} does not exist")
+    try:
+        untrusted = skops.io.get_untrusted_types(file=path)
+    except Exception as error:  # skops raises zip, JSON and key errors alike for foreign files
+        raise ClassifierFileError(f"{path} is not a FetalAnnotate classifier file (not a readable skops file: {error}); "
+                                  "choose a file saved with 'Save classifier'") from error
+    foreign = sorted(set(untrusted) - set(TRUSTED_TYPES))
+    if foreign:
+        raise ClassifierFileError(f"{path} holds types a FetalAnnotate classifier never contains ({', '.join(foreign)}); "
+                                  "it was not written by FetalAnnotate and is not loaded for safety")
+    try:
+        content = skops.io.load(path, trusted=list(TRUSTED_TYPES))
+    except Exception as error:
+        raise ClassifierFileError(f"{path} is corrupted and cannot be read ({error}); save the classifier again") from error
+    if not isinstance(content, dict) or content.get("format") != FORMAT_NAME:
+        raise ClassifierFileError(f"{path} is a skops file but not a FetalAnnotate classifier; "
+                                  "choose a file saved with 'Save classifier'")
+    format_version = content.get("format_version")
+    if not isinstance(format_version, int) or format_version > FORMAT_VERSION:
+        raise ClassifierFileError(f"{path} uses classifier format {format_version}, newer than this FetalAnnotate "
+                                  f"reads ({FORMAT_VERSION}); update the FetalAnnotate extension")
+    saved_version = str(content.get("sklearn_version"))
+    if _major_minor(saved_version) != _major_minor(sklearn.__version__):
+        raise ClassifierFileError(
+            f"{path} was trained with scikit-learn {saved_version} but scikit-learn {sklearn.__version__} is "
+            f"installed; forests are not portable across scikit-learn versions: retrain from the strokes, or "
+            f"install scikit-learn=={saved_version} to apply this file")
+    try:
+        forest = content["forest"]
+        classes = tuple(int(value) for value in content["classes"])
+        names = tuple(str(name) for name in content["class_names"])
+        settings = json.loads(content["feature_settings"])
+        metadata = json.loads(content.get("metadata", "{}"))
+    except (KeyError, TypeError, ValueError) as error:
+        raise ClassifierFileError(f"{path} is an incomplete FetalAnnotate classifier ({error}); save it again") from error
+    if not type(forest).__module__.startswith(_FOREST_MODULE_PREFIX) or len(names) != len(classes):
+        raise ClassifierFileError(f"{path} does not hold a scikit-learn forest with one name per class; save it again")
+    if [int(value) for value in getattr(forest, "classes_", [])] != list(classes):
+        raise ClassifierFileError(f"{path} is inconsistent: its forest predicts classes "
+                                  f"{list(getattr(forest, 'classes_', []))}, not {list(classes)}; save it again")
+    return SavedClassifier(
+        classifier=PixelClassifier(settings, forest, classes),
+        class_names=names,
+        sklearn_version=saved_version,
+        format_version=format_version,
+        metadata=metadata,
+    )
+
+
+def _major_minor(version):
+    """``"1.9.1"`` -> ``(1, 9)``; unparsable versions compare unequal to any real one."""
+    parts = version.split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        return (version,)

@@ -1,0 +1,566 @@
+"""Interactive stroke-based segmentation: image features + stroke context -> random forest.
+
+An :class:`AnnotationSession` holds one image. Its filter-bank features are computed once;
+each :meth:`AnnotationSession.update` adds stroke-dependent spatial context (geodesic
+distance to every stroke class), trains a random forest on the painted voxels, predicts
+blockwise and makes the label map consistent with the strokes.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+from sklearn.ensemble import RandomForestClassifier
+
+from .features import compute_features, feature_settings_for, filter_axes, normalize_intensity
+from .geodesic import GeodesicCosts
+from .validation import (
+    FetalAnnotateError,
+    ImageError,
+    StrokeError,
+    check_image,
+    check_spacing,
+    check_strokes,
+    report_progress,
+)
+
+#: Random forest settings chosen by the robot-user benchmark (docs/engine.md).
+DEFAULT_FOREST = {
+    "n_estimators": 32,
+    "max_depth": 16,
+    "min_samples_leaf": 2,
+    "max_features": "sqrt",
+    "class_weight": "balanced",
+    "n_jobs": -1,
+}
+
+#: Voxels per prediction block: bounds the temporary (block x features) float32 array.
+BLOCK_VOXELS = 1 << 18
+
+
+@dataclass(frozen=True)
+class SegmentationResult:
+    """Output of one prediction.
+
+    Attributes
+    ----------
+    classes : tuple of int
+        Sorted stroke class values; ``probabilities[i]`` belongs to ``classes[i]``.
+    probabilities : ndarray of float32, shape (n_classes, *shape)
+        Class probabilities of the image, or of ``region`` when given.
+    labels : ndarray
+        Label map with values from ``classes`` (same shape as one probability map).
+    region : tuple of slice or None
+        The predicted region, or None for the whole image.
+    """
+
+    classes: tuple
+    probabilities: np.ndarray
+    labels: np.ndarray
+    region: tuple = None
+
+
+def predict_blockwise(forest, n_voxels, rows, block_voxels=BLOCK_VOXELS, progress=None):
+    """Class probabilities of ``n_voxels`` voxels, block by block.
+
+    Parameters
+    ----------
+    forest : fitted classifier with ``predict_proba``
+    n_voxels : int
+        Number of voxels to predict.
+    rows : callable
+        ``rows(start, stop) -> ndarray (stop - start, n_features)`` the features of a block.
+    block_voxels : int
+        Voxels per block; peak memory is about ``block_voxels x n_features x 4`` bytes.
+    progress : callable or None
+
+    Returns
+    -------
+    ndarray of float32, shape (n_classes, n_voxels)
+    """
+    out = np.empty((len(forest.classes_), n_voxels), np.float32)
+    for start in range(0, n_voxels, block_voxels):
+        report_progress(progress, start / max(n_voxels, 1), "predicting")
+        stop = min(start + block_voxels, n_voxels)
+        out[:, start:stop] = forest.predict_proba(rows(start, stop)).T
+    return out
+
+
+class PixelClassifier:
+    """A trained forest on stroke-independent image features, applicable to other volumes.
+
+    Parameters
+    ----------
+    feature_settings : dict
+        JSON-able feature settings (see :data:`FEATURE_PRESETS`), plus ``"n_extra_features"``
+        when the forest also used caller-supplied channels.
+    forest : sklearn classifier
+        Fitted on the features described by ``feature_settings``.
+    classes : sequence of int
+        Class values, in the order of the forest's probability columns.
+    """
+
+    def __init__(self, feature_settings, forest, classes):
+        self.feature_settings = dict(feature_settings)
+        self.forest = forest
+        self.classes = tuple(int(c) for c in classes)
+
+    def predict_proba(self, image, spacing=None, progress=None, extra_features=None):
+        """Class probabilities (float32, shape (n_classes, *image.shape)) of a new image.
+
+        Parameters
+        ----------
+        image : ndarray, (z, y, x) or (y, x)
+        spacing : sequence of float or None
+            Voxel spacing in mm, in the image's axis order.
+        progress : callable or None
+            ``progress(fraction, message)``; returning True cancels.
+        extra_features : ndarray (C, *image.shape), optional
+            Required when the classifier was trained with extra channels.
+        """
+        volume = check_image(image)
+        spacing3d = check_spacing(spacing, np.ndim(image))
+        features = compute_features(volume, spacing3d, self.feature_settings, _scaled(progress, 0.0, 0.5))
+        n_extra = int(self.feature_settings.get("n_extra_features", 0))
+        features = _with_extra_features(features, extra_features, n_extra, np.shape(image))
+        flat = features.reshape(-1, features.shape[-1])
+        probabilities = predict_blockwise(
+            self.forest, flat.shape[0], lambda a, b: flat[a:b], progress=_scaled(progress, 0.5, 1.0)
+        )
+        return probabilities.reshape((len(self.classes),) + np.shape(image))
+
+
+class AnnotationSession:
+    """Interactive segmentation of one image from paint strokes.
+
+    Parameters
+    ----------
+    image : ndarray, shape (z, y, x) or (y, x)
+        Scalar image; a 2D image is segmented as one slice. Not modified.
+    spacing : sequence of float, optional
+        Voxel spacing in mm in the image's axis order (default 1 mm).
+    preset : str
+        Image feature preset, a key of :data:`FEATURE_PRESETS`.
+    extra_features : ndarray of shape (C, *image.shape), optional
+        Additional feature channels (e.g. autoencoder features).
+    forest : dict, optional
+        :class:`~sklearn.ensemble.RandomForestClassifier` keyword arguments overriding
+        :data:`DEFAULT_FOREST`.
+    random_state : int
+        Seed of the forest and of training-voxel subsampling.
+    progress : callable, optional
+        ``progress(fraction, message) -> bool | None``; returning True cancels the running
+        operation with :class:`OperationCancelled`.
+    spatial_context : bool
+        Add the geodesic distance to each stroke class as features and keep only label
+        components connected to their strokes. False gives a forest on image features alone.
+    geodesic_contrast : float
+        Path mm per unit of normalised intensity step in the geodesic distance.
+    max_training_voxels : int
+        Painted voxels used for training per class at most (random subsample beyond).
+    coarse_to_fine : bool
+        Predict whole volumes of at least ``coarse_to_fine_voxels`` voxels coarse first and
+        refine only uncertain cells (:func:`predict_coarse_to_fine`); False predicts every voxel.
+    coarse_to_fine_voxels : int
+        Volume size from which coarse-to-fine prediction is used.
+    fold_mm : float
+        Block size of the checkerboard folds that give painted voxels realistic distances
+        to their own class's strokes for training (see ``_context_features``).
+    """
+
+    def __init__(
+        self,
+        image,
+        spacing=None,
+        *,
+        preset="default",
+        extra_features=None,
+        forest=None,
+        random_state=0,
+        progress=None,
+        spatial_context=True,
+        geodesic_contrast=30.0,
+        max_training_voxels=20000,
+        coarse_to_fine=True,
+        coarse_to_fine_voxels=1_000_000,
+        fold_mm=8.0,
+    ):
+        self._input_shape = np.shape(image)
+        volume = check_image(image)
+        self.spacing = check_spacing(spacing, len(self._input_shape))
+        self.feature_settings = feature_settings_for(preset)
+        self.shape = volume.shape
+        self.random_state = random_state
+        self.spatial_context = bool(spatial_context)
+        self.max_training_voxels = int(max_training_voxels)
+        self.coarse_to_fine = bool(coarse_to_fine)
+        self.fold_mm = float(fold_mm)
+        self.coarse_to_fine_voxels = int(coarse_to_fine_voxels)
+        self.progress = progress
+        self._forest_params = {**DEFAULT_FOREST, **(forest or {}), "random_state": random_state}
+        features = compute_features(volume, self.spacing, self.feature_settings, _scaled(progress, 0.0, 0.8))
+        self._n_extra = 0 if extra_features is None else int(np.shape(extra_features)[0])
+        self._features = _with_extra_features(features, extra_features, self._n_extra, self._input_shape)
+        self._costs = None
+        if self.spatial_context:
+            report_progress(progress, 0.9, "geodesic step costs")
+            self._costs = GeodesicCosts(
+                _geodesic_image(volume, self.spacing, self.feature_settings),
+                self.spacing,
+                contrast=geodesic_contrast,
+            )
+        self._distance_cache = {}
+        self._forest = None
+        self._classes = None
+        self._strokes = None
+        self._context = None
+        report_progress(progress, 1.0, "features ready")
+
+    # ------------------------------------------------------------------ public API
+    def update(self, strokes, region=None):
+        """Train on ``strokes`` and predict the image (or ``region``).
+
+        Parameters
+        ----------
+        strokes : ndarray of int, image shape
+            0 = unpainted, k > 0 = class k; at least two classes. Not modified.
+        region : tuple of slice, optional
+            Predict only this part of the image (e.g. the slice on screen).
+
+        Returns
+        -------
+        SegmentationResult
+        """
+        strokes3d, classes = check_strokes(strokes, self.shape)
+        progress = self.progress
+        report_progress(progress, 0.0, "stroke context")
+        self._strokes = np.array(strokes3d, copy=True)
+        self._classes = classes
+        self._context, training = None, None
+        if self.spatial_context:
+            self._context, training = self._context_features(self._strokes, classes)
+        report_progress(progress, 0.2, "training the forest")
+        self._forest = self._fit(self._strokes, training)
+        self._output_dtype = np.asarray(strokes).dtype
+        return self._predict(region, _scaled(progress, 0.3, 1.0))
+
+    def predict(self, region=None):
+        """Predict the image (or ``region``) with the last trained forest."""
+        if self._forest is None:
+            raise StrokeError("no classifier trained yet; call update(strokes) first")
+        return self._predict(region, self.progress)
+
+    def pixel_classifier(self):
+        """A :class:`PixelClassifier` trained on the last strokes with image features only.
+
+        The stroke distances are not part of it, so it applies to other volumes.
+        """
+        if self._strokes is None:
+            raise StrokeError("no strokes yet; call update(strokes) first")
+        forest = self._fit(self._strokes, None)
+        settings = dict(self.feature_settings, n_extra_features=self._n_extra)
+        return PixelClassifier(settings, forest, self._classes)
+
+    # ------------------------------------------------------------------ internals
+    def _context_features(self, strokes, classes):
+        """Stroke-distance features for prediction, and the training rows' own version of them.
+
+        Features per class: geodesic distance (mm) to its strokes, and that distance minus the
+        distance to the nearest other class's strokes. At a painted voxel the distance to its
+        own strokes is 0, which no unpainted voxel has; a forest trained on that learns the
+        useless rule "distance 0 -> that class". So painted voxels are split into two
+        checkerboard folds of ``fold_mm`` blocks and each fold is described by its distance to
+        the other fold of the same class, as if it had not been painted.
+
+        Returns
+        -------
+        context : ndarray of float32, shape (z, y, x, 2 * n_classes)
+        training : dict of int -> (flat voxel index, ndarray (n, 2 * n_classes))
+            Per class, its painted voxels and their leave-fold-out features.
+        """
+        for value in list(self._distance_cache):
+            if value not in classes:
+                del self._distance_cache[value]
+        distances = [self._cached_distance(value, strokes == value) for value in classes]
+        context = np.empty(self.shape + (2 * len(classes),), np.float32)
+        _distance_features(distances, out=context)
+        training = {}
+        for k, value in enumerate(classes):
+            index = np.flatnonzero(strokes.reshape(-1) == value)
+            fold = _checkerboard_fold(index, self.shape, self.spacing, self.fold_mm)
+            box = _grown_box(index, self.shape, self.spacing, 3 * self.fold_mm)
+            own = np.empty(index.size, np.float32)
+            for part in (0, 1):
+                seeds = np.zeros(self.shape, bool)
+                seeds.reshape(-1)[index[fold != part]] = True
+                inside = self._costs.distance(seeds, box=box)
+                local = np.unravel_index(index[fold == part], self.shape)
+                own[fold == part] = inside[tuple(c - b.start for c, b in zip(local, box))]
+            at_voxels = [d.reshape(-1)[index] for d in distances]
+            at_voxels[k] = own
+            rows = np.empty((index.size, 2 * len(classes)), np.float32)
+            _distance_features(at_voxels, out=rows)
+            training[value] = (index, rows)
+        return context, training
+
+    def _cached_distance(self, value, mask):
+        """Geodesic distance to ``mask``, recomputed only when that class's strokes changed."""
+        cached = self._distance_cache.get(value)
+        if cached is None or not np.array_equal(cached[0], mask):
+            cached = (mask, self._costs.distance(mask))
+            self._distance_cache[value] = cached
+        return cached[1]
+
+    def _rows(self, context):
+        """``rows(index)`` gathering the feature rows of flat voxel indices or a slice."""
+        image_rows = self._features.reshape(-1, self._features.shape[-1])
+        if context is None:
+            return lambda index: image_rows[index]
+        context_rows = context.reshape(-1, context.shape[-1])
+        return lambda index: np.concatenate([image_rows[index], context_rows[index]], axis=1)
+
+    def _fit(self, strokes, training_context):
+        """Fit a forest on the painted voxels (at most ``max_training_voxels`` per class)."""
+        flat = strokes.reshape(-1)
+        image_rows = self._features.reshape(-1, self._features.shape[-1])
+        rng = np.random.default_rng(self.random_state)
+        tables, labels = [], []
+        for value in self._classes:
+            if training_context is None:
+                index, context_rows = np.flatnonzero(flat == value), None
+            else:
+                index, context_rows = training_context[value]
+            if index.size > self.max_training_voxels:
+                keep = np.sort(rng.choice(index.size, self.max_training_voxels, replace=False))
+                index = index[keep]
+                context_rows = None if context_rows is None else context_rows[keep]
+            table = image_rows[index]
+            if context_rows is not None:
+                table = np.concatenate([table, context_rows], axis=1)
+            tables.append(table)
+            labels.append(np.full(index.size, value, flat.dtype))
+        forest = RandomForestClassifier(**self._forest_params)
+        forest.fit(np.concatenate(tables), np.concatenate(labels))
+        return forest
+
+    def _predict(self, region, progress):
+        """Probabilities and stroke-consistent labels of the image or a region."""
+        region3d = self._region3d(region)
+        rows = self._rows(self._context)
+        if region3d is None:
+            if self.coarse_to_fine and np.prod(self.shape) >= self.coarse_to_fine_voxels:
+                probabilities = predict_coarse_to_fine(
+                    self._forest, self.shape, rows, self._coarse_stride(), progress=progress
+                )
+            else:
+                n_voxels = int(np.prod(self.shape))
+                probabilities = predict_blockwise(
+                    self._forest, n_voxels, lambda a, b: rows(slice(a, b)), progress=progress
+                ).reshape((-1,) + self.shape)
+            strokes = self._strokes
+        else:
+            index = np.arange(int(np.prod(self.shape))).reshape(self.shape)[region3d].ravel()
+            sub_shape = np.empty(self.shape, bool)[region3d].shape
+            probabilities = predict_blockwise(self._forest, index.size, lambda a, b: rows(index[a:b]), progress=progress)
+            probabilities = probabilities.reshape((-1,) + sub_shape)
+            strokes = self._strokes[region3d]
+        labels = stroke_consistent_labels(
+            probabilities, strokes, self._classes, keep_connected=self.spatial_context and region3d is None
+        )
+        labels = labels.astype(_label_dtype(self._output_dtype, self._classes), copy=False)
+        out_shape = probabilities.shape[1:]
+        if len(self._input_shape) == 2:
+            out_shape = out_shape[1:]
+        report_progress(progress, 1.0, "done")
+        return SegmentationResult(
+            classes=self._classes,
+            probabilities=probabilities.reshape((len(self._classes),) + out_shape),
+            labels=labels.reshape(out_shape),
+            region=region,
+        )
+
+    def _coarse_stride(self):
+        """Stride 2 along filtered axes, 1 across thick slices (they are too far apart)."""
+        axes = filter_axes(self.spacing, self.shape, self.feature_settings.get("anisotropy_ratio", 1.5))
+        return tuple(2 if axis in axes else 1 for axis in range(3))
+
+    def _region3d(self, region):
+        """The region as a tuple of 3 slices over the 3D volume (or None)."""
+        if region is None:
+            return None
+        region = tuple(region)
+        if len(region) != len(self._input_shape) or not all(isinstance(s, slice) for s in region):
+            raise FetalAnnotateError(
+                f"region must be a tuple of {len(self._input_shape)} slices (one per image axis), got {region!r}"
+            )
+        if len(self._input_shape) == 2:
+            region = (slice(None),) + region
+        if any(s.step not in (None, 1) for s in region):
+            raise FetalAnnotateError("region slices must have step 1")
+        if np.empty(self.shape, bool)[region].size == 0:
+            raise FetalAnnotateError(f"region {region!r} is empty for an image of shape {self._input_shape}")
+        return region
+
+
+def predict_coarse_to_fine(forest, shape, rows, stride, confidence=0.8, progress=None):
+    """Class probabilities of a whole volume, exact only where the answer is uncertain.
+
+    The forest first predicts every ``stride``-th voxel; each such voxel stands for its cell
+    of ``stride`` voxels. Cells whose top probability is below ``confidence`` or whose class
+    differs from a neighbouring cell's are predicted again voxel by voxel; the others keep
+    the cell's probabilities. Most of a volume is far from any boundary, so this predicts a
+    fraction of the voxels with the same result there.
+
+    Parameters
+    ----------
+    forest : fitted classifier
+    shape : tuple of int
+        Volume shape (z, y, x).
+    rows : callable
+        ``rows(flat_index) -> ndarray (n, n_features)``.
+    stride : tuple of int
+        Cell size per axis.
+    confidence : float
+        Cells below this top-class probability are refined.
+    progress : callable or None
+
+    Returns
+    -------
+    ndarray of float32, shape (n_classes, *shape)
+    """
+    grid = np.arange(int(np.prod(shape))).reshape(shape)[tuple(slice(0, None, s) for s in stride)]
+    coarse_index = grid.ravel()
+    coarse = predict_blockwise(
+        forest, coarse_index.size, lambda a, b: rows(coarse_index[a:b]), progress=_scaled(progress, 0.0, 0.5)
+    ).reshape((-1,) + grid.shape)
+    best = np.argmax(coarse, axis=0)
+    footprint = np.ones((3, 3, 3), bool)
+    uncertain = (coarse.max(axis=0) < confidence) | (
+        ndi.maximum_filter(best, footprint=footprint, mode="nearest")
+        != ndi.minimum_filter(best, footprint=footprint, mode="nearest")
+    )
+    probabilities = coarse
+    refine = uncertain
+    for axis, step in enumerate(stride):
+        if step > 1:
+            probabilities = np.repeat(probabilities, step, axis=axis + 1)
+            refine = np.repeat(refine, step, axis=axis)
+    crop = tuple(slice(0, n) for n in shape)
+    probabilities = np.ascontiguousarray(probabilities[(slice(None),) + crop])
+    fine_index = np.flatnonzero(refine[crop])
+    fine = predict_blockwise(
+        forest, fine_index.size, lambda a, b: rows(fine_index[a:b]), progress=_scaled(progress, 0.5, 1.0)
+    )
+    flat = probabilities.reshape(probabilities.shape[0], -1)
+    flat[:, fine_index] = fine
+    return probabilities
+
+
+def _distance_features(distances, out):
+    """Per class: the distance, and the distance minus the nearest other class's distance."""
+    for index, distance in enumerate(distances):
+        others = np.minimum.reduce([d for j, d in enumerate(distances) if j != index])
+        out[..., 2 * index] = distance
+        np.subtract(distance, others, out=out[..., 2 * index + 1])
+    return out
+
+
+def _checkerboard_fold(flat_index, shape, spacing, block_mm):
+    """0/1 fold of voxels: parity of their ``block_mm`` block coordinates summed over axes."""
+    coordinates = np.unravel_index(flat_index, shape)
+    blocks = sum((c * spacing[axis] // block_mm).astype(np.int64) for axis, c in enumerate(coordinates))
+    return (blocks % 2).astype(np.int8)
+
+
+def _grown_box(flat_index, shape, spacing, margin_mm):
+    """Bounding box of voxels grown by ``margin_mm`` per axis, as a tuple of slices."""
+    coordinates = np.unravel_index(flat_index, shape)
+    box = []
+    for axis, c in enumerate(coordinates):
+        margin = int(np.ceil(margin_mm / spacing[axis]))
+        box.append(slice(max(0, int(c.min()) - margin), min(shape[axis], int(c.max()) + 1 + margin)))
+    return tuple(box)
+
+
+def stroke_consistent_labels(probabilities, strokes, classes, keep_connected=True):
+    """Label map from probabilities that agrees with the strokes.
+
+    Painted voxels get their class; with ``keep_connected`` each class keeps only the
+    connected components (26-connectivity) that touch one of its strokes, and the voxels of
+    the other components go to their next most probable class. So a stroke the user added
+    always wins where it is painted, and islands nobody painted do not survive.
+
+    Parameters
+    ----------
+    probabilities : ndarray, shape (n_classes, z, y, x)
+    strokes : ndarray of int, shape (z, y, x)
+    classes : tuple of int
+    keep_connected : bool
+
+    Returns
+    -------
+    ndarray of int, shape (z, y, x)
+        Class values.
+    """
+    scores = np.array(probabilities, dtype=np.float32, copy=True)
+    class_values = np.asarray(classes)
+    for index, value in enumerate(classes):
+        scores[index][strokes == value] = 2.0
+    best = np.argmax(scores, axis=0)
+    if keep_connected:
+        structure = np.ones((3, 3, 3), bool)
+        for index, value in enumerate(classes):
+            components, count = ndi.label(best == index, structure)
+            if count == 0:
+                continue
+            seeded = np.unique(components[strokes == value])
+            keep = np.zeros(count + 1, bool)
+            keep[seeded] = True
+            keep[0] = True
+            dropped = ~keep[components]
+            if dropped.any():
+                scores[index][dropped] = -1.0
+                best[dropped] = np.argmax(scores[:, dropped], axis=0)
+    return class_values[best]
+
+
+def _label_dtype(stroke_dtype, classes):
+    """Integer dtype of the label map: the strokes' dtype if integer, else the smallest fitting."""
+    if np.dtype(stroke_dtype).kind in "iu":
+        return np.dtype(stroke_dtype)
+    return np.min_scalar_type(max(classes))
+
+
+def _geodesic_image(volume, spacing, settings):
+    """Normalised intensity smoothed at 1 mm in-plane: the image the geodesic costs are read from."""
+    image = normalize_intensity(volume, settings.get("normalize_percentiles", (0.5, 99.5)))
+    axes = filter_axes(spacing, image.shape, settings.get("anisotropy_ratio", 1.5))
+    sigma = tuple(1.0 / spacing[axis] if axis in axes else 0.0 for axis in range(3))
+    return ndi.gaussian_filter(image, sigma, mode="nearest")
+
+
+def _with_extra_features(features, extra_features, n_extra, image_shape):
+    """Append caller-supplied channels (C, *image_shape) to voxel-major features."""
+    if n_extra == 0:
+        if extra_features is not None and np.shape(extra_features)[0] != 0:
+            raise FetalAnnotateError("this classifier was trained without extra features; pass none")
+        return features
+    if extra_features is None:
+        raise FetalAnnotateError(f"this classifier needs {n_extra} extra feature channels; pass extra_features")
+    extra = np.asarray(extra_features)
+    if extra.shape != (n_extra,) + tuple(image_shape):
+        raise ImageError(
+            f"extra_features of shape {extra.shape} must be (channels, *image.shape) = "
+            f"({n_extra}, {', '.join(map(str, image_shape))})"
+        )
+    if not np.isfinite(extra).all():
+        raise ImageError("extra_features contain NaN or infinite values; replace them first")
+    extra = np.moveaxis(extra.reshape((n_extra,) + features.shape[:-1]), 0, -1)
+    return np.concatenate([features, extra.astype(np.float32)], axis=-1)
+
+
+def _scaled(progress, start, stop):
+    """A progress callback mapping [0, 1] onto [start, stop] of ``progress``."""
+    if progress is None:
+        return None
+    return lambda fraction, message: progress(start + (stop - start) * fraction, message)

@@ -1,0 +1,158 @@
+"""Fully convolutional inpainting autoencoder (2D, LeakyReLU, batch norm)."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ARCHITECTURE_NAME = "InpaintingAutoencoder"
+
+
+class ConvBlock(nn.Sequential):
+    """Two 3x3 convolutions, each followed by batch norm and LeakyReLU."""
+
+    def __init__(self, in_channels, out_channels, negative_slope=0.2):
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.LeakyReLU(negative_slope, inplace=True),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.LeakyReLU(negative_slope, inplace=True),
+        )
+
+
+class InpaintingAutoencoder(nn.Module):
+    """Encoder-decoder that fills hidden pixels; its bottleneck is the learned feature map.
+
+    The encoder has ``depth + 1`` conv blocks with ``base_channels * 2**i`` channels and a 2x2
+    max-pooling between consecutive blocks, so the bottleneck has ``base_channels * 2**depth``
+    channels at 1 / 2**depth of the input resolution (seed paper: 32 -> 512 channels in five
+    blocks, i.e. ``base_channels=32, depth=4``). The decoder mirrors it with nearest-neighbour
+    upsampling. Being fully convolutional, the encoder runs on whole slices of any size; inputs
+    whose sides are not multiples of 2**depth are edge-padded and the output cropped back.
+
+    Parameters
+    ----------
+    base_channels : int, default 32
+    depth : int, default 4
+        Number of poolings.
+    in_channels : int, default 2
+        1 = image only (the seed), 2 = image and hidden-pixel mask (tells the network which
+        zeros are holes and which are dark tissue).
+    negative_slope : float, default 0.2
+        LeakyReLU slope.
+    skip_connections : bool, default False
+        U-Net-style skips. Off by default: skips let the decoder bypass the bottleneck, which is
+        the representation we want to train.
+    """
+
+    def __init__(self, base_channels=32, depth=4, in_channels=2, negative_slope=0.2, skip_connections=False):
+        super().__init__()
+        if base_channels < 1 or depth < 0 or in_channels not in (1, 2):
+            raise ValueError(
+                f"need base_channels >= 1, depth >= 0, in_channels 1 or 2; got {base_channels}, {depth}, {in_channels}."
+            )
+        self.base_channels, self.depth, self.in_channels = base_channels, depth, in_channels
+        self.negative_slope, self.skip_connections = negative_slope, skip_connections
+        widths = [base_channels * 2**i for i in range(depth + 1)]
+        self.encoder = nn.ModuleList(
+            [ConvBlock(in_channels if i == 0 else widths[i - 1], widths[i], negative_slope) for i in range(depth + 1)]
+        )
+        extra = widths if skip_connections else [0] * (depth + 1)
+        self.decoder = nn.ModuleList(
+            [ConvBlock(widths[i + 1] + extra[i], widths[i], negative_slope) for i in reversed(range(depth))]
+        )
+        self.head = nn.Conv2d(widths[0], 1, 1)
+
+    @property
+    def architecture(self):
+        """Constructor arguments (JSON-serialisable) that rebuild this model."""
+        return {
+            "name": ARCHITECTURE_NAME,
+            "base_channels": self.base_channels,
+            "depth": self.depth,
+            "in_channels": self.in_channels,
+            "negative_slope": self.negative_slope,
+            "skip_connections": self.skip_connections,
+        }
+
+    @property
+    def feature_channels(self):
+        """Number of bottleneck channels."""
+        return self.base_channels * 2**self.depth
+
+    def _prepare(self, x):
+        """Append an empty mask channel if needed and edge-pad to a multiple of 2**depth."""
+        if x.shape[1] == 1 and self.in_channels == 2:
+            x = torch.cat([x, torch.zeros_like(x)], dim=1)
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"expected {self.in_channels} input channel(s), got {x.shape[1]}.")
+        multiple = 2**self.depth
+        pad_h, pad_w = (-x.shape[-2]) % multiple, (-x.shape[-1]) % multiple
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+        return x
+
+    def _encode(self, x):
+        skips = []
+        for index, block in enumerate(self.encoder):
+            if index:
+                x = F.max_pool2d(x, 2)
+            x = block(x)
+            skips.append(x)
+        return x, skips
+
+    def encode(self, x):
+        """Bottleneck feature map.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            (B, 1 or in_channels, H, W); a 1-channel image gets an all-visible mask.
+
+        Returns
+        -------
+        torch.Tensor
+            (B, feature_channels, ceil(H / 2**depth), ceil(W / 2**depth)); cell (i, j) covers
+            input pixels [i * 2**depth, (i + 1) * 2**depth) of the bottom/right edge-padded input.
+        """
+        return self._encode(self._prepare(x))[0]
+
+    def forward(self, x):
+        """Reconstruction (B, 1, H, W) of the input (B, in_channels, H, W)."""
+        height, width = x.shape[-2:]
+        x, skips = self._encode(self._prepare(x))
+        for level, block in zip(reversed(range(self.depth)), self.decoder):
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
+            if self.skip_connections:
+                x = torch.cat([x, skips[level]], dim=1)
+            x = block(x)
+        return self.head(x)[..., :height, :width]
+
+    def inpaint(self, corrupted, mask):
+        """Fill hidden pixels, keep visible ones.
+
+        Parameters
+        ----------
+        corrupted : torch.Tensor (B, 1, H, W)
+        mask : torch.Tensor (B, 1, H, W) bool, True = hidden.
+
+        Returns
+        -------
+        prediction : torch.Tensor
+            Raw network output (B, 1, H, W).
+        filled : torch.Tensor
+            ``corrupted`` with hidden pixels replaced by the prediction.
+        """
+        x = torch.cat([corrupted, mask.to(corrupted.dtype)], dim=1) if self.in_channels == 2 else corrupted
+        prediction = self(x)
+        return prediction, torch.where(mask, prediction.to(corrupted.dtype), corrupted)
+
+
+def build_model(architecture):
+    """Model from an ``architecture`` dict as stored in checkpoint metadata."""
+    params = dict(architecture)
+    name = params.pop("name", ARCHITECTURE_NAME)
+    if name != ARCHITECTURE_NAME:
+        raise ValueError(f"unknown architecture {name!r}; this version builds {ARCHITECTURE_NAME}.")
+    return InpaintingAutoencoder(**params)

@@ -1,0 +1,251 @@
+"""Robot-user benchmark of the FetalAnnotate engine against its baselines (issue #3).
+
+Every method gets the same robot user (robot_user.py): round-0 strokes on one slice, then
+one correction stroke per round on the largest error blob. Each (method, dataset) pair runs
+in its own subprocess so that its peak RSS is its own.
+
+    .venv/bin/python Testing/benchmarks/robot_benchmark.py                 # everything
+    .venv/bin/python Testing/benchmarks/robot_benchmark.py --dataset fetal_mri_mialsrtk_sub01 \
+        --methods engine,growcut-full --limit 2 --json out.json
+
+Rounds run until ``--rounds`` (Dice at rounds 0/5/10) and further, up to ``--cap``, only while
+Dice 0.9 has not been reached (rounds-to-0.9). Not part of CI.
+"""
+
+import argparse
+import csv
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPOSITORY_ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPOSITORY_ROOT / "FetalAnnotate"))
+
+import robot_user  # noqa: E402
+
+ALL_METHODS = ("engine", "engine-table1", "growcut-extent", "growcut-full", "skimage", "paper")
+
+
+# --------------------------------------------------------------------------- methods
+class EngineMethod:
+    """This engine through its public API; ``predict`` is one interactive round."""
+
+    def __init__(self, image, spacing, axis, **session_options):
+        from FetalAnnotateLib import AnnotationSession
+
+        self.session = AnnotationSession(image, spacing, **session_options)
+
+    def predict(self, strokes):
+        return self.session.update(strokes).labels == robot_user.FOREGROUND
+
+
+def make_method(name, image, spacing, axis):
+    """Build the named method on one image (this is the timed setup)."""
+    import baselines
+
+    if name == "engine":
+        return EngineMethod(image, spacing, axis)
+    if name == "engine-table1":
+        return EngineMethod(image, spacing, axis, preset="paper-table1", spatial_context=False)
+    if name == "growcut-extent":
+        return baselines.GrowCut(image, spacing, axis, restrict_extent=True)
+    if name == "growcut-full":
+        return baselines.GrowCut(image, spacing, axis, restrict_extent=False)
+    if name == "skimage":
+        return baselines.SkimageTrainable(image, spacing, axis)
+    if name == "paper":
+        return baselines.PaperTable1(image, spacing, axis)
+    raise SystemExit(f"unknown method {name!r}; choose from {', '.join(ALL_METHODS)}")
+
+
+# --------------------------------------------------------------------------- data
+def load_case(row, root):
+    """Image (float32 z,y,x), boolean target, spacing (z,y,x mm), acquisition axis.
+
+    PNG images are one slice with 1 mm pixels, as in the reference harness.
+    """
+    path, label_path = root / row["image"], root / row["label"]
+    if path.suffix == ".png":
+        from PIL import Image
+
+        image = np.array(Image.open(path).convert("L"), np.float32)[np.newaxis]
+        target = np.array(Image.open(label_path).convert("L"))[np.newaxis] > 0
+        return image, target, (1.0, 1.0, 1.0), 0
+    import SimpleITK as sitk
+
+    itk_image = sitk.ReadImage(str(path))
+    image = sitk.GetArrayFromImage(itk_image).astype(np.float32)
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(label_path)))
+    value = int(row["label_value"] or 0)
+    target = (label == value) if value else (label > 0)
+    spacing = tuple(itk_image.GetSpacing()[::-1])
+    return image, target, spacing, robot_user.acquisition_axis(spacing)
+
+
+def read_manifest(manifest, dataset=None, limit=0):
+    with open(manifest, newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if not dataset or row["dataset"] == dataset]
+    return rows[:limit] if limit else rows
+
+
+# --------------------------------------------------------------------------- protocol
+def run_case(method_name, row, root, rounds, cap, target_dice=0.9):
+    """Robot-user session of one method on one case."""
+    image, target, spacing, axis = load_case(row, root)
+    start = time.perf_counter()
+    method = make_method(method_name, image, spacing, axis)
+    setup_s = time.perf_counter() - start
+    strokes = robot_user.initial_strokes(target, axis)
+    dices, round_s = [], []
+    for index in range(cap + 1):
+        start = time.perf_counter()
+        prediction = method.predict(strokes)
+        round_s.append(time.perf_counter() - start)
+        dices.append(robot_user.dice(prediction, target))
+        reached = max(dices) >= target_dice
+        if index == cap or (index >= rounds and reached):
+            break
+        if not robot_user.add_correction_stroke(strokes, target, prediction, axis):
+            dices += [dices[-1]] * (max(rounds, 0) - index)  # perfect: later rounds keep it
+            break
+    hits = [i for i, d in enumerate(dices) if d >= target_dice]
+    return {
+        "case": row["case"],
+        "setup_s": setup_s,
+        "dice": dices,
+        "round_s": round_s,
+        "rounds_to_target": hits[0] if hits else None,
+    }
+
+
+def synthetic_volume(shape=(80, 512, 512), spacing=(3.0, 0.7, 0.7), seed=0):
+    """A generated stack: a bright ellipsoid with a darker core in smooth noisy tissue."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.meshgrid(*[np.linspace(-1, 1, n, dtype=np.float32) for n in shape], indexing="ij")
+    target = (z / 0.5) ** 2 + (y / 0.35) ** 2 + (x / 0.3) ** 2 < 1
+    image = 100 + 40 * target + 15 * ((y / 0.15) ** 2 + (x / 0.12) ** 2 < 1) * target
+    image = image.astype(np.float32) + rng.normal(0, 12, shape).astype(np.float32)
+    return image, target, spacing
+
+
+def run_synthetic(rounds=3):
+    """Setup, seconds per round and single-slice region prediction on the 512x512x80 volume."""
+    from FetalAnnotateLib import AnnotationSession
+
+    image, target, spacing = synthetic_volume()
+    axis = robot_user.acquisition_axis(spacing)
+    start = time.perf_counter()
+    session = AnnotationSession(image, spacing)
+    setup_s = time.perf_counter() - start
+    strokes = robot_user.initial_strokes(target, axis)
+    round_s, dices = [], []
+    for index in range(rounds + 1):
+        start = time.perf_counter()
+        labels = session.update(strokes).labels
+        round_s.append(time.perf_counter() - start)
+        dices.append(robot_user.dice(labels == robot_user.FOREGROUND, target))
+        if index < rounds:
+            robot_user.add_correction_stroke(strokes, target, labels == robot_user.FOREGROUND, axis)
+    region_s = []
+    for z in (20, 40, 60):
+        start = time.perf_counter()
+        session.predict(region=(slice(z, z + 1), slice(None), slice(None)))
+        region_s.append(time.perf_counter() - start)
+    return {"case": "synthetic-512x512x80", "setup_s": setup_s, "dice": dices, "round_s": round_s,
+            "region_slice_s": float(np.median(region_s))}
+
+
+# --------------------------------------------------------------------------- driver
+def worker(args):
+    """Run one method on one dataset (or the synthetic case) and print JSON."""
+    if args.worker == "synthetic":
+        cases = [run_synthetic()]
+    else:
+        method, dataset = args.worker.split("@", 1)
+        manifest = Path(args.manifest)
+        rows = read_manifest(manifest, dataset, args.limit)
+        cases = []
+        for row in rows:
+            cases.append(run_case(method, row, manifest.parent, args.rounds, args.cap))
+            print(f"  {method:15s} {row['case'][:34]:34s} dice " + " ".join(f"{d:.3f}" for d in cases[-1]["dice"][:11]),
+                  file=sys.stderr, flush=True)
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    print(json.dumps({"cases": cases, "peak_rss_mb": peak_kib / 1024.0}))
+
+
+def summarize(cases, rounds, cap):
+    """Mean Dice at rounds 0/5/10, mean rounds to 0.9 (unreached counted as cap), timings."""
+    def at(dices, index):
+        return dices[min(index, len(dices) - 1)]
+
+    reached = [c["rounds_to_target"] for c in cases]
+    return {
+        "n": len(cases),
+        "dice_r0": float(np.mean([at(c["dice"], 0) for c in cases])),
+        "dice_r5": float(np.mean([at(c["dice"], 5) for c in cases])),
+        "dice_r10": float(np.mean([at(c["dice"], 10) for c in cases])),
+        "rounds_to_0.9": float(np.mean([cap if r is None else r for r in reached])),
+        "reached_0.9": sum(r is not None for r in reached),
+        "setup_s": float(np.mean([c["setup_s"] for c in cases])),
+        "median_round_s": float(np.median([s for c in cases for s in c["round_s"]])),
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("manifest", nargs="?", default=str(REPOSITORY_ROOT.parent / "shared" / "data" / "cases.csv"),
+                        help="cases.csv (default ../shared/data/cases.csv from the repository root)")
+    parser.add_argument("--dataset", default="", help="only this dataset")
+    parser.add_argument("--limit", type=int, default=0, help="first N cases per dataset")
+    parser.add_argument("--rounds", type=int, default=10, help="rounds always run (Dice at 0/5/10)")
+    parser.add_argument("--cap", type=int, default=20, help="most rounds when Dice 0.9 is not reached")
+    parser.add_argument("--methods", default=",".join(ALL_METHODS))
+    parser.add_argument("--no-synthetic", action="store_true", help="skip the 512x512x80 timing case")
+    parser.add_argument("--json", default="", help="write all per-case results here")
+    parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return worker(args)
+
+    rows = read_manifest(args.manifest, args.dataset)
+    datasets = list(dict.fromkeys(row["dataset"] for row in rows))
+    jobs = [f"{m}@{d}" for d in datasets for m in args.methods.split(",")]
+    if not args.no_synthetic:
+        jobs.append("synthetic")
+    results = {}
+    for job in jobs:
+        command = [sys.executable, __file__, args.manifest, "--worker", job, "--limit", str(args.limit),
+                   "--rounds", str(args.rounds), "--cap", str(args.cap)]
+        print(f"running {job}", file=sys.stderr, flush=True)
+        done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
+        results[job] = json.loads(done.stdout.strip().splitlines()[-1])
+
+    header = f"{'dataset':26s} {'method':15s} {'n':>3s} {'Dice r0':>8s} {'r5':>6s} {'r10':>6s} {'rounds>=0.9':>11s} {'setup s':>8s} {'s/round':>8s} {'peak RSS MB':>11s}"
+    print(header)
+    for job, result in results.items():
+        if job == "synthetic":
+            continue
+        method, dataset = job.split("@", 1)
+        s = summarize(result["cases"], args.rounds, args.cap)
+        result["summary"] = s
+        print(f"{dataset:26s} {method:15s} {s['n']:3d} {s['dice_r0']:8.3f} {s['dice_r5']:6.3f} {s['dice_r10']:6.3f} "
+              f"{s['rounds_to_0.9']:6.1f} ({s['reached_0.9']:2d}) {s['setup_s']:8.2f} {s['median_round_s']:8.2f} {result['peak_rss_mb']:11.0f}")
+    if "synthetic" in results:
+        case = results["synthetic"]["cases"][0]
+        print(f"synthetic 512x512x80 engine: setup {case['setup_s']:.2f} s, median {np.median(case['round_s']):.2f} s/round, "
+              f"peak RSS {results['synthetic']['peak_rss_mb']:.0f} MB, one 512x512 slice region {case['region_slice_s']:.3f} s, "
+              f"Dice {' '.join(f'{d:.3f}' for d in case['dice'])}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()

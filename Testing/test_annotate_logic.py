@@ -1,0 +1,420 @@
+"""FetalAnnotateLogic against a real, headless MRML scene (slicer-core): strokes in, segments back."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPOSITORY_ROOT, SHARED_DATA, load_case_arrays, load_cases
+
+sys.path.insert(0, str(REPOSITORY_ROOT / "Testing" / "benchmarks"))
+
+from robot_user import BACKGROUND, FOREGROUND, acquisition_axis, initial_strokes  # noqa: E402
+
+RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def dice(a, b):
+    return 2.0 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1)
+
+
+def ijk_to_ras(spacing_zyx, origin_ras=(0.0, 0.0, 0.0), directions=np.eye(3)):
+    """4x4 IJK-to-RAS matrix from (z, y, x) spacing, RAS origin and RAS axis directions (columns)."""
+    matrix = np.eye(4)
+    matrix[:3, :3] = np.asarray(directions) * np.asarray(spacing_zyx, float)[::-1]
+    matrix[:3, 3] = origin_ras
+    return matrix
+
+
+def add_volume_from_file(path, name):
+    """Load a NIfTI into the scene with the file's geometry (ITK LPS -> Slicer RAS)."""
+    import SimpleITK as sitk
+    import slicer
+
+    image = sitk.ReadImage(str(path))
+    ijk_to_lps = np.eye(4)
+    ijk_to_lps[:3, :3] = np.asarray(image.GetDirection()).reshape(3, 3) * np.asarray(image.GetSpacing())
+    ijk_to_lps[:3, 3] = image.GetOrigin()
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    return slicer.util.addVolumeFromArray(array, ijkToRAS=RAS_FROM_LPS @ ijk_to_lps, name=name), image
+
+
+def new_segmentation(reference_volume, name="Strokes"):
+    import slicer
+
+    node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    node.CreateDefaultDisplayNodes()
+    node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume)
+    return node
+
+
+def paint(segmentation, reference_volume, strokes, names):
+    """One segment per class value 1..len(names), painted from a stroke array in reference_volume's grid."""
+    import slicer
+
+    ids = []
+    for value, name in enumerate(names, start=1):
+        segment_id = segmentation.GetSegmentation().AddEmptySegment("", name)
+        slicer.util.updateSegmentBinaryLabelmapFromArray((strokes == value).astype(np.uint8), segmentation,
+                                                         segment_id, reference_volume)
+        ids.append(segment_id)
+    return ids
+
+
+def internal_labelmaps(segmentation, segment_ids):
+    """Bit-exact snapshot of segments: voxels, label value, extent and geometry of their labelmaps."""
+    import slicer
+
+    snapshot = {}
+    for segment_id in segment_ids:
+        image = slicer.vtkOrientedImageData()
+        segmentation.GetBinaryLabelmapRepresentation(segment_id, image)
+        matrix = slicer.util.arrayFromVTKMatrix(_image_to_world(image))
+        from vtk.util import numpy_support
+
+        voxels = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).copy()
+        snapshot[segment_id] = (image.GetExtent(), matrix, voxels)
+    return snapshot
+
+
+def _image_to_world(image):
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(matrix)
+    return matrix
+
+
+def volume_matrix(volume):
+    import slicer
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(matrix)
+    return slicer.util.arrayFromVTKMatrix(matrix)
+
+
+@pytest.fixture
+def phantom_scene(mrml_scene):
+    """A small 3-class phantom volume (oblique geometry) with one slice of strokes per class."""
+    from FetalAnnotateLib.phantom import example_strokes, make_phantom
+
+    import slicer
+
+    phantom = make_phantom(shape=(10, 56, 56), seed=1)
+    angle = np.deg2rad(20)
+    directions = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    volume = slicer.util.addVolumeFromArray(phantom.image, ijkToRAS=ijk_to_ras(phantom.spacing, (10, -20, 5), directions),
+                                            name="phantom")
+    segmentation = new_segmentation(volume)
+    names = [phantom.class_names[value] for value in (1, 2, 3)]
+    strokes = example_strokes(phantom.label_map)
+    ids = paint(segmentation, volume, strokes, names)
+    return volume, segmentation, ids, phantom, strokes
+
+
+# ---------------------------------------------------------------------- real case, end to end
+def test_real_case_end_to_end(mrml_scene, shared_data):
+    import slicer
+
+    import FetalAnnotateLogic
+
+    row = next(row for row in load_cases("fetal_mri_mialsrtk_sub01") if row["case"] == "sub-01_run-1")
+    _, target, spacing = load_case_arrays(row)
+    volume, image = add_volume_from_file(SHARED_DATA / row["image"], "sub-01_run-1")
+    assert np.allclose(volume_matrix(volume)[:3, 3], RAS_FROM_LPS[:3, :3] @ image.GetOrigin())
+    strokes = initial_strokes(target, acquisition_axis(spacing))
+    segmentation = new_segmentation(volume)
+    ids = paint(segmentation, volume, strokes, ["background", "fetal brain"])
+    before = internal_labelmaps(segmentation, ids)
+
+    logic = FetalAnnotateLogic.FetalAnnotateLogic()
+    result = logic.segment(volume, segmentation)
+
+    assert result.classNames == ("background", "fetal brain")
+    auto_id = segmentation.GetSegmentation().GetSegmentIdBySegmentName("fetal brain (auto)")
+    assert auto_id == result.resultSegmentIds[1]
+    automatic = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, auto_id, volume) > 0
+    assert dice(automatic, target) > 0.6  # round 0 (one painted slice) measured 0.70
+    after = internal_labelmaps(segmentation, ids)
+    for segment_id in ids:  # stroke segments unchanged bit for bit
+        assert before[segment_id][0] == after[segment_id][0]
+        np.testing.assert_array_equal(before[segment_id][1], after[segment_id][1])
+        np.testing.assert_array_equal(before[segment_id][2], after[segment_id][2])
+    for node, name in zip(result.probabilityVolumeNodes, result.classNames):
+        assert node.GetName() == f"{name} probability"
+        np.testing.assert_allclose(volume_matrix(node), volume_matrix(volume))
+        assert node.GetImageData().GetExtent() == volume.GetImageData().GetExtent()
+    total = sum(slicer.util.arrayFromVolume(node) for node in result.probabilityVolumeNodes)
+    np.testing.assert_allclose(total, 1.0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------- geometry
+def test_strokes_on_segmentation_with_other_spacing_and_extent(mrml_scene):
+    """Strokes painted on a coarser, shifted, cropped labelmap land on the right source voxels."""
+    import slicer
+
+    import FetalAnnotateLogic
+
+    source = slicer.util.addVolumeFromArray(np.random.default_rng(0).random((6, 40, 40), np.float32) * 100,
+                                            ijkToRAS=ijk_to_ras((3.0, 1.0, 1.0), (-20, -20, 0)), name="source")
+    # Segmentation geometry: 2 mm in-plane, starting 10 mm further, half the field of view.
+    coarse = slicer.util.addVolumeFromArray(np.zeros((6, 12, 12), np.float32),
+                                            ijkToRAS=ijk_to_ras((3.0, 2.0, 2.0), (-10.5, -10.5, 0)), name="coarse")
+    segmentation = new_segmentation(coarse)
+    coarse_strokes = np.zeros((6, 12, 12), np.uint8)
+    coarse_strokes[2, 3:5, 3:5] = 1
+    coarse_strokes[2, 8:10, 6:9] = 2
+    paint(segmentation, coarse, coarse_strokes, ["background", "target"])
+
+    labels, names = FetalAnnotateLogic.FetalAnnotateLogic().strokeLabels(source, segmentation)
+
+    assert names == ["background", "target"]
+    expected = np.zeros(labels.shape, np.uint8)
+    # coarse voxel j spans [2j - 11.5, 2j - 9.5) mm: the source voxel centres 2j + 9 and 2j + 10
+    expected[2, 15:19, 15:19] = 1
+    expected[2, 25:29, 21:27] = 2
+    np.testing.assert_array_equal(labels, expected)
+
+
+def test_volume_with_parent_transform(mrml_scene):
+    """The volume sits under a linear transform; strokes painted in world space are found and results follow."""
+    import slicer
+    import vtk
+
+    import FetalAnnotateLogic
+
+    image = np.zeros((5, 30, 30), np.float32)
+    image[:, 10:20, 10:20] = 100.0
+    image += np.random.default_rng(0).normal(0, 5, image.shape).astype(np.float32)
+    volume = slicer.util.addVolumeFromArray(image, ijkToRAS=ijk_to_ras((2.0, 1.0, 1.0)), name="moved")
+    transform = mrml_scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    shift = vtk.vtkMatrix4x4()
+    shift.SetElement(0, 3, 7.0)  # 7 mm to the right = 7 voxels along i
+    transform.SetMatrixTransformToParent(shift)
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    # Paint on an untransformed grid that coincides with the transformed volume in world space.
+    world_grid = slicer.util.addVolumeFromArray(np.zeros(image.shape, np.float32),
+                                                ijkToRAS=ijk_to_ras((2.0, 1.0, 1.0), (7.0, 0, 0)), name="world grid")
+    segmentation = new_segmentation(world_grid)
+    strokes = np.zeros(image.shape, np.uint8)
+    strokes[2, 2:5, 2:28] = 1
+    strokes[2, 13:16, 12:18] = 2
+    paint(segmentation, world_grid, strokes, ["background", "square"])
+    logic = FetalAnnotateLogic.FetalAnnotateLogic()
+
+    labels, _ = logic.strokeLabels(volume, segmentation)
+    np.testing.assert_array_equal(labels, strokes)
+
+    result = logic.segment(volume, segmentation)
+    for node in result.probabilityVolumeNodes:
+        assert node.GetTransformNodeID() == transform.GetID()
+        np.testing.assert_allclose(volume_matrix(node), volume_matrix(volume))
+    square = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, result.resultSegmentIds[1], world_grid) > 0
+    assert dice(square, image > 50) > 0.9
+
+
+# ---------------------------------------------------------------------- classes and thresholds
+def test_three_classes_and_rethreshold_without_retraining(phantom_scene):
+    import slicer
+
+    from FetalAnnotateLib import FetalAnnotateError
+
+    import FetalAnnotateLogic
+
+    from FetalAnnotateLib import AnnotationSession
+
+    volume, segmentation, ids, phantom, strokes = phantom_scene
+    result = FetalAnnotateLogic.FetalAnnotateLogic().segment(volume, segmentation)
+
+    assert result.classNames == ("background", "fetus", "placenta")
+    names = [segmentation.GetSegmentation().GetSegment(i).GetName() for i in result.resultSegmentIds]
+    assert names == ["background (auto)", "fetus (auto)", "placenta (auto)"]
+    assert len(result.probabilityVolumeNodes) == 3
+    masks = [slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, i, volume) > 0 for i in result.resultSegmentIds]
+    engine = AnnotationSession(phantom.image, phantom.spacing).update(strokes)  # the same round without Slicer
+    for value, mask in zip((1, 2, 3), masks):
+        np.testing.assert_array_equal(mask, engine.labels == value)
+    assert dice(masks[1], phantom.label_map == 2) > 0.5
+    probabilities_before = [slicer.util.arrayFromVolume(n).copy() for n in result.probabilityVolumeNodes]
+
+    # A new logic has no trained forest and no features: re-thresholding can only use the stored maps.
+    fresh = FetalAnnotateLogic.FetalAnnotateLogic()
+    loose = fresh.rethreshold(volume, segmentation, {"fetus": 0.2})
+    fetus_loose = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, loose.resultSegmentIds[1], volume) > 0
+    strict = fresh.rethreshold(volume, segmentation, {"fetus": 0.8})
+    fetus_strict = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, strict.resultSegmentIds[1], volume) > 0
+
+    assert not fresh.hasSession(volume)
+    # Even when the user merged layers so that result and stroke segments share labelmaps,
+    # re-thresholding leaves every painted voxel as it was.
+    painted = [slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, i, volume) for i in ids]
+    segmentation.GetSegmentation().CollapseBinaryLabelmaps(False)
+    assert segmentation.GetSegmentation().GetNumberOfLayers() < 6
+    fresh.rethreshold(volume, segmentation, {"fetus": 0.5})
+    for segment_id, before in zip(ids, painted):
+        np.testing.assert_array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segment_id, volume), before)
+    assert strict.resultSegmentIds == result.resultSegmentIds
+    assert fetus_strict.sum() < fetus_loose.sum()
+    assert not (fetus_strict & ~fetus_loose).any()
+    for node, before in zip(result.probabilityVolumeNodes, probabilities_before):
+        np.testing.assert_array_equal(slicer.util.arrayFromVolume(node), before)
+    with pytest.raises(FetalAnnotateError, match="unknown classes"):
+        fresh.rethreshold(volume, segmentation, {"fetal head": 0.5})
+
+
+def test_results_written_to_a_chosen_segmentation(phantom_scene):
+    import FetalAnnotateLogic
+
+    volume, segmentation, ids, _, _ = phantom_scene
+    output = new_segmentation(volume, "Results")
+    count_before = segmentation.GetSegmentation().GetNumberOfSegments()
+
+    result = FetalAnnotateLogic.FetalAnnotateLogic().segment(volume, segmentation, ids[:2],
+                                                             outputSegmentationNode=output)
+
+    assert result.outputSegmentationNode is output
+    assert segmentation.GetSegmentation().GetNumberOfSegments() == count_before
+    assert output.GetSegmentation().GetNumberOfSegments() == 2
+    assert output.GetSegmentation().GetSegment(result.resultSegmentIds[1]).GetName() == "fetus (auto)"
+
+
+def test_masking_restricts_results_to_the_editable_area(phantom_scene):
+    import slicer
+
+    import FetalAnnotateLogic
+
+    volume, segmentation, ids, _, _ = phantom_scene
+    region = np.zeros(slicer.util.arrayFromVolume(volume).shape, np.uint8)
+    region[:, :, :28] = 1
+    mask_id = segmentation.GetSegmentation().AddEmptySegment("", "left half")
+    slicer.util.updateSegmentBinaryLabelmapFromArray(region, segmentation, mask_id, volume)
+    editor = mrml_scene_node(volume.GetScene(), "vtkMRMLSegmentEditorNode")
+    editor.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedInsideSingleSegment)
+    editor.SetMaskSegmentID(mask_id)
+    masking = FetalAnnotateLogic.Masking.fromSegmentEditorNode(editor)
+    logic = FetalAnnotateLogic.FetalAnnotateLogic()
+
+    result = logic.segment(volume, segmentation, ids, masking=masking)
+    for segment_id in result.resultSegmentIds:
+        written = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segment_id, volume) > 0
+        assert written.any() and not (written & (region == 0)).any()
+
+    image = slicer.util.arrayFromVolume(volume)
+    low, high = np.percentile(image, [30, 100])
+    editor.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedEverywhere)
+    editor.SetSourceVolumeIntensityMask(True)
+    editor.SetSourceVolumeIntensityMaskRange(low, high)
+    editable = logic.editableArea(volume, segmentation, FetalAnnotateLogic.Masking.fromSegmentEditorNode(editor))
+    np.testing.assert_array_equal(editable, (image >= low) & (image <= high))
+
+
+def mrml_scene_node(scene, class_name):
+    return scene.AddNewNodeByClass(class_name)
+
+
+def test_errors_and_cancel_leave_the_segmentation_alone(phantom_scene):
+    import FetalAnnotateLogic
+    from FetalAnnotateLib import FetalAnnotateError, OperationCancelled, StrokeError
+
+    volume, segmentation, ids, _, _ = phantom_scene
+    logic = FetalAnnotateLogic.FetalAnnotateLogic()
+    count = segmentation.GetSegmentation().GetNumberOfSegments()
+
+    with pytest.raises(StrokeError, match="at least two"):
+        logic.segment(volume, segmentation, ids[:1])
+    with pytest.raises(OperationCancelled):
+        logic.segment(volume, segmentation, progress=lambda fraction, message: fraction > 0.3)
+    with pytest.raises(FetalAnnotateError, match="Train"):
+        logic.rethreshold(volume, segmentation)
+    assert segmentation.GetSegmentation().GetNumberOfSegments() == count
+
+
+# ---------------------------------------------------------------------- classifier files and export
+def test_saved_classifier_applies_to_a_second_volume(phantom_scene, tmp_path):
+    import slicer
+
+    import FetalAnnotateLogic
+    from FetalAnnotateLib.classifier_io import load_classifier
+    from FetalAnnotateLib.phantom import make_phantom
+
+    volume, segmentation, _, _, _ = phantom_scene
+    logic = FetalAnnotateLogic.FetalAnnotateLogic()
+    logic.segment(volume, segmentation)
+    path = logic.saveClassifier(volume, tmp_path / "phantom")
+    assert path.name == "phantom.skops"
+    saved = load_classifier(path)
+    assert saved.class_names == ("background", "fetus", "placenta")
+    assert saved.metadata["trainingVolume"] == "phantom"
+
+    second = make_phantom(shape=(8, 48, 48), seed=7)
+    other = slicer.util.addVolumeFromArray(second.image, ijkToRAS=ijk_to_ras(second.spacing), name="second")
+    expected = logic.session(volume).pixel_classifier().predict_proba(second.image, second.spacing)
+    applied = FetalAnnotateLogic.FetalAnnotateLogic().applyClassifier(path, other)
+
+    for index, node in enumerate(applied.probabilityVolumeNodes):
+        np.testing.assert_allclose(slicer.util.arrayFromVolume(node), expected[index], atol=1e-6)
+    fetus = slicer.util.arrayFromSegmentBinaryLabelmap(applied.outputSegmentationNode, applied.resultSegmentIds[1], other)
+    assert dice(fetus > 0, second.label_map == 2) > 0.5
+
+
+@pytest.mark.parametrize("kind", ["random bytes", "truncated", "pickle", "foreign skops", "other sklearn"])
+def test_bad_classifier_files_are_refused(phantom_scene, tmp_path, kind):
+    import pickle
+
+    import skops.io
+
+    import FetalAnnotateLogic
+    from FetalAnnotateLib.classifier_io import ClassifierFileError
+
+    volume, segmentation, _, _, _ = phantom_scene
+    logic = FetalAnnotateLogic.FetalAnnotateLogic()
+    bad = tmp_path / "bad.skops"
+    if kind == "random bytes":
+        bad.write_bytes(np.random.default_rng(0).bytes(4000))
+    elif kind == "truncated":
+        logic.segment(volume, segmentation)
+        good = logic.saveClassifier(volume, tmp_path / "good.skops")
+        bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    elif kind == "pickle":
+        bad.write_bytes(pickle.dumps({"format": "FetalAnnotate pixel classifier"}))
+    elif kind == "foreign skops":
+        from sklearn.linear_model import LogisticRegression
+
+        skops.io.dump(LogisticRegression(), bad)
+    else:
+        from sklearn.ensemble import RandomForestClassifier
+
+        forest = RandomForestClassifier(n_estimators=2).fit([[0.0], [1.0]], [1, 2])
+        skops.io.dump({"format": "FetalAnnotate pixel classifier", "format_version": 1, "sklearn_version": "0.24.2",
+                       "classes": [1, 2], "class_names": ["a", "b"], "feature_settings": "{}", "metadata": "{}",
+                       "forest": forest}, bad)
+
+    with pytest.raises(ClassifierFileError) as error:
+        logic.applyClassifier(bad, volume)
+    if kind == "other sklearn":
+        assert "0.24.2" in str(error.value) and "retrain" in str(error.value)
+    assert len(logic.probabilityVolumeNodes(volume)) == (3 if kind == "truncated" else 0)
+
+
+def test_exported_seg_nrrd_reads_back_with_slicerio(phantom_scene, tmp_path):
+    import slicerio
+
+    import FetalAnnotateLogic
+
+    import slicer
+
+    volume, segmentation, _, _, _ = phantom_scene
+    logic = FetalAnnotateLogic.FetalAnnotateLogic()
+    result = logic.segment(volume, segmentation)
+
+    path = logic.exportSegmentation(segmentation, result.resultSegmentIds, volume, tmp_path / "phantom.seg.nrrd")
+
+    read = slicerio.read_segmentation(str(path))
+    assert [segment["name"] for segment in read["segments"]] == ["background (auto)", "fetus (auto)", "placenta (auto)"]
+    np.testing.assert_allclose(RAS_FROM_LPS @ read["ijkToLPS"], volume_matrix(volume), atol=1e-5)
+    voxels = np.transpose(read["voxels"], (2, 1, 0))  # slicerio reads (i, j, k)
+    for segment, segment_id in zip(read["segments"], result.resultSegmentIds):
+        in_scene = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segment_id, volume) > 0
+        np.testing.assert_array_equal(voxels == segment["labelValue"], in_scene)

@@ -1,0 +1,22 @@
+"""README.md stays true: CI runs its test command, and its main command's job works."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_commands():
+    """The shell commands of the README's "Run it on a fresh Linux machine" section, in order."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Run it on a fresh Linux machine", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```(?:bash|sh)\n(.*?)\n```", section, re.S)
+
+
+def test_readme_has_exactly_two_commands_and_ci_runs_the_test_one():
+    commands = readme_commands()
+    assert len(commands) == 2
+    main_command, test_command = commands
+    assert "FetalAnnotateLib demo" in main_command
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert test_command in ci_lines
