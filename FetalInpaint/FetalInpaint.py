@@ -4,8 +4,11 @@ The widget is deliberately thin: every computation is in ``FetalInpaintLogic`` (
 headless against a real MRML scene) and ``FetalInpaintLib`` (numeric core, no Slicer).
 """
 
+import importlib
+import importlib.util
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -23,11 +26,37 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from FetalInpaintLogic import FetalInpaintLogic  # noqa: F401  (re-exported: the module's logic class)
+from FetalInpaintLogic import FetalInpaintLogic
 
 CORRUPTOR_NAMES = ["shapes", "holes", "toss"]
 DEVICE_NAMES = ["cpu", "cuda"]
 POLL_INTERVAL_MS = 1000
+#: Packages FetalInpaintLib needs besides torch that Slicer does not bundle (installed on first use, with consent):
+#: scikit-learn for PCA, scikit-image for the biharmonic baseline, matplotlib for the training's loss-curve PNG.
+PYTHON_REQUIREMENTS = ("scikit-learn>=1.3", "scikit-image>=0.21", "matplotlib>=3.6")
+_IMPORT_NAMES = {"scikit-learn": "sklearn", "scikit-image": "skimage", "matplotlib": "matplotlib"}
+
+
+def missingRequirements():
+    """The entries of :data:`PYTHON_REQUIREMENTS` whose package cannot be imported."""
+    return [requirement for requirement in PYTHON_REQUIREMENTS
+            if importlib.util.find_spec(_IMPORT_NAMES[requirement.split(">")[0]]) is None]
+
+
+def installRequirements(askConfirmation=True):
+    """Install the missing :data:`PYTHON_REQUIREMENTS` with pip; True when all are importable afterwards."""
+    missing = missingRequirements()
+    if not missing:
+        return True
+    if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+            "FetalInpaint needs these Python packages, not yet installed in this Slicer:\n\n"
+            + "\n".join(missing) + "\n\nInstall them now? (a download of about 100 MB, once)",
+            windowTitle="FetalInpaint: install Python packages"):
+        return False
+    with slicer.util.WaitCursor():
+        slicer.util.pip_install(" ".join(missing))
+    importlib.invalidate_caches()
+    return not missingRequirements()
 
 
 #
@@ -93,7 +122,7 @@ class FetalInpaintParameterNode:
 
     trainingVolumes: list[vtkMRMLScalarVolumeNode]
     corruptor: Annotated[str, Choice(CORRUPTOR_NAMES)] = "shapes"
-    corruptorStrength: Annotated[float, WithinRange(0.05, 0.6)] = 0.25
+    corruptorStrength: Annotated[float, WithinRange(0.05, 0.6)] = 0.2
     epochs: Annotated[int, WithinRange(1, 500)] = 20
     device: Annotated[str, Choice(DEVICE_NAMES)] = "cpu"
     outputFolder: Path
@@ -135,7 +164,6 @@ class FetalInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.ui.strengthSliderWidget.decimals = 2
 
         self.logic = FetalInpaintLogic()
 
@@ -176,6 +204,9 @@ class FetalInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         self.setParameterNode(None)
+        # The nodes go with the scene; a running training keeps going and gets a new chart.
+        self._lossChartNode = None
+        self._evaluationTableNode = None
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
@@ -227,10 +258,8 @@ class FetalInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         )
         self.ui.stopTrainingButton.enabled = running
         haveModel = bool(parameters and _isSet(parameters.checkpointPath) and parameters.evaluationVolume)
-        for button in (self.ui.evaluateButton, self.ui.exportFeaturesButton):
-            button.enabled = haveModel
-        if not haveModel:
-            self.ui.exportFeaturesButton.toolTip = "Choose a checkpoint and a volume."
+        self.ui.evaluateButton.enabled = haveModel
+        self.ui.exportFeaturesButton.enabled = haveModel
 
     # -------------------------------------------------------------- PyTorch
 
@@ -245,8 +274,11 @@ class FetalInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return None
         return PyTorchUtils.PyTorchUtilsLogic().torch
 
-    def _ensureTorch(self):
-        """The torch module, installed through the PyTorch extension after the user confirms; None if declined."""
+    def _ensureDependencies(self):
+        """The torch module once PyTorch and :data:`PYTHON_REQUIREMENTS` are installed (after the user
+        confirms each); None if declined or failed."""
+        if not installRequirements():
+            return None
         try:
             import PyTorchUtils
         except ModuleNotFoundError:
@@ -279,13 +311,22 @@ class FetalInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -------------------------------------------------------------- training
 
     def onStartTraining(self) -> None:
-        torch = self._ensureTorch()
+        torch = self._ensureDependencies()
         if torch is None:
             return
         parameters = self._parameterNode
         if parameters.device == "cuda" and not torch.cuda.is_available():
             slicer.util.errorDisplay("No CUDA GPU is available to PyTorch: choose the cpu device.")
             return
+        overwrite = False
+        if not parameters.resume and self.logic.hasTrainingOutputs(parameters.outputFolder):
+            overwrite = slicer.util.confirmOkCancelDisplay(
+                f"{parameters.outputFolder} holds an earlier training. Replace it with a new one?\n\n"
+                "Cancel, then tick 'Resume' to continue it instead, or choose another output folder.",
+                windowTitle="FetalInpaint: replace training?",
+            )
+            if not overwrite:
+                return
         with slicer.util.tryWithErrorDisplay("Failed to start the training.", waitCursor=True):
             self._trainingRun = self.logic.startTraining(
                 parameters.trainingVolumes,
@@ -295,8 +336,9 @@ class FetalInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 epochs=parameters.epochs,
                 device=parameters.device,
                 resume=parameters.resume,
+                overwrite=overwrite,
             )
-            self._lossChartNode = self.logic.updateLossPlot(self._trainingRun.records, self._lossChartNode)
+            self._lossChartNode = self.logic.updateLossPlot(self._trainingRun, self._lossChartNode)
             slicer.modules.plots.logic().ShowChartInLayout(self._lossChartNode)
             self.ui.trainingProgressBar.value = 0
             self.ui.trainingStatusLabel.text = "Starting (loading volumes and PyTorch)..."
@@ -307,21 +349,22 @@ class FetalInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._trainingIsRunning():
             self.logic.requestStop(self._trainingRun)
             self.ui.stopTrainingButton.enabled = False
-            self.ui.trainingStatusLabel.text = "Stopping after the current step (a checkpoint is saved)..."
+            self.ui.trainingStatusLabel.text = "Stopping..."
 
     def onPollTraining(self) -> None:
         status = self.logic.pollTraining(self._trainingRun)
         if status.newRecords:
-            self.logic.updateLossPlot(self._trainingRun.records, self._lossChartNode)
+            self._lossChartNode = self.logic.updateLossPlot(self._trainingRun, self._lossChartNode)
         self.ui.trainingProgressBar.value = int(round(100 * status.fraction))
         self.ui.trainingStatusLabel.text = status.message
         if status.running:
             return
         self._pollTimer.stop()
+        self._lossChartNode = self.logic.updateLossPlot(self._trainingRun, self._lossChartNode)  # last validation point
         checkpoint = self.logic.findCheckpoint(self._trainingRun.outputDirectory)
         if checkpoint is not None:
             self._parameterNode.checkpointPath = checkpoint
-        if status.returnCode != 0:
+        if status.returnCode != 0 and not status.stopped:
             slicer.util.errorDisplay(
                 status.message, detailedText=f"Full log: {self._trainingRun.logPath}"
             )
@@ -330,7 +373,7 @@ class FetalInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -------------------------------------------------------------- evaluation and export
 
     def onEvaluate(self) -> None:
-        if self._ensureTorch() is None:
+        if self._ensureDependencies() is None:
             return
         parameters = self._parameterNode
         with slicer.util.tryWithErrorDisplay("Evaluation failed.", waitCursor=True):
@@ -338,13 +381,14 @@ class FetalInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 parameters.checkpointPath,
                 [parameters.evaluationVolume],
                 corruptors=(parameters.corruptor,),
+                strength=parameters.corruptorStrength,
                 device=parameters.device,
                 tableNode=self._evaluationTableNode,
             )
             self.ui.evaluationTableView.setMRMLTableNode(self._evaluationTableNode)
 
     def onExportFeatures(self) -> None:
-        if self._ensureTorch() is None:
+        if self._ensureDependencies() is None:
             return
         parameters = self._parameterNode
         with slicer.util.tryWithErrorDisplay("Feature export failed.", waitCursor=True):
@@ -393,7 +437,9 @@ class FetalInpaintTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Starting the test")
         import PyTorchUtils
 
-        PyTorchUtils.PyTorchUtilsLogic().torch  # installs PyTorch if needed (no confirmation in testing mode)
+        torch = PyTorchUtils.PyTorchUtilsLogic().torch  # installs PyTorch if needed (no confirmation in testing mode)
+        self.assertIsNotNone(torch, "PyTorch is needed: install it from the PyTorch Utils module")
+        self.assertTrue(installRequirements(askConfirmation=False), f"could not install {missingRequirements()}")
 
         volumes = [self._syntheticVolume(f"synthetic{seed}", seed) for seed in range(3)]
         outputFolder = Path(slicer.app.temporaryPath) / "FetalInpaintSelfTest"
@@ -401,16 +447,16 @@ class FetalInpaintTest(ScriptedLoadableModuleTest):
         logic = FetalInpaintLogic()
 
         run = logic.startTraining(
-            volumes, outputFolder, epochs=1, patchSize=32,
-            extraArguments=["--base-channels", "4", "--depth", "2", "--batch-size", "16"],
+            volumes, outputFolder, epochs=2, patchSize=32,
+            extraArguments=["--base-channels", "4", "--depth", "2", "--batch-size", "16", "--log-every", "1"],
         )
         while run.process.poll() is None:  # keep the GUI alive while the child trains
             slicer.app.processEvents()
-            qt.QThread.msleep(100)
+            time.sleep(0.1)
         status = logic.pollTraining(run)
         self.assertEqual(status.returnCode, 0, status.message)
         self.assertTrue(run.records, "the training wrote no progress")
-        chart = logic.updateLossPlot(run.records)
+        chart = logic.updateLossPlot(run)
         self.assertEqual(chart.GetNumberOfPlotSeriesNodes(), 2)
         self.delayDisplay(status.message)
 

@@ -18,7 +18,7 @@ _UI_ATTRIBUTE = re.compile(r"\bui\.([A-Za-z_]\w*)")
 
 def cmake_variables(cmake_file):
     """The ``set(NAME values...)`` commands of a CMakeLists.txt as a dict of value lists."""
-    text = re.sub(r"#[^\n]*", "", Path(cmake_file).read_text())
+    text = re.sub(r"(?m)^\s*#.*$", "", Path(cmake_file).read_text())
     return {name: re.findall(r'"[^"]*"|\S+', body) for name, body in _SET_COMMAND.findall(text)}
 
 

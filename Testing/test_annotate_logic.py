@@ -1,7 +1,6 @@
 """FetalAnnotateLogic against a real, headless MRML scene (slicer-core): strokes in, segments back."""
 
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +9,7 @@ from conftest import REPOSITORY_ROOT, SHARED_DATA, load_case_arrays, load_cases
 
 sys.path.insert(0, str(REPOSITORY_ROOT / "Testing" / "benchmarks"))
 
-from robot_user import BACKGROUND, FOREGROUND, acquisition_axis, initial_strokes  # noqa: E402
+from robot_user import acquisition_axis, initial_strokes  # noqa: E402
 
 RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -19,10 +18,11 @@ def dice(a, b):
     return 2.0 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1)
 
 
-def ijk_to_ras(spacing_zyx, origin_ras=(0.0, 0.0, 0.0), directions=np.eye(3)):
+def ijk_to_ras(spacing_zyx, origin_ras=(0.0, 0.0, 0.0), directions=None):
     """4x4 IJK-to-RAS matrix from (z, y, x) spacing, RAS origin and RAS axis directions (columns)."""
     matrix = np.eye(4)
-    matrix[:3, :3] = np.asarray(directions) * np.asarray(spacing_zyx, float)[::-1]
+    directions = np.eye(3) if directions is None else np.asarray(directions)
+    matrix[:3, :3] = directions * np.asarray(spacing_zyx, float)[::-1]
     matrix[:3, 3] = origin_ras
     return matrix
 
@@ -105,8 +105,8 @@ def phantom_scene(mrml_scene):
     phantom = make_phantom(shape=(10, 56, 56), seed=1)
     angle = np.deg2rad(20)
     directions = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
-    volume = slicer.util.addVolumeFromArray(phantom.image, ijkToRAS=ijk_to_ras(phantom.spacing, (10, -20, 5), directions),
-                                            name="phantom")
+    matrix = ijk_to_ras(phantom.spacing, (10, -20, 5), directions)
+    volume = slicer.util.addVolumeFromArray(phantom.image, ijkToRAS=matrix, name="phantom")
     segmentation = new_segmentation(volume)
     names = [phantom.class_names[value] for value in (1, 2, 3)]
     strokes = example_strokes(phantom.label_map)
@@ -178,9 +178,10 @@ def test_strokes_on_segmentation_with_other_spacing_and_extent(mrml_scene):
     np.testing.assert_array_equal(labels, expected)
 
 
-def test_volume_with_parent_transform(mrml_scene):
+def test_volume_with_parent_transform(mrml_scene, tmp_path):
     """The volume sits under a linear transform; strokes painted in world space are found and results follow."""
     import slicer
+    import slicerio
     import vtk
 
     import FetalAnnotateLogic
@@ -213,6 +214,10 @@ def test_volume_with_parent_transform(mrml_scene):
         np.testing.assert_allclose(volume_matrix(node), volume_matrix(volume))
     square = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, result.resultSegmentIds[1], world_grid) > 0
     assert dice(square, image > 50) > 0.9
+    # The exported .seg.nrrd sits where the user sees the volume: at its world (transformed) position.
+    path = logic.exportSegmentation(segmentation, result.resultSegmentIds, volume, tmp_path / "moved.seg.nrrd")
+    np.testing.assert_allclose(RAS_FROM_LPS @ slicerio.read_segmentation(str(path))["ijkToLPS"],
+                               volume_matrix(world_grid), atol=1e-6)
 
 
 # ---------------------------------------------------------------------- classes and thresholds
@@ -254,7 +259,8 @@ def test_three_classes_and_rethreshold_without_retraining(phantom_scene):
     assert segmentation.GetSegmentation().GetNumberOfLayers() < 6
     fresh.rethreshold(volume, segmentation, {"fetus": 0.5})
     for segment_id, before in zip(ids, painted):
-        np.testing.assert_array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segment_id, volume), before)
+        after = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segment_id, volume)
+        np.testing.assert_array_equal(after, before)
     assert strict.resultSegmentIds == result.resultSegmentIds
     assert fetus_strict.sum() < fetus_loose.sum()
     assert not (fetus_strict & ~fetus_loose).any()
@@ -355,7 +361,8 @@ def test_saved_classifier_applies_to_a_second_volume(phantom_scene, tmp_path):
 
     for index, node in enumerate(applied.probabilityVolumeNodes):
         np.testing.assert_allclose(slicer.util.arrayFromVolume(node), expected[index], atol=1e-6)
-    fetus = slicer.util.arrayFromSegmentBinaryLabelmap(applied.outputSegmentationNode, applied.resultSegmentIds[1], other)
+    output = applied.outputSegmentationNode
+    fetus = slicer.util.arrayFromSegmentBinaryLabelmap(output, applied.resultSegmentIds[1], other)
     assert dice(fetus > 0, second.label_map == 2) > 0.5
 
 
@@ -418,3 +425,24 @@ def test_exported_seg_nrrd_reads_back_with_slicerio(phantom_scene, tmp_path):
     for segment, segment_id in zip(read["segments"], result.resultSegmentIds):
         in_scene = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segment_id, volume) > 0
         np.testing.assert_array_equal(voxels == segment["labelValue"], in_scene)
+
+
+def test_logic_imports_without_scikit_learn():
+    """Slicer loads the module before scikit-learn is installed: importing the logic must not need it."""
+    import subprocess
+
+    script = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('sklearn', 'skimage', 'skops'):\n"
+        "            raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        f"sys.path.insert(0, {str(REPOSITORY_ROOT / 'FetalAnnotate')!r})\n"
+        "import FetalAnnotateLogic\n"
+        "assert 'sklearn' not in sys.modules and 'FetalAnnotateLib' not in sys.modules\n"
+        "print('ok')\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == "ok"

@@ -1,13 +1,30 @@
 """FetalInpaintLogic against a real MRML scene (slicer-core): geometry, background training, errors."""
 
 import json
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import vtk
 
-from FetalInpaintLib.errors import CheckpointError, FetalInpaintError, InvalidVolumeError
-from FetalInpaintLogic import FetalInpaintLogic, readProgress
+from FetalInpaintLib.errors import ArchitectureMismatchError, CheckpointError, FetalInpaintError, InvalidVolumeError
+from FetalInpaintLogic import FetalInpaintLogic, TrainingProcess, readProgress
+
+# A model and data small enough that an epoch takes a fraction of a second on one CPU thread.
+TINY_MODEL = ["--base-channels", "4", "--depth", "2", "--batch-size", "16", "--stride", "16", "--log-every", "1"]
+TINY_TRAINING = dict(patchSize=32, threads=1, extraArguments=TINY_MODEL)
+
+
+@pytest.fixture(scope="module")
+def tinyCheckpoint(tmp_path_factory):
+    """model.pt (+ model.json) of a tiny model trained in-process for one epoch on two phantoms."""
+    from FetalInpaintLib.training import TrainConfig, train
+
+    output = tmp_path_factory.mktemp("tiny-model")
+    volumes = {f"phantom{seed}": (_phantomVolume(seed=seed), (4.0, 1.0, 1.0)) for seed in range(2)}
+    config = TrainConfig(epochs=1, batch_size=16, patch_size=32, stride=16, base_channels=4, depth=2)
+    return Path(train(volumes, config, output).checkpoint_path)
 
 
 def _obliqueVolume(scene, array, name="source", spacing=(0.8, 0.9, 3.5), origin=(-12.0, 30.5, 7.25)):
@@ -95,6 +112,48 @@ def test_features_with_another_grid_are_rejected(mrml_scene):
         FetalInpaintLogic.featuresToVolumeNodes(np.zeros((2, 5, 7, 8), np.float32), source)
 
 
+# ----------------------------------------------------------------------------- trained model
+
+
+def test_model_features_are_extra_channels_on_the_source_grid(mrml_scene, tinyCheckpoint):
+    # Slice sides that are not multiples of the 4x downsampling: the maps must still fit the grid.
+    source = _obliqueVolume(mrml_scene, _phantomVolume(shape=(6, 42, 45), seed=3), spacing=(1.0, 1.0, 4.0))
+    logic = FetalInpaintLogic()
+
+    channels = logic.computeFeatures(source, tinyCheckpoint, pcaComponents=3)
+    assert channels.shape == (3, 6, 42, 45) and channels.dtype == np.float32
+    assert np.isfinite(channels).all() and channels.std() > 0
+    assert logic.computeFeatures(source, tinyCheckpoint).shape == (16, 6, 42, 45)  # 4 * 2**2 bottleneck channels
+
+    nodes = logic.exportFeatures(source, tinyCheckpoint, pcaComponents=3, asVectorVolume=True)
+    assert len(nodes) == 1 and nodes[0].IsA("vtkMRMLVectorVolumeNode")
+    np.testing.assert_allclose(_geometry(nodes[0]), _geometry(source), atol=1e-9)
+    np.testing.assert_allclose(FetalInpaintLogic.featureArrayFromNodes(nodes), channels, rtol=1e-4, atol=1e-5)
+    with pytest.raises(FetalInpaintError, match="pca_components must be between 1 and 16"):
+        logic.computeFeatures(source, tinyCheckpoint, pcaComponents=40)
+
+
+def test_evaluate_gives_finite_psnr_for_the_model_and_the_baselines(mrml_scene, tinyCheckpoint):
+    import slicer
+
+    heldOut = _obliqueVolume(mrml_scene, _phantomVolume(seed=7), name="held out", spacing=(1.0, 1.0, 4.0))
+    logic = FetalInpaintLogic()
+    table = logic.evaluate(tinyCheckpoint, heldOut, corruptors=("shapes", "holes"), seeds=(0, 1), maxPatches=6)
+
+    assert [table.GetCellText(row, 1) for row in range(table.GetNumberOfRows())] == ["model", "mean", "biharmonic"] * 2
+    assert {table.GetCellText(row, 0) for row in range(table.GetNumberOfRows())} == {"shapes", "holes"}
+    for column in ("PSNR hidden (dB)", "PSNR whole (dB)"):
+        values = slicer.util.arrayFromTableColumn(table, column)
+        assert np.isfinite(values).all() and (values > 0).all()
+    assert (slicer.util.arrayFromTableColumn(table, "PSNR hidden (dB) sd") >= 0).all()
+    # Most pixels are copied through, so the whole image always scores higher than the hidden region.
+    assert (slicer.util.arrayFromTableColumn(table, "PSNR whole (dB)")
+            > slicer.util.arrayFromTableColumn(table, "PSNR hidden (dB)")).all()
+    assert logic.evaluate(tinyCheckpoint, [heldOut], corruptors=("toss",), seeds=(0,), maxPatches=2,
+                          tableNode=table) is table
+    assert table.GetNumberOfRows() == 3
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -127,21 +186,50 @@ def test_label_map_and_empty_volume_are_rejected(mrml_scene):
 
 def test_volume_smaller_than_a_patch_is_a_clear_error(mrml_scene, tmp_path):
     node = _obliqueVolume(mrml_scene, np.ones((4, 20, 30), np.float32), name="tiny", spacing=(1.0, 1.0, 4.0))
-    with pytest.raises(InvalidVolumeError, match=r"'tiny' are 20 x 30 voxels, smaller than the 32 x 32"):
+    with pytest.raises(InvalidVolumeError, match=r"'tiny' are 20 x 30 voxels, smaller than the 32 x 32 patch"):
         FetalInpaintLogic().startTraining([node], tmp_path, patchSize=32)
     assert not any(tmp_path.iterdir())  # nothing written, no process started
 
 
-def test_missing_and_corrupt_checkpoints_are_clear_errors(tmp_path):
+def test_earlier_training_is_neither_resumed_nor_replaced_by_accident(mrml_scene, tmp_path):
+    logic = FetalInpaintLogic()
+    volumes = _trainingVolumes(mrml_scene, 1)
+    with pytest.raises(FetalInpaintError, match="nothing to resume"):
+        logic.startTraining(volumes, tmp_path, resume=True, **TINY_TRAINING)
+    (tmp_path / "model.pt").write_bytes(b"earlier model")
+    (tmp_path / "history.json").write_text("[]")
+    assert logic.hasTrainingOutputs(tmp_path)
+    with pytest.raises(FetalInpaintError, match="already holds a training"):
+        logic.startTraining(volumes, tmp_path, **TINY_TRAINING)
+    assert (tmp_path / "model.pt").read_bytes() == b"earlier model"
+
+
+def test_missing_corrupt_and_foreign_checkpoints_are_clear_errors(tinyCheckpoint, tmp_path):
+    import shutil
+
     logic = FetalInpaintLogic()
     with pytest.raises(CheckpointError, match="no checkpoint selected"):
         logic.loadModel("")
-    with pytest.raises(CheckpointError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="not found"):
         logic.loadModel(tmp_path / "missing.pt")
-    corrupt = tmp_path / "corrupt.pt"
-    corrupt.write_bytes(b"this is not a torch file")
-    with pytest.raises(CheckpointError):
-        logic.loadModel(corrupt)
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(tinyCheckpoint.parent, corrupt)
+    (corrupt / "model.pt").write_bytes(b"this is not a torch file")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        logic.loadModel(corrupt / "model.pt")
+
+    foreign = tmp_path / "foreign"
+    shutil.copytree(tinyCheckpoint.parent, foreign)
+    metadata = json.loads((foreign / "model.json").read_text())
+    metadata["architecture"]["base_channels"] = 8  # weights of a 4-channel model, metadata of an 8-channel one
+    (foreign / "model.json").write_text(json.dumps(metadata))
+    with pytest.raises(ArchitectureMismatchError, match="do not fit"):
+        logic.loadModel(foreign)
+
+    model, metadata = logic.loadModel(tinyCheckpoint.parent)  # a folder means its model.pt
+    assert metadata["architecture"]["base_channels"] == 4 and not model.training
+    assert logic.loadModel(tinyCheckpoint)[0] is model  # cached while the file is unchanged
 
 
 # ----------------------------------------------------------------------------- progress and plot
@@ -160,22 +248,117 @@ def test_read_progress_skips_a_partial_last_line(tmp_path):
     assert readProgress(path, offset) == ([], offset)
 
 
-def test_loss_plot_is_a_chart_with_train_and_validation_series(mrml_scene):
-    records = [
-        {"epoch": 0.5, "loss": 0.2},
-        {"epoch": 1.0, "loss": 0.1, "val_loss": 0.15},
-        {"epoch": 1.5, "loss": 0.08},
-    ]
-    chart = FetalInpaintLogic.updateLossPlot(records[:2], scene=mrml_scene)
-    assert FetalInpaintLogic.updateLossPlot(records, chartNode=chart) is chart
+def test_loss_plot_is_a_chart_with_train_and_validation_series(mrml_scene, tmp_path):
+    import slicer
+
+    run = TrainingProcess(process=None, command=[], outputDirectory=tmp_path, epochs=2, startTime=0.0)
+    run.records = [{"epoch": 0, "step": 1, "loss": 0.2}, {"epoch": 0, "step": 2, "loss": 0.1}]
+    chart = FetalInpaintLogic.updateLossPlot(run, scene=mrml_scene)
+    # An epoch ends: history.json gets its validation loss (NaN epochs have no validation volume).
+    (tmp_path / "history.json").write_text(json.dumps([{"epoch": 0, "step": 2, "loss": 0.15, "val_loss": 0.12}]))
+    run.records.append({"epoch": 1, "step": 3, "loss": 0.08})
+    assert FetalInpaintLogic.updateLossPlot(run, chartNode=chart) is chart
 
     assert chart.GetNumberOfPlotSeriesNodes() == 2
     tables = {chart.GetNthPlotSeriesNode(i).GetYColumnName(): chart.GetNthPlotSeriesNode(i).GetTableNode()
               for i in range(2)}
-    import slicer
-
     np.testing.assert_allclose(slicer.util.arrayFromTableColumn(tables["loss"], "loss"), [0.2, 0.1, 0.08])
-    np.testing.assert_allclose(slicer.util.arrayFromTableColumn(tables["val_loss"], "epoch"), [1.0])
+    np.testing.assert_allclose(slicer.util.arrayFromTableColumn(tables["loss"], "step"), [1, 2, 3])
+    np.testing.assert_allclose(slicer.util.arrayFromTableColumn(tables["val_loss"], "val_loss"), [0.12])
+    run.records.append({"epoch": 0, "step": 2, "loss": 0.05})  # a resumed run redoes step 2
+    FetalInpaintLogic.updateLossPlot(run, chartNode=chart)
+    np.testing.assert_allclose(slicer.util.arrayFromTableColumn(tables["loss"], "loss"), [0.2, 0.05, 0.08])
+
+
+# ----------------------------------------------------------------------------- background training
+
+
+def _trainingVolumes(scene, count=3):
+    """Thick-slice (4 mm) oblique volumes whose 48 x 48 slices give 32 x 32 patches."""
+    return [_obliqueVolume(scene, _phantomVolume(seed=seed), name=f"stack {seed}", spacing=(1.0, 1.0, 4.0))
+            for seed in range(count)]
+
+
+def _waitFor(condition, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_background_training_progress_stop_and_resume(mrml_scene, tmp_path):
+    logic = FetalInpaintLogic()
+    volumes = _trainingVolumes(mrml_scene)
+    output = tmp_path / "run"
+    run = logic.startTraining(volumes, output, epochs=500, **TINY_TRAINING)
+    assert run.process.poll() is None  # returned at once: the training runs in the background
+    assert len(list((output / "volumes").glob("*.nrrd"))) == 3
+
+    _waitFor(lambda: (output / "resume.pt").exists() or run.process.poll() is not None, 120, "the first epoch")
+    status = logic.pollTraining(run)
+    assert status.running, (output / "training.log").read_text()
+    assert status.message.startswith("epoch ") and "/500" in status.message and "ETA" in status.message
+    logic.requestStop(run)
+    logic.waitForTraining(run, timeout=30)
+    status = logic.pollTraining(run)
+    assert status.stopped and not status.running and "resume continues" in status.message
+    completed = len(json.loads((output / "history.json").read_text()))
+    assert 1 <= completed < 500
+    losses = [r for r in run.records if "loss" in r]
+    assert losses and all(np.isfinite(r["loss"]) and r["eta_s"] >= 0 for r in losses)
+
+    resumed = logic.startTraining(volumes, output, epochs=completed + 1, resume=True, **TINY_TRAINING)
+    assert resumed.earlierRecords == len(run.records)  # the earlier curve stays in the plot
+    assert logic.waitForTraining(resumed, timeout=120) == 0, (output / "training.log").read_text()
+    status = logic.pollTraining(resumed)
+    assert status.returnCode == 0 and status.fraction == 1.0
+    assert status.message.startswith(f"Finished. epoch {completed + 1}/{completed + 1}")
+    history = json.loads((output / "history.json").read_text())
+    assert [h["epoch"] for h in history] == list(range(completed + 1))  # continued, not restarted
+    newLosses = [r for r in resumed.records[resumed.earlierRecords:] if "loss" in r]
+    assert newLosses and min(r["epoch"] for r in newLosses) == completed
+    assert logic.findCheckpoint(output) == output / "model.pt"
+    chart = logic.updateLossPlot(resumed, scene=mrml_scene)
+    assert chart.GetNthPlotSeriesNode(1).GetTableNode().GetNumberOfRows() == completed + 1  # validation per epoch
+
+
+def test_failed_training_reports_the_error(mrml_scene, tmp_path):
+    logic = FetalInpaintLogic()
+    (tmp_path / "model.pt").write_bytes(b"earlier model")
+    run = logic.startTraining(_trainingVolumes(mrml_scene, 1), tmp_path, corruptorStrength=1.5, overwrite=True,
+                              **TINY_TRAINING)
+    assert not (tmp_path / "model.pt").exists()  # the earlier run is gone, so it cannot be mistaken for this one
+    logic.waitForTraining(run, timeout=120)
+    status = logic.pollTraining(run)
+    assert status.returnCode not in (None, 0) and not status.stopped
+    assert "Training failed" in status.message and "strength must be in (0, 1)" in status.message
+
+
+def test_importing_the_logic_does_not_import_torch():
+    # Slicer loads the module before PyTorch is installed: torch may only be imported on use.
+    import subprocess
+    import sys
+
+    code = "import sys, FetalInpaintLogic; assert 'torch' not in sys.modules, 'torch imported'"
+    moduleDir = Path(__file__).resolve().parents[1] / "FetalInpaint"
+    subprocess.run([sys.executable, "-c", code], cwd=moduleDir, check=True, timeout=120)
+
+
+def test_training_interpreter_is_python_slicer_next_to_the_slicer_application(tmp_path, monkeypatch):
+    import sys
+
+    from FetalInpaintLogic import defaultPythonExecutable
+
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python3"))
+    assert defaultPythonExecutable() == str(tmp_path / "python3")  # PythonSlicer or any plain Python
+    pythonSlicer = tmp_path / "PythonSlicer"
+    pythonSlicer.touch()
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "SlicerApp-real"))  # the GUI application itself
+    assert defaultPythonExecutable() == str(pythonSlicer)
+    pythonSlicer.unlink()
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(FetalInpaintError, match="cannot find the PythonSlicer interpreter"):
+        defaultPythonExecutable()
 
 
 def test_parameter_node_is_a_scene_singleton(mrml_scene):

@@ -126,16 +126,19 @@ def load_classifier(path):
     try:
         untrusted = skops.io.get_untrusted_types(file=path)
     except Exception as error:  # skops raises zip, JSON and key errors alike for foreign files
-        raise ClassifierFileError(f"{path} is not a FetalAnnotate classifier file (not a readable skops file: {error}); "
+        raise ClassifierFileError(f"{path} is not a FetalAnnotate classifier file (not a readable skops file: "
+                                  f"{error}); "
                                   "choose a file saved with 'Save classifier'") from error
     foreign = sorted(set(untrusted) - set(TRUSTED_TYPES))
     if foreign:
-        raise ClassifierFileError(f"{path} holds types a FetalAnnotate classifier never contains ({', '.join(foreign)}); "
+        raise ClassifierFileError(f"{path} holds types a FetalAnnotate classifier never contains "
+                                  f"({', '.join(foreign)}); "
                                   "it was not written by FetalAnnotate and is not loaded for safety")
     try:
         content = skops.io.load(path, trusted=list(TRUSTED_TYPES))
     except Exception as error:
-        raise ClassifierFileError(f"{path} is corrupted and cannot be read ({error}); save the classifier again") from error
+        raise ClassifierFileError(f"{path} is corrupted and cannot be read ({error}); "
+                                  "save the classifier again") from error
     if not isinstance(content, dict) or content.get("format") != FORMAT_NAME:
         raise ClassifierFileError(f"{path} is a skops file but not a FetalAnnotate classifier; "
                                   "choose a file saved with 'Save classifier'")
@@ -156,7 +159,8 @@ def load_classifier(path):
         settings = json.loads(content["feature_settings"])
         metadata = json.loads(content.get("metadata", "{}"))
     except (KeyError, TypeError, ValueError) as error:
-        raise ClassifierFileError(f"{path} is an incomplete FetalAnnotate classifier ({error}); save it again") from error
+        raise ClassifierFileError(f"{path} is an incomplete FetalAnnotate classifier ({error}); "
+                                  "save it again") from error
     if not type(forest).__module__.startswith(_FOREST_MODULE_PREFIX) or len(names) != len(classes):
         raise ClassifierFileError(f"{path} does not hold a scikit-learn forest with one name per class; save it again")
     if [int(value) for value in getattr(forest, "classes_", [])] != list(classes):

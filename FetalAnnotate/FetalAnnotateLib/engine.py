@@ -34,6 +34,9 @@ DEFAULT_FOREST = {
     "n_jobs": -1,
 }
 
+import os
+DISTANCE_MODE = os.environ.get("FA_DIST", "raw+diff")
+
 #: Voxels per prediction block: bounds the temporary (block x features) float32 array.
 BLOCK_VOXELS = 1 << 18
 
@@ -156,6 +159,11 @@ class AnnotationSession:
         components connected to their strokes. False gives a forest on image features alone.
     geodesic_contrast : float
         Path mm per unit of normalised intensity step in the geodesic distance.
+    geodesic_sigma_mm : float
+        In-plane Gaussian smoothing (mm) of the intensity the geodesic distance reads.
+    geodesic_voxels : int
+        Larger volumes get their geodesic distances on a grid subsampled along the filtered
+        axes to about this many voxels (distance maps are smooth; this bounds s/round).
     max_training_voxels : int
         Painted voxels used for training per class at most (random subsample beyond).
     coarse_to_fine : bool
@@ -163,9 +171,14 @@ class AnnotationSession:
         refine only uncertain cells (:func:`predict_coarse_to_fine`); False predicts every voxel.
     coarse_to_fine_voxels : int
         Volume size from which coarse-to-fine prediction is used.
+    coarse_voxels : int
+        About how many voxels the coarse pass predicts (sets the cell size, 2 to 4).
     fold_mm : float
         Block size of the checkerboard folds that give painted voxels realistic distances
         to their own class's strokes for training (see ``_context_features``).
+    local_corrections : bool
+        When an update only adds strokes, change the labels only where the added strokes are
+        geodesically nearer than all earlier strokes; elsewhere keep the previous labels.
     """
 
     def __init__(
@@ -179,11 +192,15 @@ class AnnotationSession:
         random_state=0,
         progress=None,
         spatial_context=True,
-        geodesic_contrast=30.0,
+        geodesic_contrast=100.0,
+        geodesic_sigma_mm=1.0,
+        geodesic_voxels=4_000_000,
         max_training_voxels=20000,
         coarse_to_fine=True,
         coarse_to_fine_voxels=1_000_000,
+        coarse_voxels=500_000,
         fold_mm=8.0,
+        local_corrections=True,
     ):
         self._input_shape = np.shape(image)
         volume = check_image(image)
@@ -195,7 +212,9 @@ class AnnotationSession:
         self.max_training_voxels = int(max_training_voxels)
         self.coarse_to_fine = bool(coarse_to_fine)
         self.fold_mm = float(fold_mm)
+        self.local_corrections = bool(local_corrections)
         self.coarse_to_fine_voxels = int(coarse_to_fine_voxels)
+        self.coarse_voxels = int(coarse_voxels)
         self.progress = progress
         self._forest_params = {**DEFAULT_FOREST, **(forest or {}), "random_state": random_state}
         features = compute_features(volume, self.spacing, self.feature_settings, _scaled(progress, 0.0, 0.8))
@@ -205,15 +224,17 @@ class AnnotationSession:
         if self.spatial_context:
             report_progress(progress, 0.9, "geodesic step costs")
             self._costs = GeodesicCosts(
-                _geodesic_image(volume, self.spacing, self.feature_settings),
+                _geodesic_image(volume, self.spacing, self.feature_settings, geodesic_sigma_mm),
                 self.spacing,
                 contrast=geodesic_contrast,
+                stride=self._reduced_stride(geodesic_voxels),
             )
         self._distance_cache = {}
         self._forest = None
         self._classes = None
         self._strokes = None
-        self._context = None
+        self._distances = None
+        self._labels = None
         report_progress(progress, 1.0, "features ready")
 
     # ------------------------------------------------------------------ public API
@@ -234,15 +255,41 @@ class AnnotationSession:
         strokes3d, classes = check_strokes(strokes, self.shape)
         progress = self.progress
         report_progress(progress, 0.0, "stroke context")
+        added = self._added_strokes(strokes3d, classes)
+        reach_before = None
+        if added is not None:
+            reach_before = np.minimum.reduce(self._distances)
         self._strokes = np.array(strokes3d, copy=True)
         self._classes = classes
-        self._context, training = None, None
+        self._distances, training = None, None
         if self.spatial_context:
-            self._context, training = self._context_features(self._strokes, classes)
+            self._distances, training = self._context_features(self._strokes, classes)
         report_progress(progress, 0.2, "training the forest")
         self._forest = self._fit(self._strokes, training)
         self._output_dtype = np.asarray(strokes).dtype
-        return self._predict(region, _scaled(progress, 0.3, 1.0))
+        result = self._predict(region, _scaled(progress, 0.3, 0.95))
+        if region is not None:
+            return result
+        labels = result.labels.reshape(self.shape)
+        if reach_before is not None:
+            # A correction only changes the labels where its strokes are the nearest strokes
+            # (geodesically); elsewhere the previous result stands, so retraining the forest
+            # cannot break what earlier rounds got right far from the new strokes.
+            influence = self._costs.distance(np.nonzero(added)) < reach_before
+            labels = np.where(self._costs.full_resolution(influence), labels, self._labels)
+            result = SegmentationResult(result.classes, result.probabilities, labels.reshape(result.labels.shape), None)
+        self._labels = labels
+        return result
+
+    def _added_strokes(self, strokes, classes):
+        """Voxels painted since the last whole update when it was only painting (no erasing and
+        the same classes), else None: then the update starts afresh."""
+        if not (self.local_corrections and self.spatial_context) or self._labels is None or classes != self._classes:
+            return None
+        changed = strokes != self._strokes
+        if not changed.any() or (changed & (strokes == 0)).any():
+            return None
+        return changed
 
     def predict(self, region=None):
         """Predict the image (or ``region``) with the last trained forest."""
@@ -263,61 +310,65 @@ class AnnotationSession:
 
     # ------------------------------------------------------------------ internals
     def _context_features(self, strokes, classes):
-        """Stroke-distance features for prediction, and the training rows' own version of them.
+        """Geodesic distance maps for prediction, and the painted voxels' own version of them.
 
-        Features per class: geodesic distance (mm) to its strokes, and that distance minus the
-        distance to the nearest other class's strokes. At a painted voxel the distance to its
-        own strokes is 0, which no unpainted voxel has; a forest trained on that learns the
-        useless rule "distance 0 -> that class". So painted voxels are split into two
-        checkerboard folds of ``fold_mm`` blocks and each fold is described by its distance to
-        the other fold of the same class, as if it had not been painted.
+        The features per voxel are built from the distance (mm) to each class's strokes (see
+        :func:`distance_features`). At a painted voxel the distance to its own strokes is 0,
+        which no unpainted voxel has; a forest trained on that learns the useless rule
+        "distance 0 -> that class". So painted voxels are split into two checkerboard folds
+        of ``fold_mm`` blocks and each fold gets its distance to the other fold of the same
+        class, as if it had not been painted.
 
         Returns
         -------
-        context : ndarray of float32, shape (z, y, x, 2 * n_classes)
-        training : dict of int -> (flat voxel index, ndarray (n, 2 * n_classes))
+        distances : list of ndarray of float32, shape (z, y, x)
+            Distance to each class's strokes, in ``classes`` order.
+        training : dict of int -> (flat voxel index, ndarray (n, n_context))
             Per class, its painted voxels and their leave-fold-out features.
         """
         for value in list(self._distance_cache):
             if value not in classes:
                 del self._distance_cache[value]
-        distances = [self._cached_distance(value, strokes == value) for value in classes]
-        context = np.empty(self.shape + (2 * len(classes),), np.float32)
-        _distance_features(distances, out=context)
+        flat_strokes = strokes.reshape(-1)
+        painted = np.flatnonzero(flat_strokes)
+        indices = [painted[flat_strokes[painted] == value] for value in classes]
+        distances = [self._cached_distance(value, index) for value, index in zip(classes, indices)]
         training = {}
-        for k, value in enumerate(classes):
-            index = np.flatnonzero(strokes.reshape(-1) == value)
-            fold = _checkerboard_fold(index, self.shape, self.spacing, self.fold_mm)
-            box = _grown_box(index, self.shape, self.spacing, 3 * self.fold_mm)
+        for k, (value, index) in enumerate(zip(classes, indices)):
+            coordinates = np.unravel_index(index, self.shape)
+            fold = _checkerboard_fold(coordinates, self.spacing, self.fold_mm)
+            box = _grown_box(coordinates, self.shape, self.spacing, 3 * self.fold_mm)
             own = np.empty(index.size, np.float32)
             for part in (0, 1):
-                seeds = np.zeros(self.shape, bool)
-                seeds.reshape(-1)[index[fold != part]] = True
+                seeds = tuple(c[fold != part] for c in coordinates)
                 inside = self._costs.distance(seeds, box=box)
-                local = np.unravel_index(index[fold == part], self.shape)
-                own[fold == part] = inside[tuple(c - b.start for c, b in zip(local, box))]
-            at_voxels = [d.reshape(-1)[index] for d in distances]
+                own[fold == part] = self._costs.values_at(inside, tuple(c[fold == part] for c in coordinates), box)
+            at_voxels = [self._costs.values_at(d, coordinates) for d in distances]
             at_voxels[k] = own
-            rows = np.empty((index.size, 2 * len(classes)), np.float32)
-            _distance_features(at_voxels, out=rows)
-            training[value] = (index, rows)
-        return context, training
+            training[value] = (index, distance_features(at_voxels))
+        return distances, training
 
-    def _cached_distance(self, value, mask):
-        """Geodesic distance to ``mask``, recomputed only when that class's strokes changed."""
+    def _cached_distance(self, value, index):
+        """Geodesic distance to voxels ``index`` (flat), recomputed only when that class's strokes changed."""
         cached = self._distance_cache.get(value)
-        if cached is None or not np.array_equal(cached[0], mask):
-            cached = (mask, self._costs.distance(mask))
+        if cached is None or not np.array_equal(cached[0], index):
+            cached = (index, self._costs.distance(np.unravel_index(index, self.shape)))
             self._distance_cache[value] = cached
         return cached[1]
 
-    def _rows(self, context):
-        """``rows(index)`` gathering the feature rows of flat voxel indices or a slice."""
+    def _rows(self, distances):
+        """``rows(index)``: feature rows (image features, then stroke distances) of flat voxel indices or a slice."""
         image_rows = self._features.reshape(-1, self._features.shape[-1])
-        if context is None:
+        if distances is None:
             return lambda index: image_rows[index]
-        context_rows = context.reshape(-1, context.shape[-1])
-        return lambda index: np.concatenate([image_rows[index], context_rows[index]], axis=1)
+
+        def rows(index):
+            flat = np.arange(index.start, index.stop) if isinstance(index, slice) else index
+            coordinates = np.unravel_index(flat, self.shape)
+            at_voxels = [self._costs.values_at(d, coordinates) for d in distances]
+            return np.concatenate([image_rows[index], distance_features(at_voxels)], axis=1)
+
+        return rows
 
     def _fit(self, strokes, training_context):
         """Fit a forest on the painted voxels (at most ``max_training_voxels`` per class)."""
@@ -339,14 +390,18 @@ class AnnotationSession:
                 table = np.concatenate([table, context_rows], axis=1)
             tables.append(table)
             labels.append(np.full(index.size, value, flat.dtype))
-        forest = RandomForestClassifier(**self._forest_params)
+        if os.environ.get("FA_ET"):
+            from sklearn.ensemble import ExtraTreesClassifier
+            forest = ExtraTreesClassifier(**self._forest_params)
+        else:
+            forest = RandomForestClassifier(**self._forest_params)
         forest.fit(np.concatenate(tables), np.concatenate(labels))
         return forest
 
     def _predict(self, region, progress):
         """Probabilities and stroke-consistent labels of the image or a region."""
         region3d = self._region3d(region)
-        rows = self._rows(self._context)
+        rows = self._rows(self._distances)
         if region3d is None:
             if self.coarse_to_fine and np.prod(self.shape) >= self.coarse_to_fine_voxels:
                 probabilities = predict_coarse_to_fine(
@@ -359,7 +414,7 @@ class AnnotationSession:
                 ).reshape((-1,) + self.shape)
             strokes = self._strokes
         else:
-            index = np.arange(int(np.prod(self.shape))).reshape(self.shape)[region3d].ravel()
+            index = flat_indices(self.shape, region3d).ravel()
             sub_shape = np.empty(self.shape, bool)[region3d].shape
             probabilities = predict_blockwise(self._forest, index.size, lambda a, b: rows(index[a:b]), progress=progress)
             probabilities = probabilities.reshape((-1,) + sub_shape)
@@ -379,10 +434,20 @@ class AnnotationSession:
             region=region,
         )
 
-    def _coarse_stride(self):
-        """Stride 2 along filtered axes, 1 across thick slices (they are too far apart)."""
+    def _reduced_stride(self, target_voxels, smallest=1, largest=4):
+        """Stride per axis that brings the volume to about ``target_voxels`` voxels.
+
+        Only filtered axes are subsampled; thick slices are too far apart to stand for each
+        other.
+        """
         axes = filter_axes(self.spacing, self.shape, self.feature_settings.get("anisotropy_ratio", 1.5))
-        return tuple(2 if axis in axes else 1 for axis in range(3))
+        ratio = np.prod(self.shape) / target_voxels
+        step = int(np.clip(np.ceil(ratio ** (1.0 / max(len(axes), 1))), smallest, largest))
+        return tuple(step if axis in axes else 1 for axis in range(3))
+
+    def _coarse_stride(self):
+        """Cell size of coarse-to-fine prediction (2 to 4 voxels along filtered axes)."""
+        return self._reduced_stride(self.coarse_voxels, smallest=2)
 
     def _region3d(self, region):
         """The region as a tuple of 3 slices over the 3D volume (or None)."""
@@ -402,7 +467,13 @@ class AnnotationSession:
         return region
 
 
-def predict_coarse_to_fine(forest, shape, rows, stride, confidence=0.8, progress=None):
+def flat_indices(shape, box):
+    """Flat (C-order) voxel indices of ``box`` (a tuple of slices) in a volume of ``shape``."""
+    ranges = [np.arange(*s.indices(n), dtype=np.int64) for s, n in zip(box, shape)]
+    return (ranges[0][:, None, None] * shape[1] + ranges[1][None, :, None]) * shape[2] + ranges[2][None, None, :]
+
+
+def predict_coarse_to_fine(forest, shape, rows, stride, confidence=0.65, progress=None):
     """Class probabilities of a whole volume, exact only where the answer is uncertain.
 
     The forest first predicts every ``stride``-th voxel; each such voxel stands for its cell
@@ -428,7 +499,7 @@ def predict_coarse_to_fine(forest, shape, rows, stride, confidence=0.8, progress
     -------
     ndarray of float32, shape (n_classes, *shape)
     """
-    grid = np.arange(int(np.prod(shape))).reshape(shape)[tuple(slice(0, None, s) for s in stride)]
+    grid = flat_indices(shape, tuple(slice(0, None, s) for s in stride))
     coarse_index = grid.ravel()
     coarse = predict_blockwise(
         forest, coarse_index.size, lambda a, b: rows(coarse_index[a:b]), progress=_scaled(progress, 0.0, 0.5)
@@ -456,25 +527,36 @@ def predict_coarse_to_fine(forest, shape, rows, stride, confidence=0.8, progress
     return probabilities
 
 
-def _distance_features(distances, out):
-    """Per class: the distance, and the distance minus the nearest other class's distance."""
-    for index, distance in enumerate(distances):
+def distance_features(distances):
+    """Classifier features from the distances (mm) of voxels to each class's strokes.
+
+    Parameters
+    ----------
+    distances : list of ndarray of float32, shape (n,)
+        Per class, the distance of n voxels to its strokes.
+
+    Returns
+    -------
+    ndarray of float32, shape (n, n_features)
+        The distances, then per class its distance minus the nearest other class's distance
+        (a single difference for two classes, the other being its negative).
+    """
+    n_classes = len(distances)
+    columns = list(distances) if DISTANCE_MODE == "raw+diff" else []
+    for index in range(1 if n_classes == 2 else n_classes):
         others = np.minimum.reduce([d for j, d in enumerate(distances) if j != index])
-        out[..., 2 * index] = distance
-        np.subtract(distance, others, out=out[..., 2 * index + 1])
-    return out
+        columns.append(distances[index] - others)
+    return np.stack(columns, axis=1).astype(np.float32, copy=False)
 
 
-def _checkerboard_fold(flat_index, shape, spacing, block_mm):
+def _checkerboard_fold(coordinates, spacing, block_mm):
     """0/1 fold of voxels: parity of their ``block_mm`` block coordinates summed over axes."""
-    coordinates = np.unravel_index(flat_index, shape)
     blocks = sum((c * spacing[axis] // block_mm).astype(np.int64) for axis, c in enumerate(coordinates))
     return (blocks % 2).astype(np.int8)
 
 
-def _grown_box(flat_index, shape, spacing, margin_mm):
+def _grown_box(coordinates, shape, spacing, margin_mm):
     """Bounding box of voxels grown by ``margin_mm`` per axis, as a tuple of slices."""
-    coordinates = np.unravel_index(flat_index, shape)
     box = []
     for axis, c in enumerate(coordinates):
         margin = int(np.ceil(margin_mm / spacing[axis]))
@@ -487,8 +569,8 @@ def stroke_consistent_labels(probabilities, strokes, classes, keep_connected=Tru
 
     Painted voxels get their class; with ``keep_connected`` each class keeps only the
     connected components (26-connectivity) that touch one of its strokes, and the voxels of
-    the other components go to their next most probable class. So a stroke the user added
-    always wins where it is painted, and islands nobody painted do not survive.
+    the other components go to their next most probable class. So a stroke always wins
+    where it is painted, and islands nobody painted do not survive.
 
     Parameters
     ----------
@@ -502,26 +584,27 @@ def stroke_consistent_labels(probabilities, strokes, classes, keep_connected=Tru
     ndarray of int, shape (z, y, x)
         Class values.
     """
-    scores = np.array(probabilities, dtype=np.float32, copy=True)
-    class_values = np.asarray(classes)
-    for index, value in enumerate(classes):
-        scores[index][strokes == value] = 2.0
-    best = np.argmax(scores, axis=0)
+    if len(classes) == 2:  # much faster than argmax over a strided axis
+        best = (probabilities[1] > probabilities[0]).view(np.uint8)
+    else:
+        best = np.argmax(probabilities, axis=0).astype(np.uint8)
+    painted = strokes != 0
+    best[painted] = np.searchsorted(classes, strokes[painted])
     if keep_connected:
         structure = np.ones((3, 3, 3), bool)
         for index, value in enumerate(classes):
             components, count = ndi.label(best == index, structure)
             if count == 0:
                 continue
-            seeded = np.unique(components[strokes == value])
             keep = np.zeros(count + 1, bool)
-            keep[seeded] = True
+            keep[np.unique(components[strokes == value])] = True
             keep[0] = True
             dropped = ~keep[components]
             if dropped.any():
-                scores[index][dropped] = -1.0
-                best[dropped] = np.argmax(scores[:, dropped], axis=0)
-    return class_values[best]
+                scores = probabilities[:, dropped]
+                scores[index] = -1.0
+                best[dropped] = np.argmax(scores, axis=0)
+    return np.asarray(classes)[best]
 
 
 def _label_dtype(stroke_dtype, classes):
@@ -531,11 +614,11 @@ def _label_dtype(stroke_dtype, classes):
     return np.min_scalar_type(max(classes))
 
 
-def _geodesic_image(volume, spacing, settings):
-    """Normalised intensity smoothed at 1 mm in-plane: the image the geodesic costs are read from."""
+def _geodesic_image(volume, spacing, settings, sigma_mm=1.0):
+    """Normalised intensity smoothed in-plane: the image the geodesic costs are read from."""
     image = normalize_intensity(volume, settings.get("normalize_percentiles", (0.5, 99.5)))
     axes = filter_axes(spacing, image.shape, settings.get("anisotropy_ratio", 1.5))
-    sigma = tuple(1.0 / spacing[axis] if axis in axes else 0.0 for axis in range(3))
+    sigma = tuple(sigma_mm / spacing[axis] if axis in axes else 0.0 for axis in range(3))
     return ndi.gaussian_filter(image, sigma, mode="nearest")
 
 

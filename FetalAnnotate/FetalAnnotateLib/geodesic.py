@@ -17,66 +17,101 @@ class GeodesicCosts:
 
     Parameters
     ----------
-    image : ndarray, shape (z, y, x)
-        Normalised, lightly smoothed intensity.
+    image : ndarray, shape (z, y, x), or sequence of them
+        Normalised, lightly smoothed intensity; several channels (e.g. an image and class
+        probabilities) add their squared contrast-weighted differences.
     spacing : tuple of float
         Voxel spacing (z, y, x) in mm.
-    contrast : float
-        Millimetres of path per unit of intensity difference (0: plain distance along the grid).
-    axes : tuple of int, optional
-        Axes along which paths may step; default all axes of length > 1.
+    contrast : float or sequence of float
+        Millimetres of path per unit of difference, per channel (0: plain grid distance).
+    stride : tuple of int
+        Work on every ``stride``-th voxel per axis (large volumes); distances are returned
+        at full resolution, constant over each cell.
     """
 
-    def __init__(self, image, spacing, contrast=30.0, axes=None):
-        if axes is None:
-            axes = tuple(axis for axis in range(3) if image.shape[axis] > 1)
-        self.shape = image.shape
-        self.axes = tuple(axes)
+    def __init__(self, image, spacing, contrast=30.0, stride=(1, 1, 1)):
+        channels = [image] if isinstance(image, np.ndarray) else list(image)
+        contrasts = np.broadcast_to(np.asarray(contrast, np.float32), (len(channels),))
+        self.shape = channels[0].shape
+        self.stride = tuple(int(s) for s in stride)
+        grid = tuple(slice(0, None, s) for s in self.stride)
+        channels = [channel[grid] for channel in channels]
+        coarse_spacing = tuple(s * k for s, k in zip(spacing, self.stride))
+        self.axes = tuple(axis for axis in range(3) if channels[0].shape[axis] > 1)
+        self.extent_mm = float(sum(self.shape[axis] * spacing[axis] for axis in self.axes))
         # Sweep-major copies: the swept axis first, so each update touches contiguous memory.
-        self.extent_mm = float(sum(image.shape[axis] * spacing[axis] for axis in self.axes))
         self._costs = {}
         for axis in self.axes:
-            moved = np.moveaxis(image, axis, 0)
-            step = np.diff(moved, axis=0).astype(np.float32)
-            step *= np.float32(contrast)
-            step *= step
-            step += np.float32(spacing[axis] ** 2)
-            self._costs[axis] = np.ascontiguousarray(np.sqrt(step, out=step))
+            total = None
+            for channel, weight in zip(channels, contrasts):
+                step = np.diff(np.moveaxis(channel, axis, 0), axis=0).astype(np.float32)
+                step *= weight
+                step *= step
+                total = step if total is None else np.add(total, step, out=total)
+            total += np.float32(coarse_spacing[axis] ** 2)
+            self._costs[axis] = np.ascontiguousarray(np.sqrt(total, out=total))
+
+    def coarse_box(self, box=None):
+        """The cells (slices of the working grid) covering a full-resolution ``box``."""
+        if box is None:
+            box = tuple(slice(0, n) for n in self.shape)
+        box = tuple(slice(*s.indices(n)[:2]) for s, n in zip(box, self.shape))
+        return tuple(slice(b.start // k, -(-b.stop // k)) for b, k in zip(box, self.stride))
 
     def distance(self, seeds, n_rounds=2, limit=None, box=None):
         """Geodesic distance (mm, float32) from the voxels where ``seeds`` is True.
 
         Parameters
         ----------
-        seeds : ndarray of bool, shape (z, y, x)
-            Seed voxels (distance 0). If none, every voxel gets ``limit``.
+        seeds : ndarray of bool, shape (z, y, x), or tuple of 3 index arrays
+            Seed voxels (distance 0), as a mask or as their (z, y, x) coordinates. If none,
+            every voxel gets ``limit``.
         n_rounds : int
             Rounds of forward and backward sweeps along every axis.
         limit : float, optional
             Distances are clipped to this value so the map stays finite (default: four
             times the sum of the volume's extents in mm).
         box : tuple of slice, optional
-            Compute only inside this box (paths stay inside it); returns the box's shape.
+            Compute only inside this box (paths stay inside it; seeds outside are ignored).
+
+        Returns
+        -------
+        ndarray of float32
+            The distance on the working grid (``coarse_box(box)`` of it); read voxel values
+            with :meth:`values_at`.
         """
-        if box is None:
-            box = tuple(slice(0, n) for n in self.shape)
-        box = tuple(slice(*s.indices(n)[:2]) for s, n in zip(box, self.shape))
         if limit is None:
             limit = 4.0 * self.extent_mm
-        seeds = seeds[box]
-        distance = np.where(seeds, np.float32(0.0), np.float32(limit)).astype(np.float32)
-        if not seeds.any():
+        coarse_box = self.coarse_box(box)
+        coordinates = np.nonzero(seeds) if isinstance(seeds, np.ndarray) else seeds
+        cells = [np.asarray(c) // k - b.start for c, k, b in zip(coordinates, self.stride, coarse_box)]
+        inside = np.logical_and.reduce([(c >= 0) & (c < b.stop - b.start) for c, b in zip(cells, coarse_box)])
+        distance = np.full(tuple(b.stop - b.start for b in coarse_box), np.float32(limit), np.float32)
+        if not inside.any():
             return distance
+        distance[tuple(c[inside] for c in cells)] = 0.0
         for _ in range(n_rounds):
             for axis in self.axes:
                 if distance.shape[axis] < 2:
                     continue
-                others = tuple(box[a] for a in range(3) if a != axis)
-                cost = self._costs[axis][(slice(box[axis].start, box[axis].stop - 1),) + others]
+                others = tuple(coarse_box[a] for a in range(3) if a != axis)
+                cost = self._costs[axis][(slice(coarse_box[axis].start, coarse_box[axis].stop - 1),) + others]
                 moved = np.ascontiguousarray(np.moveaxis(distance, axis, 0))
                 _sweep(moved, cost)
                 np.moveaxis(distance, axis, 0)[...] = moved
         return distance
+
+    def values_at(self, distance, coordinates, box=None):
+        """Values of a :meth:`distance` result at full-resolution voxel ``coordinates`` (z, y, x arrays)."""
+        coarse_box = self.coarse_box(box)
+        return distance[tuple(c // k - b.start for c, k, b in zip(coordinates, self.stride, coarse_box))]
+
+    def full_resolution(self, distance):
+        """A whole-volume :meth:`distance` result at full resolution (constant over cells)."""
+        for axis, step in enumerate(self.stride):
+            if step > 1:
+                distance = np.repeat(distance, step, axis=axis)
+        return distance[tuple(slice(0, n) for n in self.shape)]
 
 
 def _sweep(distance, cost):

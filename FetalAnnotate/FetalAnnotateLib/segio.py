@@ -177,7 +177,7 @@ def write_segmentation(path, labels, segment_names, *, spacing=(1.0, 1.0, 1.0), 
     image = sitk.GetImageFromArray(labels.astype(np.uint8 if len(names) < 256 else np.uint16))
     image.SetSpacing([float(s) for s in spacing[::-1]])
     image.SetOrigin([float(o) for o in origin])
-    image.SetDirection(np.eye(3).ravel().tolist() if direction is None else np.asarray(direction, float).ravel().tolist())
+    image.SetDirection((np.eye(3) if direction is None else np.asarray(direction, float)).ravel().tolist())
     header = {
         "Segmentation_MasterRepresentation": "Binary labelmap",
         "Segmentation_ContainedRepresentationNames": "Binary labelmap|",

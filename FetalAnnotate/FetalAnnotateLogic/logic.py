@@ -119,7 +119,8 @@ class FetalAnnotateLogic:
         """IDs of the segments that are classes: every segment not named ``"... (auto)"``, in table order."""
         segmentation = segmentationNode.GetSegmentation()
         ids = [segmentation.GetNthSegmentID(index) for index in range(segmentation.GetNumberOfSegments())]
-        return [segmentId for segmentId in ids if not segmentation.GetSegment(segmentId).GetName().endswith(AUTO_SUFFIX)]
+        return [segmentId for segmentId in ids
+                if not segmentation.GetSegment(segmentId).GetName().endswith(AUTO_SUFFIX)]
 
     def segmentArray(self, volumeNode, segmentationNode, segmentId):
         """A segment as a boolean array (z, y, x) on the volume's voxel grid.
@@ -129,7 +130,8 @@ class FetalAnnotateLogic:
         segmentation of different spacing, extent or orientation land on the right voxels.
         """
         if segmentationNode.GetSegmentation().GetSegment(segmentId) is None:
-            raise _lib().FetalAnnotateError(f"segment {segmentId!r} is not in segmentation {segmentationNode.GetName()!r}")
+            raise _lib().FetalAnnotateError(f"segment {segmentId!r} is not in segmentation "
+                                            f"{segmentationNode.GetName()!r}")
         labelmap = slicer.vtkOrientedImageData()
         segmentationNode.GetBinaryLabelmapRepresentation(segmentId, labelmap)
         reference = _volumeGeometry(volumeNode)
@@ -140,7 +142,8 @@ class FetalAnnotateLogic:
         segmentationToVolume = _transformBetween(segmentationNode, volumeNode)
         if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
                 labelmap, reference, resampled, False, False, segmentationToVolume):
-            raise _lib().FetalAnnotateError(f"could not resample segment {segmentId!r} onto volume {volumeNode.GetName()!r}")
+            raise _lib().FetalAnnotateError(f"could not resample segment {segmentId!r} onto volume "
+                                            f"{volumeNode.GetName()!r}")
         return _orientedImageArray(resampled) > 0
 
     def strokeLabels(self, volumeNode, segmentationNode, segmentIds=None):
@@ -184,14 +187,15 @@ class FetalAnnotateLogic:
         if masking.maskMode != slicer.vtkMRMLSegmentationNode.EditAllowedEverywhere:
             transform = _transformBetween(volumeNode, segmentationNode)
             if transform is not None and not slicer.vtkOrientedImageDataResample.IsTransformLinear(transform):
-                raise _lib().FetalAnnotateError("masking by segments needs a linear transform between the volume and the "
-                                         "segmentation; harden the non-linear transform first")
+                raise _lib().FetalAnnotateError("masking by segments needs a linear transform between the volume "
+                                                "and the segmentation; harden the non-linear transform first")
             reference = _volumeGeometry(volumeNode)
             if transform is not None:
                 slicer.vtkOrientedImageDataResample.TransformOrientedImage(reference, transform, True)
             mask = slicer.vtkOrientedImageData()
             if not segmentationNode.GenerateEditMask(mask, masking.maskMode, reference, "", masking.maskSegmentId):
-                raise _lib().FetalAnnotateError("could not build the editable area; check the mask segment in the Segment Editor")
+                raise _lib().FetalAnnotateError("could not build the editable area; "
+                                                "check the mask segment in the Segment Editor")
             editable = _orientedImageArray(mask) == 0  # the edit mask is non-zero where editing is NOT allowed
         if masking.intensityRange is not None:
             low, high = masking.intensityRange
@@ -280,7 +284,8 @@ class FetalAnnotateLogic:
             raise _lib().StrokeError(f"class segments need distinct names, got {classNames}")
         # One progress bar for both phases: features (first round only), then training and prediction.
         computeFeatures = not self.hasSession(volumeNode, preset, forestSettings)
-        session = self.session(volumeNode, preset, forestSettings, _scaled(progress, 0.0, 0.6) if computeFeatures else None)
+        session = self.session(volumeNode, preset, forestSettings,
+                               _scaled(progress, 0.0, 0.6) if computeFeatures else None)
         session.progress = _scaled(progress, 0.6, 1.0) if computeFeatures else progress
         result = session.update(strokes)
         classNames = [classNames[value - 1] for value in result.classes]
@@ -341,8 +346,9 @@ class FetalAnnotateLogic:
         nodes = self.scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
         for index in range(nodes.GetNumberOfItems()):
             node = nodes.GetItemAsObject(index)
-            if node.GetNodeReferenceID(SOURCE_VOLUME_ROLE) == volumeNode.GetID() and node.GetAttribute(CLASS_NAME_ATTRIBUTE):
-                found.append((int(node.GetAttribute(CLASS_INDEX_ATTRIBUTE)), node.GetAttribute(CLASS_NAME_ATTRIBUTE), node))
+            name = node.GetAttribute(CLASS_NAME_ATTRIBUTE)
+            if name and node.GetNodeReferenceID(SOURCE_VOLUME_ROLE) == volumeNode.GetID():
+                found.append((int(node.GetAttribute(CLASS_INDEX_ATTRIBUTE)), name, node))
         return {name: node for _, name, node in sorted(found, key=lambda item: item[0])}
 
     # ------------------------------------------------------------------ classifier files
@@ -356,7 +362,8 @@ class FetalAnnotateLogic:
         """
         cached = self._sessions.get(volumeNode.GetID())
         if cached is None or cached.classNames is None:
-            raise _lib().FetalAnnotateError(f"nothing trained on {volumeNode.GetName()!r} yet; run 'Train and segment' first")
+            raise _lib().FetalAnnotateError(f"nothing trained on {volumeNode.GetName()!r} yet; "
+                                            "run 'Train and segment' first")
         info = {"trainingVolume": volumeNode.GetName(), **(metadata or {})}
         from FetalAnnotateLib.classifier_io import save_classifier
 
@@ -407,14 +414,14 @@ class FetalAnnotateLogic:
             labels[self.segmentArray(volumeNode, segmentationNode, segmentId)] = value
             names.append(segmentation.GetSegment(segmentId).GetName())
             colors.append(segmentation.GetSegment(segmentId).GetColor())
-        ijkToWorld = vtk.vtkMatrix4x4()
-        volumeNode.GetIJKToRASMatrix(ijkToWorld)
+        ijkToRAS = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(ijkToRAS)
+        matrix = slicer.util.arrayFromVTKMatrix(ijkToRAS)
         transformNode = volumeNode.GetParentTransformNode()
         if transformNode is not None and transformNode.IsTransformToWorldLinear():
             toWorld = vtk.vtkMatrix4x4()
             transformNode.GetMatrixTransformToWorld(toWorld)
-            vtk.vtkMatrix4x4.Multiply4x4(toWorld, ijkToWorld, ijkToWorld)
-        matrix = slicer.util.arrayFromVTKMatrix(ijkToWorld)
+            matrix = slicer.util.arrayFromVTKMatrix(toWorld) @ matrix
         spacing = np.linalg.norm(matrix[:3, :3], axis=0)
         from FetalAnnotateLib.segio import write_segmentation
 
@@ -485,8 +492,9 @@ class FetalAnnotateLogic:
         list of str
             Result segment IDs, in class order.
         """
+        referenceRole = outputSegmentationNode.GetReferenceImageGeometryReferenceRole()
         if outputSegmentationNode.GetSegmentation().GetNumberOfSegments() == 0 and \
-                outputSegmentationNode.GetNodeReference(outputSegmentationNode.GetReferenceImageGeometryReferenceRole()) is None:
+                outputSegmentationNode.GetNodeReference(referenceRole) is None:
             outputSegmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
         segmentation = outputSegmentationNode.GetSegmentation()
         wasModifying = outputSegmentationNode.StartModify()
@@ -553,7 +561,8 @@ def classMasks(probabilities, strokes, classes, classNames, thresholds=None):
     thresholds = dict(thresholds or {})
     unknown = sorted(set(thresholds) - set(classNames))
     if unknown:
-        raise _lib().FetalAnnotateError(f"thresholds given for unknown classes {unknown}; classes are {list(classNames)}")
+        raise _lib().FetalAnnotateError(f"thresholds given for unknown classes {unknown}; "
+                                        f"classes are {list(classNames)}")
     from FetalAnnotateLib.engine import stroke_consistent_labels
 
     labels = stroke_consistent_labels(probabilities, strokes, classes)

@@ -183,7 +183,7 @@ def split_by_volume(volume_ids, val_fraction=0.2, seed=0):
     split_hash : str
         First 16 hex digits of SHA-256 of the sorted id lists: identical splits share a hash.
     """
-    ids = [str(v) for v in volume_ids]
+    ids = sorted(str(v) for v in volume_ids)  # the split depends on the set of ids, not their order
     if not ids:
         raise InvalidVolumeError("no volume given: training needs at least one volume.")
     if len(set(ids)) != len(ids):

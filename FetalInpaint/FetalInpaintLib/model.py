@@ -33,7 +33,7 @@ class InpaintingAutoencoder(nn.Module):
 
     Parameters
     ----------
-    base_channels : int, default 32
+    base_channels : int, default 16
     depth : int, default 4
         Number of poolings.
     in_channels : int, default 2
@@ -46,7 +46,7 @@ class InpaintingAutoencoder(nn.Module):
         the representation we want to train.
     """
 
-    def __init__(self, base_channels=32, depth=4, in_channels=2, negative_slope=0.2, skip_connections=False):
+    def __init__(self, base_channels=16, depth=4, in_channels=2, negative_slope=0.2, skip_connections=False):
         super().__init__()
         if base_channels < 1 or depth < 0 or in_channels not in (1, 2):
             raise ValueError(

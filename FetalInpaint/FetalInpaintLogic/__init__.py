@@ -4,11 +4,22 @@ torch is imported only inside the methods that need it, so the module loads in a
 PyTorch is not installed yet.
 """
 
-from .logic import (  # noqa: F401
+from .logic import (
     FetalInpaintLogic,
     TrainingProcess,
     TrainingStatus,
     VolumeData,
     defaultPythonExecutable,
+    readHistory,
     readProgress,
 )
+
+__all__ = [
+    "FetalInpaintLogic",
+    "TrainingProcess",
+    "TrainingStatus",
+    "VolumeData",
+    "defaultPythonExecutable",
+    "readHistory",
+    "readProgress",
+]

@@ -5,9 +5,11 @@ wheel). The numeric work is done by ``FetalInpaintLib``; this layer converts bet
 arrays, keeps the training in a separate process and turns results into MRML nodes.
 
 Training runs ``<python> -m FetalInpaintLib.train`` in a child process, so Slicer stays
-responsive and a crash of the training cannot take the scene down. The child appends one JSON
-object per line to ``progress.jsonl`` in the output folder; :meth:`FetalInpaintLogic.pollTraining`
-reads the lines appended since the last call (the widget calls it from a ``qt.QTimer``).
+responsive and a crash of the training cannot take the scene down. The child prints one JSON
+progress record per line; its standard output goes to ``progress.jsonl`` in the output folder and
+:meth:`FetalInpaintLogic.pollTraining` reads the lines appended since the last call (the widget
+calls it from a ``qt.QTimer``). Per-epoch losses come from the ``history.json`` the training
+rewrites after every epoch.
 """
 
 import json
@@ -33,10 +35,16 @@ MODULE_NAME = "FetalInpaint"
 # The folder that holds the FetalInpaintLib package: the child process imports it from there.
 LIBRARY_PARENT = Path(__file__).resolve().parents[1]
 
-PROGRESS_FILE_NAME = "progress.jsonl"
-LOG_FILE_NAME = "training.log"
-STOP_FILE_NAME = "STOP"
+# Files in the training output folder: the first two are written here, the rest by FetalInpaintLib.
+PROGRESS_FILE_NAME = "progress.jsonl"  # standard output of the training: JSON progress records
+LOG_FILE_NAME = "training.log"  # standard error: warnings, and the error of a failed run
 VOLUMES_FOLDER_NAME = "volumes"
+MODEL_FILE_NAME = "model.pt"
+RESUME_FILE_NAME = "resume.pt"
+HISTORY_FILE_NAME = "history.json"
+# What a training leaves behind; a new training in the same folder replaces all of it.
+RUN_FILE_NAMES = (MODEL_FILE_NAME, "model.json", RESUME_FILE_NAME, HISTORY_FILE_NAME, "loss_curve.png",
+                  PROGRESS_FILE_NAME, LOG_FILE_NAME)
 
 # Reference role and attributes that tie exported feature volumes to their source volume and model.
 SOURCE_VOLUME_ROLE = "FetalInpaintSourceVolume"
@@ -139,6 +147,26 @@ class VolumeData:
     name: str
 
 
+def readHistory(outputDirectory):
+    """Per-epoch losses of a training: the ``history.json`` FetalInpaintLib rewrites after each epoch.
+
+    Parameters
+    ----------
+    outputDirectory : str or pathlib.Path
+
+    Returns
+    -------
+    list of dict
+        ``epoch`` (0-based), ``step``, ``loss`` (mean training loss of the epoch), ``val_loss``
+        (NaN without validation volumes), ``patches_per_s``; empty before the first epoch ends.
+    """
+    path = Path(outputDirectory) / HISTORY_FILE_NAME
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):  # not written yet (it is replaced atomically, never torn)
+        return []
+
+
 @dataclass
 class TrainingProcess:
     """A training running (or finished) in a child process; returned by :meth:`FetalInpaintLogic.startTraining`.
@@ -152,19 +180,28 @@ class TrainingProcess:
     outputDirectory : pathlib.Path
         Where the checkpoints, progress and log are written.
     epochs : int
-        Requested number of epochs (for the progress fraction).
+        Requested number of epochs.
+    startTime : float
+        ``time.monotonic()`` when the process started (for the progress fraction).
     records : list of dict
-        Every progress record read so far.
+        Every progress record read so far (of earlier runs too, when resumed).
+    earlierRecords : int
+        How many of ``records`` come from earlier runs in the same folder.
     progressOffset : int
         Bytes of ``progress.jsonl`` read so far.
+    stopRequested : bool
+        :meth:`FetalInpaintLogic.requestStop` was called.
     """
 
     process: subprocess.Popen
     command: list
     outputDirectory: Path
     epochs: int
+    startTime: float
     records: list = field(default_factory=list)
+    earlierRecords: int = 0
     progressOffset: int = 0
+    stopRequested: bool = False
 
     @property
     def progressPath(self):
@@ -184,20 +221,23 @@ class TrainingStatus:
     running : bool
         The child process is still alive.
     returnCode : int or None
-        Exit code once finished (0 = success, also after a requested stop).
+        Exit code once finished (0 = success).
+    stopped : bool
+        It ended because :meth:`FetalInpaintLogic.requestStop` asked it to.
     newRecords : list of dict
         Progress records that arrived since the previous poll.
     latest : dict or None
-        The most recent record (keys as written by FetalInpaintLib: epoch, step, loss, val_loss,
-        patches_per_s, eta_s, ...).
+        The most recent record with a loss (keys written by FetalInpaintLib: ``epoch`` (0-based),
+        ``step``, ``loss``, ``val_loss``, ``patches_per_s``, ``eta_s``).
     fraction : float
-        Completed fraction of the requested epochs, in [0, 1].
+        Estimated completed fraction of this run, in [0, 1]: elapsed / (elapsed + ETA).
     message : str
         One line for the status label (epoch, losses, speed, ETA; or the error).
     """
 
     running: bool
     returnCode: Optional[int]
+    stopped: bool
     newRecords: list
     latest: Optional[dict]
     fraction: float
@@ -326,7 +366,7 @@ class FetalInpaintLogic:
         if min(rows, columns) < patchSize:
             raise InvalidVolumeError(
                 f"the slices of '{data.name}' are {rows} x {columns} voxels, smaller than the "
-                f"{patchSize} x {patchSize} training patch: choose a larger volume or a smaller patch size."
+                f"{patchSize} x {patchSize} patch of the model: choose a larger volume (or train with a smaller patch size)."
             )
 
     @staticmethod
@@ -357,36 +397,48 @@ class FetalInpaintLogic:
         volumeNodes,
         outputDirectory,
         corruptor="shapes",
-        corruptorStrength=0.25,
+        corruptorStrength=0.2,
         epochs=20,
-        device="cpu",
-        patchSize=64,
+        device="auto",
+        patchSize=None,
         resume=False,
+        overwrite=False,
+        threads=None,
         extraArguments=(),
     ):
         """Start the training of an inpainting autoencoder in a background process.
 
         The volumes are written to ``<outputDirectory>/volumes`` as NRRD, then
         ``<python> -m FetalInpaintLib.train`` runs with its working directory set to the folder that
-        holds FetalInpaintLib (``-m`` puts the working directory on ``sys.path``, which holds also
-        where Slicer's launcher rewrites ``PYTHONPATH``). Its output goes to ``training.log``.
+        holds FetalInpaintLib (``-m`` puts the working directory on ``sys.path``, which works even
+        where Slicer's launcher rewrites ``PYTHONPATH``). Progress records go to ``progress.jsonl``,
+        everything else the process prints to ``training.log``.
 
         Parameters
         ----------
         volumeNodes : sequence of vtkMRMLScalarVolumeNode
-            Unlabeled training volumes; FetalInpaintLib holds some out for validation.
+            Unlabeled training volumes; with two or more, FetalInpaintLib holds whole volumes out
+            for validation.
         outputDirectory : str or pathlib.Path
-            Created if missing; receives volumes, checkpoints, ``progress.jsonl``, ``training.log``.
+            Created if missing; receives volumes, ``model.pt`` + ``model.json``, ``resume.pt``,
+            ``history.json``, ``loss_curve.png``, ``progress.jsonl`` and ``training.log``.
         corruptor : {"shapes", "holes", "toss"}
-        corruptorStrength : float
+        corruptorStrength : float, default 0.2
             Hidden fraction of each patch.
-        epochs : int
-        device : {"cpu", "cuda"}
-        patchSize : int
-        resume : bool
-            Continue from the last checkpoint in ``outputDirectory``.
+        epochs : int, default 20
+        device : {"auto", "cpu", "cuda"}
+            "auto" takes the GPU when PyTorch sees one.
+        patchSize : int or None
+            Training patch side; None uses FetalInpaintLib's default.
+        resume : bool, default False
+            Continue from ``resume.pt`` in ``outputDirectory`` (same volumes and settings).
+        overwrite : bool, default False
+            Without ``resume``, delete the files of an earlier training in ``outputDirectory``
+            (see :meth:`hasTrainingOutputs`) instead of refusing to start.
+        threads : int or None
+            CPU threads of the training; default one less than the cores, so Slicer stays fluid.
         extraArguments : sequence of str
-            More command-line options of ``FetalInpaintLib.train``.
+            More options of ``python -m FetalInpaintLib.train`` (e.g. ``["--base-channels", "16"]``).
 
         Returns
         -------
@@ -397,22 +449,40 @@ class FetalInpaintLogic:
         InvalidVolumeError
             No volume, or a volume that is empty, not finite or smaller than a patch.
         FetalInpaintError
-            Bad parameters or no interpreter.
+            Bad parameters, no interpreter, nothing to resume, or an earlier training in the folder
+            (without ``overwrite``).
         """
         volumeNodes = [node for node in (volumeNodes or []) if node is not None]
         if not volumeNodes:
             raise InvalidVolumeError("no training volume selected: tick at least one volume in 'Training volumes'.")
         if int(epochs) < 1:
             raise FetalInpaintError(f"epochs must be at least 1, got {epochs}.")
+        from FetalInpaintLib.training import TrainConfig
+
+        patchSize = int(patchSize or TrainConfig().patch_size)
         for node in volumeNodes:
-            self.checkVolumeFitsPatch(self.volumeData(node), int(patchSize))
+            self.checkVolumeFitsPatch(self.volumeData(node), patchSize)
+        threads = int(threads or max(1, (os.cpu_count() or 2) - 1))
 
         outputDirectory = Path(outputDirectory).resolve()
         volumeFolder = outputDirectory / VOLUMES_FOLDER_NAME
+        if resume and not (outputDirectory / RESUME_FILE_NAME).exists():
+            raise FetalInpaintError(
+                f"nothing to resume in {outputDirectory}: a training saves its resume point at the end of each "
+                "epoch. Untick Resume to start a new training, or choose the folder of the interrupted one."
+            )
+        if not resume and self.hasTrainingOutputs(outputDirectory):
+            if not overwrite:
+                raise FetalInpaintError(
+                    f"{outputDirectory} already holds a training: tick Resume to continue it, choose another "
+                    "output folder, or overwrite it."
+                )
+            for name in RUN_FILE_NAMES:
+                (outputDirectory / name).unlink(missing_ok=True)
+            for path in volumeFolder.glob("*.nrrd"):
+                path.unlink()
         volumeFolder.mkdir(parents=True, exist_ok=True)
-        (outputDirectory / STOP_FILE_NAME).unlink(missing_ok=True)
-        if not resume:
-            (outputDirectory / PROGRESS_FILE_NAME).unlink(missing_ok=True)
+        # Stable file names: FetalInpaintLib splits train/validation by file, and resume checks the split.
         volumePaths = [
             self.writeVolume(node, volumeFolder / f"{index:03d}_{_safeFileName(node.GetName())}.nrrd")
             for index, node in enumerate(volumeNodes)
@@ -427,28 +497,28 @@ class FetalInpaintLogic:
             "--strength", str(float(corruptorStrength)),
             "--epochs", str(int(epochs)),
             "--device", str(device),
-            "--patch-size", str(int(patchSize)),
-            "--progress-file", str(outputDirectory / PROGRESS_FILE_NAME),
-            "--stop-file", str(outputDirectory / STOP_FILE_NAME),
+            "--patch-size", str(patchSize),
+            "--threads", str(threads),
             *(["--resume"] if resume else []),
             *[str(argument) for argument in extraArguments],
         ]
-        environment = dict(os.environ, PYTHONUNBUFFERED="1")
+        # Records of an interrupted run stay in the plot; the new process appends after them.
+        earlierRecords, progressOffset = readProgress(outputDirectory / PROGRESS_FILE_NAME)
         logging.info(f"FetalInpaint: starting training: {' '.join(command)}")
-        with open(outputDirectory / LOG_FILE_NAME, "ab") as log:
+        with open(outputDirectory / PROGRESS_FILE_NAME, "ab") as progress, open(outputDirectory / LOG_FILE_NAME, "ab") as log:
             process = subprocess.Popen(
                 command,
                 cwd=str(LIBRARY_PARENT),
-                env=environment,
+                env=dict(os.environ, PYTHONUNBUFFERED="1"),
                 stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
+                stdout=progress,
+                stderr=log,
+                # PythonSlicer is a console program: without this Windows opens a console window for it.
+                creationflags=subprocess.CREATE_NO_WINDOW if os.name == "nt" else 0,
             )
-        run = TrainingProcess(process=process, command=command, outputDirectory=outputDirectory, epochs=int(epochs))
-        if resume:
-            # Keep the earlier curve in the plot but start reading where the new run appends.
-            run.records, run.progressOffset = readProgress(run.progressPath)
-        return run
+        return TrainingProcess(process=process, command=command, outputDirectory=outputDirectory, epochs=int(epochs),
+                               startTime=time.monotonic(), records=earlierRecords, earlierRecords=len(earlierRecords),
+                               progressOffset=progressOffset)
 
     def pollTraining(self, run):
         """Read new progress of a training and summarise its state (never blocks).
@@ -461,73 +531,76 @@ class FetalInpaintLogic:
         -------
         TrainingStatus
         """
+        returnCode = run.process.poll()  # before reading, so the last records of an ended run are read
         newRecords, run.progressOffset = readProgress(run.progressPath, run.progressOffset)
         run.records.extend(newRecords)
-        returnCode = run.process.poll()
-        latest = run.records[-1] if run.records else None
+        latest = next((record for record in reversed(run.records[run.earlierRecords:])
+                       if record.get("loss") is not None), None)
         fraction = 0.0
-        if latest is not None and latest.get("epoch") is not None:
-            fraction = min(1.0, float(latest["epoch"]) / max(run.epochs, 1))
+        if latest is not None and latest.get("eta_s") is not None:
+            elapsed = time.monotonic() - run.startTime
+            fraction = elapsed / max(elapsed + float(latest["eta_s"]), 1e-9)
+        describe = _describeRecord(latest, run.epochs) if latest else ""
+        stopped = returnCode is not None and run.stopRequested
         if returnCode is None:
-            message = _describeRecord(latest) if latest else "Starting (loading volumes and PyTorch)..."
+            message = describe or "Starting (loading volumes and PyTorch)..."
+        elif stopped:
+            done = len(readHistory(run.outputDirectory))
+            message = f"Stopped after {done} completed epoch(s); resume continues from there."
         elif returnCode == 0:
             fraction = 1.0
-            message = "Finished. " + (_describeRecord(latest) if latest else "")
+            message = f"Finished. {describe}"
         else:
-            message = f"Training failed (exit code {returnCode}). {_logTail(run.logPath)}"
+            message = f"Training failed (exit code {returnCode}): {_logTail(run.logPath)}"
         return TrainingStatus(
             running=returnCode is None,
             returnCode=returnCode,
+            stopped=stopped,
             newRecords=newRecords,
             latest=latest,
-            fraction=fraction,
+            fraction=min(max(fraction, 0.0), 1.0),
             message=message.strip(),
         )
 
     @staticmethod
     def requestStop(run):
-        """Ask a training to save a checkpoint and exit at its next step; returns immediately.
+        """End a training process; returns at once (poll until it has exited).
 
-        A stop file is created in the output folder, which the training checks between steps
-        (a file works the same on every platform, unlike signals). Poll until it has exited.
+        The process is sent SIGTERM (``Popen.terminate``). On Linux and macOS FetalInpaintLib
+        catches it, saves ``resume.pt`` at the current step and exits with code 0; on Windows the
+        process is ended at once and the ``resume.pt`` saved after the last completed epoch
+        remains. Either way a resume redoes the interrupted epoch from its start.
 
         Parameters
         ----------
         run : TrainingProcess
         """
         if run.process.poll() is None:
-            (run.outputDirectory / STOP_FILE_NAME).touch()
+            run.stopRequested = True
+            run.process.terminate()
 
     @classmethod
-    def stopTraining(cls, run, timeout=60.0):
-        """Ask a training to stop after saving a checkpoint, and wait for it.
-
-        See :meth:`requestStop`. If the training has not exited within ``timeout`` seconds it is
-        terminated (the last saved checkpoint is then what a resume starts from).
+    def stopTraining(cls, run, timeout=30.0):
+        """End a training process and wait until it has exited (see :meth:`requestStop`).
 
         Parameters
         ----------
         run : TrainingProcess
-        timeout : float, default 60
-            Seconds to wait for a clean exit.
+        timeout : float, default 30
+            Seconds to wait before killing it.
 
         Returns
         -------
         int
             The process exit code.
         """
-        if run.process.poll() is None:
-            cls.requestStop(run)
-            try:
-                run.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                logging.warning("FetalInpaint: the training did not stop in time and is terminated.")
-                run.process.terminate()
-                try:
-                    run.process.wait(timeout=10.0)
-                except subprocess.TimeoutExpired:
-                    run.process.kill()
-                    run.process.wait()
+        cls.requestStop(run)
+        try:
+            run.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            logging.warning("FetalInpaint: the training did not exit in time and is killed.")
+            run.process.kill()
+            run.process.wait()
         return run.process.returncode
 
     @staticmethod
@@ -558,8 +631,22 @@ class FetalInpaintLogic:
         return run.process.returncode
 
     @staticmethod
+    def hasTrainingOutputs(outputDirectory):
+        """Whether a folder holds the model, resume point or history of an earlier training.
+
+        Parameters
+        ----------
+        outputDirectory : str or pathlib.Path
+
+        Returns
+        -------
+        bool
+        """
+        return any((Path(outputDirectory) / name).exists() for name in (MODEL_FILE_NAME, RESUME_FILE_NAME, HISTORY_FILE_NAME))
+
+    @staticmethod
     def findCheckpoint(outputDirectory):
-        """The checkpoint a finished training leaves in its output folder (best, else last).
+        """The model a training left in its output folder (best validation loss so far), or None.
 
         Parameters
         ----------
@@ -569,20 +656,21 @@ class FetalInpaintLogic:
         -------
         pathlib.Path or None
         """
-        outputDirectory = Path(outputDirectory)
-        for name in ("best.pt", "last.pt"):
-            if (outputDirectory / name).exists():
-                return outputDirectory / name
-        return None
+        path = Path(outputDirectory) / MODEL_FILE_NAME
+        return path if path.exists() else None
 
     @staticmethod
-    def updateLossPlot(records, chartNode=None, scene=None):
-        """Show training and validation loss of progress records in a plot chart node.
+    def updateLossPlot(run, chartNode=None, scene=None):
+        """Show the training and validation loss of a training in a plot chart node.
+
+        The training curve has a point per progress record (the current batch's loss every
+        ``log_every`` steps, the epoch's mean loss at its end); the validation curve one per
+        completed epoch (from ``history.json``). Both are plotted against the optimiser step.
+        Steps redone after a resume replace the interrupted run's values.
 
         Parameters
         ----------
-        records : list of dict
-            Progress records (``epoch``, ``loss`` and, at the end of each epoch, ``val_loss``).
+        run : TrainingProcess
         chartNode : vtkMRMLPlotChartNode or None
             Chart to update; a new one (with its tables and series) is added when None.
         scene : vtkMRMLScene or None
@@ -597,14 +685,19 @@ class FetalInpaintLogic:
         if chartNode is None:
             chartNode = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", scene.GenerateUniqueName("FetalInpaint loss"))
             chartNode.SetTitle("Inpainting loss")
-            chartNode.SetXAxisTitle("epoch")
+            chartNode.SetXAxisTitle("optimiser step")
             chartNode.SetYAxisTitle("L2 loss on hidden pixels")
             chartNode.SetYAxisLogScale(True)
+        lossByStep = {r["step"]: r["loss"] for r in run.records if r.get("loss") is not None and r.get("step") is not None}
         curves = {
-            "loss": [(r["epoch"], r["loss"]) for r in records if r.get("loss") is not None and r.get("epoch") is not None],
-            "val_loss": [(r["epoch"], r["val_loss"]) for r in records if r.get("val_loss") is not None and r.get("epoch") is not None],
+            "loss": sorted(lossByStep.items()),
+            "val_loss": [(h["step"], h["val_loss"]) for h in readHistory(run.outputDirectory)
+                         if h.get("val_loss") is not None and np.isfinite(h["val_loss"])],
         }
-        colors = {"loss": (0.1, 0.4, 0.8), "val_loss": (0.9, 0.4, 0.1)}
+        style = {
+            "loss": ((0.1, 0.4, 0.8), slicer.vtkMRMLPlotSeriesNode.MarkerStyleNone),
+            "val_loss": ((0.9, 0.4, 0.1), slicer.vtkMRMLPlotSeriesNode.MarkerStyleCircle),
+        }
         for key, points in curves.items():
             seriesName = f"{chartNode.GetName()} {key}"
             series = next(
@@ -616,15 +709,14 @@ class FetalInpaintLogic:
                 table = scene.AddNewNodeByClass("vtkMRMLTableNode", seriesName + " table")
                 series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", seriesName)
                 series.SetAndObserveTableNodeID(table.GetID())
-                series.SetXColumnName("epoch")
+                series.SetXColumnName("step")
                 series.SetYColumnName(key)
                 series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
-                series.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleNone if key == "loss"
-                                      else slicer.vtkMRMLPlotSeriesNode.MarkerStyleCircle)
-                series.SetColor(*colors[key])
+                series.SetColor(*style[key][0])
+                series.SetMarkerStyle(style[key][1])
                 chartNode.AddAndObservePlotSeriesNodeID(series.GetID())
             values = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-            slicer.util.updateTableFromArray(series.GetTableNode(), [values[:, 0], values[:, 1]], ["epoch", key])
+            slicer.util.updateTableFromArray(series.GetTableNode(), [values[:, 0], values[:, 1]], ["step", key])
         return chartNode
 
     # ------------------------------------------------------------------ model
@@ -655,7 +747,7 @@ class FetalInpaintLogic:
         Parameters
         ----------
         checkpointPath : str or pathlib.Path
-            ``.pt`` state dict with its JSON metadata next to it, as written by the training.
+            ``model.pt`` with its ``model.json`` next to it, or the training output folder.
         device : str, default "cpu"
 
         Returns
@@ -671,53 +763,92 @@ class FetalInpaintLogic:
             architecture).
         """
         if checkpointPath is None or str(checkpointPath) in ("", "."):
-            raise CheckpointError("no checkpoint selected: train a model first or choose a .pt checkpoint file.")
+            raise CheckpointError("no checkpoint selected: train a model first or choose its model.pt file.")
         path = Path(checkpointPath)
+        if path.is_dir():
+            path = path / MODEL_FILE_NAME
         if not path.is_file():
-            raise CheckpointError(f"checkpoint {path} does not exist: choose the .pt file written by the training.")
+            raise CheckpointError(f"checkpoint {path} not found: choose the model.pt written by the training.")
         key = (str(path.resolve()), path.stat().st_mtime_ns, str(device))
-        if self._loadedModel is not None and self._loadedModel[0] == key:
-            return self._loadedModel[1], self._loadedModel[2]
-        from FetalInpaintLib.training import load_checkpoint
+        if self._loadedModel is None or self._loadedModel[0] != key:
+            from FetalInpaintLib.training import load_checkpoint
 
-        try:
             model, metadata = load_checkpoint(path, device=device)
-        except FetalInpaintError:
-            raise
-        except Exception as error:  # torch raises many types for truncated or foreign files
-            raise CheckpointError(
-                f"cannot read checkpoint {path} ({type(error).__name__}: {error}); it is corrupt or not a "
-                "FetalInpaint checkpoint: choose another file or train again."
-            ) from error
-        model.eval()
-        self._loadedModel = (key, model, metadata)
-        return model, metadata
+            self._loadedModel = (key, model, metadata)
+        return self._loadedModel[1], self._loadedModel[2]
 
     # ------------------------------------------------------------------ evaluation
 
-    def evaluate(self, checkpointPath, volumeNodes, corruptors=("shapes", "holes"), seeds=(0, 1, 2),
-                 device="cpu", tableNode=None):
-        """Inpainting quality of a model against mean fill and biharmonic fill, as a table node.
+    def evaluate(self, checkpointPath, volumeNodes, corruptors=("shapes", "holes"), strength=None, seeds=(0, 1, 2),
+                 maxPatches=100, device="cpu", tableNode=None):
+        """Inpainting quality of a model next to mean fill and biharmonic fill, as a table node.
+
+        Intensities are compared after the model's own per-volume normalisation (data range 1.0);
+        the patches are non-overlapping, mostly tissue, and corrupted anew for each seed.
 
         Parameters
         ----------
         checkpointPath : str or pathlib.Path
         volumeNodes : vtkMRMLScalarVolumeNode or sequence of them
-            Held-out volumes (not used for training).
-        corruptors : sequence of str
-            Corruptors to evaluate (hidden regions of the same strength as in training).
+            Held-out volumes: evaluating on training volumes flatters the model.
+        corruptors : sequence of {"shapes", "holes", "toss"}
+        strength : float or None
+            Hidden fraction; None uses the one the model was trained with.
         seeds : sequence of int
             One evaluation per seed; the table gives mean and standard deviation.
+        maxPatches : int, default 100
+            Patches evaluated (biharmonic inpainting costs about 10 ms per patch and seed).
         device : str, default "cpu"
         tableNode : vtkMRMLTableNode or None
-            Table to fill; a new one is added to the scene of the first volume when None.
+            Table to fill (its columns are replaced); a new one is added when None.
 
         Returns
         -------
         vtkMRMLTableNode
-            One row per corruptor and method with hidden-region and whole-image PSNR / SSIM.
+            One row per corruptor and method ("model", "mean", "biharmonic"): PSNR (dB) and SSIM
+            on the hidden pixels and on the whole patch, each with its standard deviation over seeds.
+
+        Raises
+        ------
+        InvalidVolumeError
+            No volume, a bad volume, or no patch with enough tissue.
+        CheckpointError
         """
-        raise NotImplementedError
+        if volumeNodes is None or isinstance(volumeNodes, slicer.vtkMRMLNode):
+            volumeNodes = [volumeNodes]
+        volumes = [self.volumeData(node) for node in volumeNodes]
+        model, metadata = self.loadModel(checkpointPath, device=device)
+        from FetalInpaintLib.evaluation import evaluate_inpainting, held_out_patches
+
+        patchSize = int(metadata["patch_size"])
+        for data in volumes:
+            self.checkVolumeFitsPatch(data, patchSize)
+        percentiles = tuple(metadata["normalization"]["percentiles"])
+        patches = held_out_patches([(data.array, data.spacing) for data in volumes], patchSize, percentiles,
+                                   max_patches=int(maxPatches))
+        if len(patches) == 0:
+            raise InvalidVolumeError(
+                f"{', '.join(data.name for data in volumes)} give no {patchSize} x {patchSize} patch that is "
+                "mostly tissue: evaluate on a volume with more anatomy in its slices."
+            )
+        if strength is None:
+            strength = float(metadata["corruptor"]["strength"])
+        rows = evaluate_inpainting(model, patches, tuple(corruptors), float(strength), tuple(seeds), device=device)
+
+        scene = volumeNodes[0].GetScene()
+        if tableNode is None:
+            tableNode = scene.AddNewNodeByClass("vtkMRMLTableNode", scene.GenerateUniqueName("FetalInpaint evaluation"))
+        columns = {"corruptor": [row["corruptor"] for row in rows], "method": [row["method"] for row in rows]}
+        for key, title in (("psnr_hidden", "PSNR hidden (dB)"), ("psnr_whole", "PSNR whole (dB)"),
+                           ("ssim_hidden", "SSIM hidden"), ("ssim_whole", "SSIM whole")):
+            columns[title] = [row[key][0] for row in rows]
+            columns[title + " sd"] = [row[key][1] for row in rows]
+        columns["patches"] = [row["n_patches"] for row in rows]
+        _fillTable(tableNode, columns)
+        tableNode.SetAttribute("FetalInpaint.Strength", str(strength))
+        tableNode.SetAttribute("FetalInpaint.Seeds", " ".join(str(seed) for seed in seeds))
+        tableNode.SetAttribute(CHECKPOINT_ATTRIBUTE, str(checkpointPath))
+        return tableNode
 
     # ------------------------------------------------------------------ features
 
@@ -732,7 +863,7 @@ class FetalInpaintLogic:
             Reduce to this many principal components; None or 0 keeps every channel.
         device : str, default "cpu"
         progress : callable or None
-            Passed to ``FetalInpaintLib.features.encode_volume``.
+            ``progress(fraction, message)``, called while slices are encoded.
 
         Returns
         -------
@@ -744,7 +875,7 @@ class FetalInpaintLogic:
         from FetalInpaintLib.features import encode_volume
 
         features = encode_volume(model, data.array, data.spacing, metadata,
-                                 pca_components=pcaComponents or None, progress=progress)
+                                 pca_components=pcaComponents or None, progress=progress, device=device)
         return np.asarray(features, dtype=np.float32)
 
     def exportFeatures(self, volumeNode, checkpointPath, pcaComponents=None, asVectorVolume=False, device="cpu",
@@ -761,6 +892,7 @@ class FetalInpaintLogic:
             One ``vtkMRMLVectorVolumeNode`` instead of one scalar volume per channel.
         device : str, default "cpu"
         progress : callable or None
+            ``progress(fraction, message)``.
 
         Returns
         -------
@@ -793,8 +925,8 @@ class FetalInpaintLogic:
         -------
         list of vtkMRMLVolumeNode
         """
-        if referenceVolumeNode is None:
-            raise InvalidVolumeError("no reference volume given: the feature volumes need its geometry.")
+        if referenceVolumeNode is None or referenceVolumeNode.GetImageData() is None:
+            raise InvalidVolumeError("no reference volume with voxels given: the feature volumes need its grid and geometry.")
         features = np.asarray(features, dtype=np.float32)
         gridShape = tuple(reversed(referenceVolumeNode.GetImageData().GetDimensions()))
         if features.ndim != 4 or features.shape[1:] != gridShape:
@@ -848,20 +980,34 @@ class FetalInpaintLogic:
         return np.stack(channels).astype(np.float32)
 
 
+def _fillTable(tableNode, columns):
+    """Replace the columns of a table node: text columns for str values, double columns otherwise."""
+    table = tableNode.GetTable()
+    wasModified = tableNode.StartModify()
+    tableNode.RemoveAllColumns()
+    for name, values in columns.items():
+        array = vtk.vtkStringArray() if values and isinstance(values[0], str) else vtk.vtkDoubleArray()
+        array.SetName(name)
+        for value in values:
+            array.InsertNextValue(value)
+        table.AddColumn(array)
+    tableNode.EndModify(wasModified)
+
+
 def _safeFileName(name):
     """A node name reduced to characters that are safe in file names on every platform."""
     cleaned = "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("._")
     return cleaned or "volume"
 
 
-def _describeRecord(record):
-    """One status line from a progress record."""
+def _describeRecord(record, epochs):
+    """One status line from a progress record (its ``epoch`` is the 0-based epoch in progress)."""
     parts = []
     if record.get("epoch") is not None:
-        parts.append(f"epoch {float(record['epoch']):.1f}")
+        parts.append(f"epoch {int(record['epoch']) + 1}/{epochs}")
     if record.get("loss") is not None:
         parts.append(f"loss {record['loss']:.4g}")
-    if record.get("val_loss") is not None:
+    if record.get("val_loss") is not None and np.isfinite(record["val_loss"]):
         parts.append(f"validation {record['val_loss']:.4g}")
     if record.get("patches_per_s"):
         parts.append(f"{record['patches_per_s']:.0f} patches/s")

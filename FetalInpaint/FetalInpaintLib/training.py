@@ -1,0 +1,585 @@
+"""Training loop: AdamW + cosine schedule, corruption on the device, checkpoints, resume, early stop.
+
+Files written to ``output_dir`` (only by rank 0 under DistributedDataParallel):
+
+- ``model.pt``: state dict of the best model (lowest validation loss), load with
+  :func:`load_checkpoint` (``torch.load(weights_only=True)``);
+- ``model.json``: architecture, patch size, normalisation, corruptor, split hash, versions;
+- ``resume.pt``: model, optimiser and scheduler state of the last completed step, to resume;
+- ``history.json`` and ``loss_curve.png``.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import __version__
+from .corruptors import CORRUPTORS, corrupt_batch
+from .data import DEFAULT_PERCENTILES, PatchDataset, check_volume, split_by_volume, volume_patches
+from .errors import ArchitectureMismatchError, CheckpointError, FetalInpaintError, InvalidVolumeError
+from .model import build_model
+
+CHECKPOINT_FORMAT = 1
+SLICE_AXIS_RULE = "largest spacing (acquisition axis); isotropic volumes: array axis 0"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (stored in the checkpoint metadata).
+
+    Parameters
+    ----------
+    corruptor : {"shapes", "holes", "toss"}, default "shapes"
+    strength : float, default 0.2
+        Fraction of each patch hidden (seed paper: 20 %).
+    corruptor_params : dict
+        Extra corruptor arguments (``size``, ``kinds``).
+    epochs : int, default 20
+    batch_size : int, default 64
+        Per process under DistributedDataParallel.
+    lr : float, default 2e-3
+        AdamW peak learning rate, decayed to 0 with a cosine schedule over all steps.
+    weight_decay : float, default 1e-4
+    patch_size : int, default 48
+    stride : int, default 24
+    min_foreground : float, default 0.1
+        See :func:`FetalInpaintLib.data.extract_patches`.
+    percentiles : (float, float), default (0.5, 99.5)
+        Per-volume intensity normalisation.
+    base_channels, depth, in_channels, skip_connections
+        Architecture, see :class:`FetalInpaintLib.model.InpaintingAutoencoder`.
+    whole_image_weight : float, default 0.0
+        Weight of the whole-patch L2 term added to the hidden-region L2 loss.
+    val_fraction : float, default 0.2
+        Fraction of volumes held out for validation (split by volume).
+    patches_per_epoch : int or None
+        Random subset of training patches per epoch (None = all).
+    max_val_patches : int, default 512
+    patience : int, default 5
+        Early stop after this many epochs without validation improvement (0 = never).
+    augment : bool, default True
+        Random flips and transposes of each patch.
+    seed : int, default 0
+    device : str, default "auto"
+        "auto" = CUDA when available, else CPU.
+    channels_last : bool, default True
+    compile : bool, default False
+        ``torch.compile`` (opt-in: slow start, needs a C++ compiler).
+    max_steps : int or None
+        Hard cap on optimiser steps (quick runs, tests).
+    log_every : int, default 10
+        Steps between progress reports.
+    """
+
+    corruptor: str = "shapes"
+    strength: float = 0.2
+    corruptor_params: dict = field(default_factory=dict)
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    patch_size: int = 48
+    stride: int = 24
+    min_foreground: float = 0.1
+    percentiles: tuple = DEFAULT_PERCENTILES
+    base_channels: int = 16
+    depth: int = 4
+    in_channels: int = 2
+    skip_connections: bool = False
+    whole_image_weight: float = 0.0
+    val_fraction: float = 0.2
+    patches_per_epoch: int = None
+    max_val_patches: int = 512
+    patience: int = 5
+    augment: bool = True
+    seed: int = 0
+    device: str = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    max_steps: int = None
+    log_every: int = 10
+
+    def architecture(self):
+        """Architecture dict for :func:`FetalInpaintLib.model.build_model`."""
+        return {
+            "name": "InpaintingAutoencoder",
+            "base_channels": self.base_channels,
+            "depth": self.depth,
+            "in_channels": self.in_channels,
+            "negative_slope": 0.2,
+            "skip_connections": self.skip_connections,
+        }
+
+    def validate(self):
+        """Raise :class:`FetalInpaintError` on impossible settings."""
+        if self.corruptor not in CORRUPTORS:
+            raise FetalInpaintError(f"unknown corruptor {self.corruptor!r}; choose one of {sorted(CORRUPTORS)}.")
+        if not 0.0 < self.strength < 1.0:
+            raise FetalInpaintError(f"strength must be in (0, 1), got {self.strength}.")
+        if self.patch_size % 2**self.depth:
+            raise FetalInpaintError(
+                f"patch_size {self.patch_size} must be a multiple of 2**depth = {2**self.depth} "
+                "(training patches are not padded)."
+            )
+        for name in ("epochs", "batch_size", "stride", "base_channels"):
+            if getattr(self, name) < 1:
+                raise FetalInpaintError(f"{name} must be >= 1, got {getattr(self, name)}.")
+
+
+@dataclass
+class TrainResult:
+    """Outcome of :func:`train`."""
+
+    output_dir: str
+    checkpoint_path: str
+    metadata_path: str
+    loss_curve_path: str
+    history: list
+    best_val_loss: float
+    epochs_completed: int
+    steps: int
+    patches_per_s: float
+    stopped_early: bool
+    interrupted: bool
+
+
+def resolve_device(device="auto"):
+    """``torch.device`` for "auto" (CUDA if available), "cpu", "cuda" or "cuda:N"."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise FetalInpaintError("device 'cuda' requested but no CUDA GPU is available; use device='cpu' or 'auto'.")
+    return resolved
+
+
+def library_versions():
+    """Versions recorded in checkpoint metadata."""
+    return {
+        "FetalInpaintLib": __version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _named_volumes(volumes):
+    """[(id, array, spacing)] from a dict id -> array | (array, spacing), or a sequence of those."""
+    if volumes is None or len(volumes) == 0:
+        raise InvalidVolumeError("no volume given: training needs at least one image volume.")
+    items = volumes.items() if isinstance(volumes, dict) else ((f"volume_{i}", v) for i, v in enumerate(volumes))
+    named = []
+    for name, item in items:
+        array, spacing = item if isinstance(item, tuple) else (item, (1.0, 1.0, 1.0))
+        named.append((str(name), check_volume(array, name=f"volume {name!r}"), tuple(float(s) for s in spacing)))
+    return named
+
+
+def _patches_of(named, ids, config):
+    chosen = [(array, spacing) for name, array, spacing in named if name in ids]
+    parts = [
+        volume_patches(array, spacing, config.patch_size, config.stride, config.percentiles, config.min_foreground)[0]
+        for array, spacing in chosen
+    ]
+    patches = np.concatenate(parts) if parts else np.zeros((0, config.patch_size, config.patch_size), np.float32)
+    return patches
+
+
+def _augment(x, generator):
+    """Random per-patch horizontal/vertical flips and transposes (all on the device)."""
+    flips = torch.rand((3, x.shape[0], 1, 1, 1), generator=generator, device=x.device) < 0.5
+    x = torch.where(flips[0], x.flip(-1), x)
+    x = torch.where(flips[1], x.flip(-2), x)
+    return torch.where(flips[2], x.transpose(-1, -2), x)
+
+
+def masked_l2(prediction, target, mask, whole_image_weight=0.0):
+    """Mean squared error over hidden pixels, plus ``whole_image_weight`` x the whole-image MSE."""
+    squared = (prediction.float() - target.float()) ** 2
+    maskf = mask.float()
+    loss = (squared * maskf).sum() / maskf.sum().clamp(min=1.0)
+    if whole_image_weight:
+        loss = loss + whole_image_weight * squared.mean()
+    return loss
+
+
+def _device_generator(device, seed):
+    return torch.Generator(device=device).manual_seed(int(seed))
+
+
+def _autocast(device):
+    # bf16 autocast on CUDA only: on CPU it is slower than float32 for these convolutions.
+    return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def evaluate_loss(model, patches, config, device, seed=12345, batch_size=128):
+    """Hidden-region L2 of ``model`` on fixed (seeded) corruptions of ``patches``."""
+    if len(patches) == 0:
+        return float("nan")
+    generator = _device_generator(device, seed)
+    model.eval()
+    total, count = 0.0, 0.0
+    with torch.no_grad():
+        for start in range(0, len(patches), batch_size):
+            x = torch.as_tensor(patches[start : start + batch_size]).unsqueeze(1).to(device)
+            corrupted, mask = corrupt_batch(x, config.corruptor, config.strength, generator=generator, **config.corruptor_params)
+            if config.channels_last:
+                corrupted = corrupted.contiguous(memory_format=torch.channels_last)
+            with _autocast(device):
+                prediction, _ = _unwrap(model).inpaint(corrupted, mask)
+            squared = (prediction.float() - x) ** 2
+            total += float((squared * mask).sum())
+            count += float(mask.sum())
+    model.train()
+    return total / max(count, 1.0)
+
+
+def _unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+def _atomic_save(obj, path):
+    """torch.save to a temporary file then rename, so an interruption never leaves a torn file."""
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(data, path):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as handle:
+        json.dump(data, handle, indent=2)
+    os.replace(tmp, path)
+
+
+def plot_loss_curve(history, path):
+    """PNG of training and validation loss per epoch (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(5, 3.5), dpi=100)
+    axes = figure.add_subplot()
+    epochs = [h["epoch"] for h in history]
+    axes.plot(epochs, [h["loss"] for h in history], "o-", label="train")
+    if any(h.get("val_loss") is not None and math.isfinite(h["val_loss"]) for h in history):
+        axes.plot(epochs, [h["val_loss"] for h in history], "s-", label="validation")
+    axes.set_xlabel("epoch")
+    axes.set_ylabel("hidden-region L2")
+    axes.set_yscale("log")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    return str(path)
+
+
+def _metadata(config, split, epoch, val_loss, patches_per_s):
+    train_ids, val_ids, split_digest = split
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "architecture": config.architecture(),
+        "patch_size": config.patch_size,
+        "stride": config.stride,
+        "normalization": {"method": "percentile", "percentiles": list(config.percentiles), "range": [0.0, 1.0]},
+        "slice_axis": SLICE_AXIS_RULE,
+        "corruptor": {"name": config.corruptor, "strength": config.strength, **config.corruptor_params},
+        "split": {"hash": split_digest, "train": train_ids, "val": val_ids},
+        "epoch": epoch,
+        "val_loss": val_loss,
+        "patches_per_s": patches_per_s,
+        "config": dataclasses.asdict(config),
+        "versions": library_versions(),
+    }
+
+
+def train(volumes, config, output_dir, progress=None, should_stop=None, resume=False):
+    """Train an inpainting autoencoder on the slices of ``volumes``.
+
+    Parameters
+    ----------
+    volumes : dict or sequence
+        ``{id: array}`` / ``{id: (array, spacing)}`` or a sequence of arrays / ``(array, spacing)``
+        (ids ``volume_0``...). Arrays are (z, y, x); spacing in mm, z, y, x order (default
+        isotropic 1 mm, sliced along axis 0).
+    config : TrainConfig
+    output_dir : str or Path
+    progress : callable or None
+        Called every ``config.log_every`` steps and after each epoch with a dict (``epoch``,
+        ``step``, ``loss``, ``val_loss``, ``patches_per_s``, ``eta_s``); returning True requests a
+        stop: the state is checkpointed and training returns with ``interrupted=True``.
+    should_stop : callable or None
+        Polled every step; True has the same effect as progress returning True.
+    resume : bool, default False
+        Continue from ``output_dir/resume.pt`` when it exists (same split and architecture).
+
+    Returns
+    -------
+    TrainResult
+    """
+    config.validate()
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    device = resolve_device(config.device)
+    if distributed and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    output_dir = Path(output_dir)
+    if rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+
+    named = _named_volumes(volumes)
+    split = split_by_volume([name for name, _, _ in named], config.val_fraction, config.seed)
+    train_patches = _patches_of(named, set(split[0]), config)
+    val_patches = _patches_of(named, set(split[1]), config)
+    if len(train_patches) == 0:
+        raise InvalidVolumeError(
+            "the training volumes give no patch with enough foreground; lower min_foreground or the patch size."
+        )
+    val_patches = val_patches[np.random.default_rng(config.seed).permutation(len(val_patches))[: config.max_val_patches]]
+    dataset = PatchDataset(train_patches)
+
+    torch.manual_seed(config.seed)
+    model = build_model(config.architecture()).to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    per_epoch = min(len(dataset), config.patches_per_epoch or len(dataset))
+    steps_per_epoch = max(1, math.ceil(per_epoch / (config.batch_size * world)))
+    total_steps = steps_per_epoch * config.epochs
+    if config.max_steps:
+        total_steps = min(total_steps, config.max_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    )
+
+    history, best_val, bad_epochs, start_epoch, step = [], float("inf"), 0, 0, 0
+    resume_path = output_dir / "resume.pt"
+    if resume and resume_path.exists():
+        state = _load_state(resume_path, device)
+        if state["split_hash"] != split[2] or state["architecture"] != config.architecture():
+            raise FetalInpaintError(
+                f"{resume_path} belongs to a run with another split or architecture; "
+                "use the same volumes and settings, or another output folder, or resume=False."
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history, best_val, bad_epochs = list(state["history"]), state["best_val"], state["bad_epochs"]
+        start_epoch, step = state["next_epoch"], state["step"]
+
+    net = model
+    if distributed:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.compile:
+        net = torch.compile(net)
+
+    def save_state(next_epoch):
+        if rank == 0:
+            _atomic_save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "history": history,
+                    "best_val": best_val,
+                    "bad_epochs": bad_epochs,
+                    "next_epoch": next_epoch,
+                    "step": step,
+                    "split_hash": split[2],
+                    "architecture": config.architecture(),
+                },
+                resume_path,
+            )
+
+    def save_model(epoch, val_loss, speed):
+        if rank == 0:
+            _atomic_save(model.state_dict(), output_dir / "model.pt")
+            _write_json(_metadata(config, split, epoch, val_loss, speed), output_dir / "model.json")
+
+    def stop_requested(report):
+        wanted = bool(should_stop and should_stop()) or bool(progress and report is not None and progress(report))
+        if distributed:  # every rank must leave the loop at the same step
+            flag = torch.tensor([float(wanted)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            wanted = bool(flag.item())
+        return wanted
+
+    net.train()
+    train_time, trained, run_steps, interrupted, stopped_early = 0.0, 0, 0, False, False
+    speed = 0.0
+    epoch = start_epoch
+    for epoch in range(start_epoch, config.epochs):
+        if step >= total_steps:
+            break
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
+        subset = torch.utils.data.Subset(dataset, order[:per_epoch].tolist())
+        sampler = (
+            torch.utils.data.DistributedSampler(subset, num_replicas=world, rank=rank, shuffle=True, seed=config.seed)
+            if distributed
+            else torch.utils.data.SequentialSampler(subset)  # already shuffled by ``order``
+        )
+        if distributed:
+            sampler.set_epoch(epoch)
+        batches = torch.utils.data.BatchSampler(sampler, config.batch_size, drop_last=False)
+        generator = _device_generator(device, (config.seed * 1000 + epoch) * 64 + rank)
+        epoch_loss, epoch_batches, epoch_start_step = 0.0, 0, step
+        for batch_indices in batches:
+            started = time.perf_counter()
+            x = dataset.patches[order[:per_epoch][batch_indices]].to(device, non_blocking=True)
+            if config.augment:
+                x = _augment(x, generator)
+            corrupted, mask = corrupt_batch(x, config.corruptor, config.strength, generator=generator, **config.corruptor_params)
+            inputs = torch.cat([corrupted, mask.to(corrupted.dtype)], dim=1) if config.in_channels == 2 else corrupted
+            if config.channels_last:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            with _autocast(device):
+                prediction = net(inputs)
+            loss = masked_l2(prediction, x, mask, config.whole_image_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            run_steps += 1
+            loss_value = float(loss.detach())
+            epoch_loss += loss_value
+            epoch_batches += 1
+            train_time += time.perf_counter() - started
+            trained += x.shape[0] * world
+            speed = trained / max(train_time, 1e-9)
+            report = None
+            if progress and step % config.log_every == 0:
+                report = {
+                    "epoch": epoch,
+                    "step": step,
+                    "loss": loss_value,
+                    "val_loss": history[-1]["val_loss"] if history else None,
+                    "patches_per_s": speed,
+                    "eta_s": (total_steps - step) * train_time / max(run_steps, 1),
+                }
+            if stop_requested(report):
+                interrupted = True
+                break
+            if step >= total_steps:
+                break
+        if interrupted:
+            # Keep the mid-epoch weights but count the epoch as not done: resume redoes it in full.
+            step = epoch_start_step
+            scheduler.last_epoch = step
+            save_state(epoch)
+            if rank == 0 and not (output_dir / "model.pt").exists():
+                save_model(epoch, None, speed)
+            break
+
+        val_loss = evaluate_loss(model, val_patches, config, device) if len(val_patches) else float("nan")
+        train_loss = epoch_loss / max(epoch_batches, 1)
+        monitored = val_loss if math.isfinite(val_loss) else train_loss
+        history.append({"epoch": epoch, "step": step, "loss": train_loss, "val_loss": val_loss, "patches_per_s": speed})
+        if monitored < best_val:
+            best_val, bad_epochs = monitored, 0
+            save_model(epoch, val_loss, speed)
+        else:
+            bad_epochs += 1
+        save_state(epoch + 1)
+        if rank == 0:
+            _write_json(history, output_dir / "history.json")
+            plot_loss_curve(history, output_dir / "loss_curve.png")
+        if progress and rank == 0:
+            progress({"epoch": epoch, "step": step, "loss": train_loss, "val_loss": val_loss, "patches_per_s": speed,
+                      "eta_s": (total_steps - step) * train_time / max(run_steps, 1)})
+        if config.patience and bad_epochs >= config.patience:
+            stopped_early = True
+            break
+    if distributed:
+        dist.barrier()
+    return TrainResult(
+        output_dir=str(output_dir),
+        checkpoint_path=str(output_dir / "model.pt"),
+        metadata_path=str(output_dir / "model.json"),
+        loss_curve_path=str(output_dir / "loss_curve.png"),
+        history=history,
+        best_val_loss=best_val,
+        epochs_completed=len(history),
+        steps=step,
+        patches_per_s=speed,
+        stopped_early=stopped_early,
+        interrupted=interrupted,
+    )
+
+
+def _load_state(path, device):
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # torch raises many types for torn or foreign files
+        raise CheckpointError(
+            f"cannot read {path} ({type(error).__name__}: {error}); the file is corrupt or not a "
+            "FetalInpaint checkpoint: delete it and train again (resume=False)."
+        ) from error
+
+
+def load_checkpoint(path, device="cpu", architecture=None):
+    """Load a trained model and its metadata.
+
+    Parameters
+    ----------
+    path : str or Path
+        ``model.pt`` (its ``model.json`` must sit next to it) or the training output folder.
+    device : str, default "cpu"
+    architecture : dict or None
+        If given, the checkpoint must have exactly this architecture.
+
+    Returns
+    -------
+    model : InpaintingAutoencoder
+        In eval mode on ``device``.
+    metadata : dict
+
+    Raises
+    ------
+    CheckpointError
+        Missing, unreadable or corrupt file or metadata.
+    ArchitectureMismatchError
+        The weights do not fit the declared (or the requested) architecture.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.pt"
+    meta_path = path.with_suffix(".json")
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} not found; train a model first or choose an existing model.pt.")
+    if not meta_path.exists():
+        raise CheckpointError(f"metadata {meta_path} not found; a FetalInpaint checkpoint is a model.pt with its model.json.")
+    try:
+        with open(meta_path) as handle:
+            metadata = json.load(handle)
+        declared = metadata["architecture"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"metadata {meta_path} is corrupt ({error}); re-export or retrain the model.") from error
+    if architecture is not None and dict(architecture) != declared:
+        raise ArchitectureMismatchError(
+            f"checkpoint {path} is a {declared} model, but {dict(architecture)} was requested; "
+            "load it without `architecture` or pick a matching checkpoint."
+        )
+    state = _load_state(path, device)
+    try:
+        model = build_model(declared)
+    except (TypeError, ValueError) as error:
+        raise ArchitectureMismatchError(f"checkpoint {path} declares an unknown architecture {declared}: {error}") from error
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, AttributeError, TypeError) as error:
+        raise ArchitectureMismatchError(
+            f"weights in {path} do not fit the architecture {declared} in its metadata; the files come "
+            f"from different models: retrain or pick the matching model.json ({str(error)[:200]})."
+        ) from error
+    return model.to(device).eval(), metadata

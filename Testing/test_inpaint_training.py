@@ -1,0 +1,180 @@
+"""FetalInpaintLib model, training, checkpoints, resume, DDP entry point and bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from FetalInpaintLib.corruptors import corrupt_batch
+from FetalInpaintLib.errors import ArchitectureMismatchError, CheckpointError, FetalInpaintError, InvalidVolumeError
+from FetalInpaintLib.model import InpaintingAutoencoder
+from FetalInpaintLib.training import TrainConfig, load_checkpoint, masked_l2, train
+
+LIBRARY_PARENT = Path(__file__).resolve().parents[1] / "FetalInpaint"
+TINY = dict(base_channels=4, depth=2, patch_size=16, stride=8, batch_size=16, epochs=2, device="cpu")
+
+
+def phantom(shape=(4, 40, 40), seed=0):
+    """Smooth bright blob with texture on a dark background."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.mgrid[0:shape[0], 0:shape[1], 0:shape[2]].astype(np.float32)
+    blob = ((y - shape[1] / 2) / (shape[1] * 0.35)) ** 2 + ((x - shape[2] / 2) / (shape[2] * 0.3)) ** 2 < 1
+    return (100.0 * blob + 20.0 * np.sin(x / 3.0 + seed) * np.cos(y / 4.0) + rng.normal(0, 2, shape)).astype(np.float32)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: these tiny models run faster without thread hand-offs, even on busy CI."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_volumes(n=3):
+    return {f"phantom{i}": (phantom(seed=i), (3.0, 1.0, 1.0)) for i in range(n)}
+
+
+def test_encoder_handles_any_slice_size_and_the_decoder_restores_it():
+    model = InpaintingAutoencoder(base_channels=4, depth=3).eval()
+    x = torch.rand(2, 1, 37, 50)
+    with torch.no_grad():
+        assert model.encode(x).shape == (2, 32, 5, 7)  # ceil(37 / 8), ceil(50 / 8)
+        assert model(torch.cat([x, torch.zeros_like(x)], 1)).shape == (2, 1, 37, 50)
+        skip = InpaintingAutoencoder(base_channels=4, depth=3, skip_connections=True).eval()
+        assert skip(torch.cat([x, x], 1)).shape == (2, 1, 37, 50)
+
+
+def test_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    clean = torch.as_tensor(phantom((8, 24, 24)) / 120.0).unsqueeze(1)
+    corrupted, mask = corrupt_batch(clean, "holes", 0.2, generator=torch.Generator().manual_seed(0))
+    model = InpaintingAutoencoder(base_channels=8, depth=2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    losses = []
+    for _ in range(120):
+        prediction, _ = model.inpaint(corrupted, mask)
+        loss = masked_l2(prediction, clean, mask, whole_image_weight=0.1)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 10
+
+
+def test_training_writes_checkpoint_metadata_and_plot(tmp_path):
+    reports = []
+    result = train(tiny_volumes(), TrainConfig(**TINY), tmp_path, progress=reports.append)
+    assert result.epochs_completed == 2 and not result.interrupted
+    for name in ("model.pt", "model.json", "resume.pt", "history.json", "loss_curve.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    metadata = json.loads((tmp_path / "model.json").read_text())
+    assert metadata["architecture"]["base_channels"] == 4 and metadata["patch_size"] == 16
+    assert metadata["corruptor"]["name"] == "shapes" and metadata["normalization"]["percentiles"] == [0.5, 99.5]
+    assert set(metadata["split"]["train"]).isdisjoint(metadata["split"]["val"]) and len(metadata["split"]["hash"]) == 16
+    assert {"torch", "numpy", "python", "FetalInpaintLib"} <= set(metadata["versions"])
+    assert reports and {"epoch", "step", "loss", "val_loss", "patches_per_s", "eta_s"} <= set(reports[-1])
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
+    result = train(tiny_volumes(2), TrainConfig(**TINY), tmp_path)
+    first, _ = load_checkpoint(result.checkpoint_path)
+    second, metadata = load_checkpoint(tmp_path)  # a folder means its model.pt
+    state = torch.load(result.checkpoint_path, weights_only=True)
+    x = torch.rand(3, 2, 24, 24)
+    with torch.no_grad():
+        assert torch.equal(first(x), second(x))
+    assert all(torch.equal(state[k], v) for k, v in first.state_dict().items())
+    assert not first.training and metadata["architecture"]["depth"] == 2
+
+
+def test_training_is_deterministic(tmp_path):
+    a = train(tiny_volumes(2), TrainConfig(**TINY), tmp_path / "a")
+    b = train(tiny_volumes(2), TrainConfig(**TINY), tmp_path / "b")
+    assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
+
+
+def test_stop_request_checkpoints_and_resume_continues(tmp_path):
+    config = TrainConfig(**{**TINY, "epochs": 3, "log_every": 1})
+    calls = []
+    first = train(tiny_volumes(2), config, tmp_path, progress=lambda info: len(calls) >= 3 or calls.append(info) and False)
+    assert first.interrupted and (tmp_path / "resume.pt").exists() and (tmp_path / "model.pt").exists()
+    resumed = train(tiny_volumes(2), config, tmp_path, resume=True)
+    assert not resumed.interrupted and resumed.epochs_completed == 3 and resumed.history[0]["epoch"] == 0
+    with pytest.raises(FetalInpaintError, match="another split or architecture"):
+        train(tiny_volumes(3), config, tmp_path, resume=True)
+
+
+def test_early_stop_after_patience(tmp_path):
+    # lr 0: only batch-norm statistics move, so the validation loss soon stops improving.
+    config = TrainConfig(**{**TINY, "epochs": 12, "patience": 1, "lr": 0.0})
+    result = train(tiny_volumes(2), config, tmp_path)
+    assert result.stopped_early and result.epochs_completed < 12
+    losses = [h["val_loss"] for h in result.history]
+    assert losses[-1] >= min(losses[:-1])
+
+
+def test_bad_inputs_are_clear_errors(tmp_path):
+    with pytest.raises(InvalidVolumeError, match="no volume"):
+        train([], TrainConfig(**TINY), tmp_path)
+    with pytest.raises(InvalidVolumeError, match="no volume"):
+        train([None], TrainConfig(**TINY), tmp_path)
+    bad = phantom()
+    bad[0, 3, 3] = np.nan
+    with pytest.raises(InvalidVolumeError, match="NaN"):
+        train({"a": bad}, TrainConfig(**TINY), tmp_path)
+    with pytest.raises(InvalidVolumeError, match="smaller than one 16x16 patch"):
+        train({"a": (np.ones((3, 10, 12), np.float32), (3.0, 1.0, 1.0))}, TrainConfig(**TINY), tmp_path)
+    with pytest.raises(FetalInpaintError, match="multiple of 2\\*\\*depth"):
+        train(tiny_volumes(2), TrainConfig(**{**TINY, "patch_size": 18}), tmp_path)
+    assert issubclass(FetalInpaintError, ValueError)
+
+
+def test_missing_corrupt_and_foreign_checkpoints(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "model.pt")
+    train(tiny_volumes(2), TrainConfig(**{**TINY, "epochs": 1}), tmp_path)
+    with pytest.raises(ArchitectureMismatchError, match="was requested"):
+        load_checkpoint(tmp_path, architecture={**json.loads((tmp_path / "model.json").read_text())["architecture"], "depth": 3})
+    metadata = json.loads((tmp_path / "model.json").read_text())
+    metadata["architecture"]["base_channels"] = 8
+    (tmp_path / "model.json").write_text(json.dumps(metadata))
+    with pytest.raises(ArchitectureMismatchError, match="do not fit"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "model.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(tmp_path)
+    metadata["architecture"]["base_channels"] = 4
+    (tmp_path / "model.json").write_text(json.dumps(metadata))
+    (tmp_path / "model.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(tmp_path)
+
+
+def test_ddp_entry_point_runs_two_gloo_processes(tmp_path):
+    import SimpleITK as sitk
+
+    paths = []
+    for i in range(3):
+        image = sitk.GetImageFromArray(phantom(seed=i))
+        image.SetSpacing((1.0, 1.0, 3.0))
+        paths.append(str(tmp_path / f"v{i}.nii.gz"))
+        sitk.WriteImage(image, paths[-1])
+    out = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+        "-m", "FetalInpaintLib.train", "--volumes", *paths, "--out", str(out), "--device", "cpu",
+        "--base-channels", "4", "--depth", "2", "--patch-size", "16", "--stride", "8", "--batch-size", "8",
+        "--epochs", "1", "--max-steps", "3", "--log-every", "1", "--threads", "1",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(command, cwd=LIBRARY_PARENT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 3 and Path(summary["checkpoint"]).exists()
+    assert (out / "model.json").exists() and load_checkpoint(out)[1]["architecture"]["base_channels"] == 4
