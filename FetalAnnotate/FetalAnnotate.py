@@ -116,6 +116,8 @@ class FetalAnnotateParameterNode:
     useEditorMasking - write results only inside the Segment Editor's editable area / intensity range.
     featurePreset - image features (FetalAnnotateLib.FEATURE_PRESETS).
     numberOfTrees, maxDepth, minSamplesLeaf - random forest settings.
+    extraFeatureVolumes - feature maps on the source volume's grid added as extra feature channels
+        (scalar volumes: one channel, vector volumes: one per component), e.g. exported by FetalInpaint.
     thresholdClass - class the threshold applies to; "": every class takes its most probable voxels.
     threshold - probability threshold of ``thresholdClass``.
     """
@@ -129,6 +131,7 @@ class FetalAnnotateParameterNode:
     numberOfTrees: Annotated[int, WithinRange(1, 500)] = 32
     maxDepth: Annotated[int, WithinRange(1, 100)] = 16
     minSamplesLeaf: Annotated[int, WithinRange(1, 100)] = 2
+    extraFeatureVolumes: list[slicer.vtkMRMLScalarVolumeNode]  # vector volumes are scalar volume subclasses
     thresholdClass: str = ""
     threshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
 
@@ -162,6 +165,8 @@ class FetalAnnotateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSegmentationChanged)
         self.ui.classSegmentsSelector.connect("segmentSelectionChanged(QStringList)", self.onClassSegmentsChanged)
+        # A list of nodes has no automatic GUI connection: the checkable combo box is synchronised by hand.
+        self.ui.extraFeatureVolumesSelector.connect("checkedNodesChanged()", self.onExtraFeatureVolumesChanged)
         self.ui.trainButton.connect("clicked(bool)", self.onTrain)
         self.ui.thresholdClassComboBox.connect("currentIndexChanged(int)", self.onThresholdClassChanged)
         self.ui.thresholdSlider.connect("valueChanged(double)", self.onThresholdChanged)
@@ -222,6 +227,12 @@ class FetalAnnotateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         wasBlocked = self.ui.classSegmentsSelector.blockSignals(True)
         self.ui.classSegmentsSelector.setSelectedSegmentIDs(list(parameters.classSegmentIds))
         self.ui.classSegmentsSelector.blockSignals(wasBlocked)
+        checked = {node.GetID() for node in parameters.extraFeatureVolumes}
+        wasBlocked = self.ui.extraFeatureVolumesSelector.blockSignals(True)
+        for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"):
+            self.ui.extraFeatureVolumesSelector.setCheckState(
+                node, qt.Qt.Checked if node.GetID() in checked else qt.Qt.Unchecked)
+        self.ui.extraFeatureVolumesSelector.blockSignals(wasBlocked)
         ready = bool(parameters.inputVolume and parameters.segmentation)
         self.ui.trainButton.enabled = ready
         self.ui.trainButton.toolTip = ("Train the forest on the painted classes and write the results." if ready
@@ -243,6 +254,10 @@ class FetalAnnotateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onClassSegmentsChanged(self, segmentIds):
         if self._parameterNode:
             self._parameterNode.classSegmentIds = list(segmentIds)
+
+    def onExtraFeatureVolumesChanged(self):
+        if self._parameterNode:
+            self._parameterNode.extraFeatureVolumes = list(self.ui.extraFeatureVolumesSelector.checkedNodes())
 
     # ------------------------------------------------------------------ actions
     def runWithProgress(self, description, function):
@@ -304,7 +319,8 @@ class FetalAnnotateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                           list(parameters.classSegmentIds) or None,
                                           outputSegmentationNode=parameters.outputSegmentation,
                                           thresholds=self.thresholds(), masking=self.masking(),
-                                          preset=parameters.featurePreset, forestSettings=forest, progress=progress)
+                                          preset=parameters.featurePreset, forestSettings=forest, progress=progress,
+                                          extraFeatureNodes=list(parameters.extraFeatureVolumes))
             except OperationCancelled:
                 return None
 
@@ -355,7 +371,8 @@ class FetalAnnotateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         parameters = self._parameterNode
         result = self.runWithProgress("Applying the classifier", lambda progress: self.logic.applyClassifier(
-            path, parameters.inputVolume, parameters.outputSegmentation, progress=progress))
+            path, parameters.inputVolume, parameters.outputSegmentation, progress=progress,
+            extraFeatureNodes=list(parameters.extraFeatureVolumes)))
         if result is not None:
             self.ui.statusLabel.text = (f"Applied {os.path.basename(path)}: segments in "
                                         f"{result.outputSegmentationNode.GetName()}.")

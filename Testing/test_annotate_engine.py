@@ -29,7 +29,8 @@ def two_tissue_phantom(shape=(12, 48, 48), seed=0):
     rng = np.random.default_rng(seed)
     z, y, x = np.ogrid[: shape[0], : shape[1], : shape[2]]
     center = np.array(shape) / 2
-    inside = ((z - center[0]) / (shape[0] * 0.35)) ** 2 + ((y - center[1]) / 14.0) ** 2 + ((x - center[2]) / 11.0) ** 2 < 1
+    depth = ((z - center[0]) / (shape[0] * 0.35)) ** 2 if shape[0] > 1 else 0.0
+    inside = depth + ((y - center[1]) / (shape[1] * 0.3)) ** 2 + ((x - center[2]) / (shape[2] * 0.23)) ** 2 < 1
     image = np.where(inside, 140.0, 100.0) + rng.normal(0, 8, shape)
     return image.astype(np.float32), inside
 
@@ -186,9 +187,15 @@ def test_two_dimensional_image_is_one_slice():
 def test_extra_features_are_used():
     image, inside = two_tissue_phantom(shape=(6, 32, 32))
     extra = np.stack([inside.astype(np.float32), np.zeros(inside.shape, np.float32)])
+    plain = AnnotationSession(image)
+    plain.update(phantom_strokes(inside, plane=3))
     session = AnnotationSession(image, extra_features=extra)
-    result = session.update(phantom_strokes(inside, plane=3))
-    assert dice(result.labels == 2, inside) > 0.9
+    session.update(phantom_strokes(inside, plane=3))
+    assert session._forest.n_features_in_ == plain._forest.n_features_in_ + 2
+    classifier = session.pixel_classifier()
+    assert classifier.predict_proba(image, extra_features=extra).shape == (2,) + image.shape
+    with pytest.raises(FetalAnnotateError, match="extra"):
+        classifier.predict_proba(image)
     with pytest.raises(ImageError):
         AnnotationSession(image, extra_features=extra[:, :3])
 

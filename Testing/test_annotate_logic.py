@@ -427,6 +427,121 @@ def test_exported_seg_nrrd_reads_back_with_slicerio(phantom_scene, tmp_path):
         np.testing.assert_array_equal(voxels == segment["labelValue"], in_scene)
 
 
+# ---------------------------------------------------------------------- extra feature volumes
+@pytest.fixture
+def exported_features(phantom_scene):
+    """Encoder features of the phantom volume exported by FetalInpaint: one scalar and one vector volume.
+
+    The encoder is tiny and untrained: its feature maps are still real FetalInpaint output on
+    the source grid, which is what the FetalAnnotate side has to take in.
+    """
+    import torch
+    from FetalInpaintLib.features import encode_volume
+    from FetalInpaintLib.model import InpaintingAutoencoder
+    from FetalInpaintLogic import FetalInpaintLogic
+
+    import slicer
+
+    volume = phantom_scene[0]
+    torch.manual_seed(0)
+    model = InpaintingAutoencoder(base_channels=2, depth=1)  # 4 bottleneck channels
+    features = encode_volume(model, slicer.util.arrayFromVolume(volume), tuple(reversed(volume.GetSpacing())), {},
+                             device="cpu")
+    scalar = FetalInpaintLogic.featuresToVolumeNodes(features[:1], volume, baseName="scalar")
+    vector = FetalInpaintLogic.featuresToVolumeNodes(features[1:], volume, asVectorVolume=True, baseName="vector")
+    return features, scalar + vector
+
+
+def test_exported_feature_volumes_are_extra_channels(phantom_scene, exported_features, tmp_path):
+    import slicer
+
+    import FetalAnnotateLogic
+    from FetalAnnotateLib import FetalAnnotateError
+
+    volume, segmentation, _, phantom, _ = phantom_scene
+    features, nodes = exported_features
+    assert [node.GetClassName() for node in nodes] == ["vtkMRMLScalarVolumeNode", "vtkMRMLVectorVolumeNode"]
+    logic = FetalAnnotateLogic.FetalAnnotateLogic()
+    np.testing.assert_array_equal(logic.extraFeatureArray(volume, nodes), features)
+
+    logic.segment(volume, segmentation)
+    plain = logic.session(volume).pixel_classifier()
+    result = logic.segment(volume, segmentation, extraFeatureNodes=nodes)
+    extended = logic.session(volume, extraFeatureNodes=nodes).pixel_classifier()
+
+    assert extended.feature_settings["n_extra_features"] == len(features) == 4
+    assert extended.forest.n_features_in_ == plain.forest.n_features_in_ + len(features)
+    fetus = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, result.resultSegmentIds[1], volume) > 0
+    assert dice(fetus, phantom.label_map == 2) > 0.5
+
+    # A classifier trained with the channels needs them again, and says so when they are missing.
+    path = logic.saveClassifier(volume, tmp_path / "with-features.skops")
+    with pytest.raises(FetalAnnotateError, match="trained with 4 extra feature channels but 0"):
+        logic.applyClassifier(path, volume)
+    applied = logic.applyClassifier(path, volume, extraFeatureNodes=nodes)
+    expected = extended.predict_proba(slicer.util.arrayFromVolume(volume), tuple(reversed(volume.GetSpacing())),
+                                      extra_features=features)
+    for index, node in enumerate(applied.probabilityVolumeNodes):
+        np.testing.assert_allclose(slicer.util.arrayFromVolume(node), expected[index], atol=1e-6)
+
+
+@pytest.mark.parametrize("change", ["dimensions", "spacing", "origin", "directions", "transform"])
+def test_feature_volume_on_another_grid_is_refused(phantom_scene, change):
+    import slicer
+    from FetalInpaintLogic import FetalInpaintLogic
+
+    import FetalAnnotateLogic
+    from FetalAnnotateLib import FetalAnnotateError
+
+    volume, segmentation, _, _, _ = phantom_scene
+    shape = slicer.util.arrayFromVolume(volume).shape
+    if change == "dimensions":
+        other = slicer.util.addVolumeFromArray(np.zeros((shape[0], shape[1], shape[2] - 1), np.float32),
+                                               name="cropped source")
+        other.CopyOrientation(volume)
+        node = FetalInpaintLogic.featuresToVolumeNodes(np.zeros((1,) + other.GetImageData().GetDimensions()[::-1],
+                                                                np.float32), other)[0]
+    else:
+        node = FetalInpaintLogic.featuresToVolumeNodes(np.zeros((1,) + shape, np.float32), volume)[0]
+    if change == "spacing":
+        node.SetSpacing(*(np.asarray(volume.GetSpacing()) * 1.1))
+    elif change == "origin":
+        node.SetOrigin(*(np.asarray(volume.GetOrigin()) + (0.0, 0.0, 2.0)))
+    elif change == "directions":
+        node.SetIJKToRASDirections(*np.eye(3).ravel())
+    elif change == "transform":
+        transform = volume.GetScene().AddNewNodeByClass("vtkMRMLLinearTransformNode")
+        node.SetAndObserveTransformNodeID(transform.GetID())
+    logic = FetalAnnotateLogic.FetalAnnotateLogic()
+    segments = segmentation.GetSegmentation().GetNumberOfSegments()
+
+    with pytest.raises(FetalAnnotateError, match="export the features from 'phantom' itself"):
+        logic.segment(volume, segmentation, extraFeatureNodes=[node])
+    assert segmentation.GetSegmentation().GetNumberOfSegments() == segments
+    assert not logic.probabilityVolumeNodes(volume)
+
+
+def test_changing_the_extra_feature_volumes_rebuilds_the_session(phantom_scene, exported_features):
+    import slicer
+
+    import FetalAnnotateLogic
+
+    volume = phantom_scene[0]
+    features, nodes = exported_features
+    logic = FetalAnnotateLogic.FetalAnnotateLogic()
+    first = logic.session(volume, extraFeatureNodes=nodes)
+
+    assert logic.session(volume, extraFeatureNodes=nodes) is first
+    assert not logic.hasSession(volume)
+    assert not logic.hasSession(volume, extraFeatureNodes=nodes[:1])
+    assert not logic.hasSession(volume, extraFeatureNodes=nodes[::-1])  # the channel order matters to the forest
+    assert logic.hasSession(volume, extraFeatureNodes=nodes)
+    slicer.util.updateVolumeFromArray(nodes[0], features[0] + 1.0)  # features recomputed: new voxels
+    assert not logic.hasSession(volume, extraFeatureNodes=nodes)
+    assert logic.session(volume, extraFeatureNodes=nodes) is not first
+    assert logic.hasSession(volume, extraFeatureNodes=nodes)
+
+
 def test_logic_imports_without_scikit_learn():
     """Slicer loads the module before scikit-learn is installed: importing the logic must not need it."""
     import subprocess

@@ -167,7 +167,7 @@ def test_ddp_entry_point_runs_two_gloo_processes(tmp_path):
         sitk.WriteImage(image, paths[-1])
     out = tmp_path / "run"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         "-m", "FetalInpaintLib.train", "--volumes", *paths, "--out", str(out), "--device", "cpu",
         "--base-channels", "4", "--depth", "2", "--patch-size", "16", "--stride", "8", "--batch-size", "8",
         "--epochs", "1", "--max-steps", "3", "--log-every", "1", "--threads", "1",

@@ -34,9 +34,6 @@ DEFAULT_FOREST = {
     "n_jobs": -1,
 }
 
-import os
-DISTANCE_MODE = os.environ.get("FA_DIST", "raw+diff")
-
 #: Voxels per prediction block: bounds the temporary (block x features) float32 array.
 BLOCK_VOXELS = 1 << 18
 
@@ -390,12 +387,22 @@ class AnnotationSession:
                 table = np.concatenate([table, context_rows], axis=1)
             tables.append(table)
             labels.append(np.full(index.size, value, flat.dtype))
-        if os.environ.get("FA_ET"):
-            from sklearn.ensemble import ExtraTreesClassifier
-            forest = ExtraTreesClassifier(**self._forest_params)
-        else:
-            forest = RandomForestClassifier(**self._forest_params)
-        forest.fit(np.concatenate(tables), np.concatenate(labels))
+        weights = [np.ones(len(t), np.float32) for t in tables]
+        import os
+        n_pseudo = int(os.environ.get("FA_PSEUDO", "0"))
+        if training_context is not None and n_pseudo:
+            margin = float(os.environ.get("FA_MARGIN", "10"))
+            index = rng.choice(flat.size, n_pseudo, replace=False)
+            coordinates = np.unravel_index(index, self.shape)
+            at_voxels = np.stack([self._costs.values_at(d, coordinates) for d in self._distances])
+            order = np.sort(at_voxels, axis=0)
+            confident = (order[1] - order[0]) > margin
+            index = index[confident]
+            tables.append(self._rows(self._distances)(index))
+            labels.append(np.asarray(self._classes, flat.dtype)[np.argmin(at_voxels[:, confident], axis=0)])
+            weights.append(np.full(index.size, float(os.environ.get("FA_W", "0.3")), np.float32))
+        forest = RandomForestClassifier(**self._forest_params)
+        forest.fit(np.concatenate(tables), np.concatenate(labels), sample_weight=np.concatenate(weights))
         return forest
 
     def _predict(self, region, progress):
@@ -542,7 +549,7 @@ def distance_features(distances):
         (a single difference for two classes, the other being its negative).
     """
     n_classes = len(distances)
-    columns = list(distances) if DISTANCE_MODE == "raw+diff" else []
+    columns = list(distances)
     for index in range(1 if n_classes == 2 else n_classes):
         others = np.minimum.reduce([d for j, d in enumerate(distances) if j != index])
         columns.append(distances[index] - others)

@@ -7,6 +7,8 @@ Usable from Slicer's Python interactor and from tests against a headless MRML sc
     volume = slicer.util.getNode("sub-01_run-1_T2w")
     strokes = slicer.util.getNode("Segmentation")      # one segment per class, painted
     result = logic.segment(volume, strokes)             # "<class> (auto)" segments + probability volumes
+    features = [slicer.util.getNode("sub-01_run-1_T2w_inpaint")]  # e.g. exported by FetalInpaint
+    result = logic.segment(volume, strokes, extraFeatureNodes=features)  # their channels as extra features
     logic.rethreshold(volume, strokes, {"fetus": 0.3})  # no retraining
     logic.saveClassifier(volume, "/tmp/fetus.skops")
 
@@ -36,6 +38,9 @@ _BINARY_LABELMAP = "Binary labelmap"  # vtkSegmentationConverter's binary labelm
 _DEFAULT_COLOR = (0.9, 0.62, 0.0)
 # RAS (Slicer) <-> LPS (ITK files) flips the first two axes.
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+#: Extra feature volumes must match the source's IJK-to-RAS matrix to this fraction of its smallest
+#: spacing: float32 rounding of a file's origin (hundreds of mm) stays below it, a real shift does not.
+_GRID_TOLERANCE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -101,7 +106,7 @@ class FetalAnnotateLogic:
 
     One :class:`FetalAnnotateLib.AnnotationSession` is kept per source volume, so image features
     are computed once and reused across rounds; it is rebuilt when the volume's voxels, spacing,
-    feature preset or forest settings change.
+    feature preset, forest settings or extra feature volumes (which ones, or their voxels) change.
 
     Parameters
     ----------
@@ -205,7 +210,7 @@ class FetalAnnotateLogic:
         return editable
 
     # ------------------------------------------------------------------ training and results
-    def session(self, volumeNode, preset="default", forestSettings=None, progress=None):
+    def session(self, volumeNode, preset="default", forestSettings=None, progress=None, extraFeatureNodes=None):
         """The AnnotationSession of a volume, created (features computed) on first use.
 
         Parameters
@@ -217,40 +222,92 @@ class FetalAnnotateLogic:
             RandomForestClassifier arguments overriding ``FetalAnnotateLib.DEFAULT_FOREST``.
         progress : callable, optional
             ``progress(fraction, message) -> bool``; True cancels (OperationCancelled).
+        extraFeatureNodes : sequence of vtkMRMLScalarVolumeNode, optional
+            Feature maps on the volume's voxel grid (scalar volumes give one channel, vector
+            volumes one per component), e.g. encoder features exported by FetalInpaint; see
+            :meth:`extraFeatureArray`.
         """
-        key = self._sessionKey(volumeNode, preset, forestSettings)
+        key = self._sessionKey(volumeNode, preset, forestSettings, extraFeatureNodes)
         cached = self._sessions.get(volumeNode.GetID())
         if cached is None or cached.key != key:
             self._sessions.pop(volumeNode.GetID(), None)  # free the old features before computing new ones
             session = _lib().AnnotationSession(slicer.util.arrayFromVolume(volumeNode).astype(np.float32),
-                                        _volumeSpacing(volumeNode), preset=preset, forest=forestSettings,
-                                        progress=progress)
+                                               _volumeSpacing(volumeNode), preset=preset,
+                                               extra_features=self.extraFeatureArray(volumeNode, extraFeatureNodes),
+                                               forest=forestSettings, progress=progress)
             cached = self._sessions[volumeNode.GetID()] = _VolumeSession(session, key)
         cached.session.progress = progress
         return cached.session
 
-    def hasSession(self, volumeNode, preset="default", forestSettings=None):
+    def hasSession(self, volumeNode, preset="default", forestSettings=None, extraFeatureNodes=None):
         """True when the features of ``volumeNode`` for these settings are already computed."""
         cached = self._sessions.get(volumeNode.GetID())
-        return cached is not None and cached.key == self._sessionKey(volumeNode, preset, forestSettings)
+        return cached is not None and cached.key == self._sessionKey(volumeNode, preset, forestSettings,
+                                                                     extraFeatureNodes)
 
     @staticmethod
-    def _sessionKey(volumeNode, preset, forestSettings):
-        """What a cached session depends on: voxels, spacing, preset and forest settings."""
+    def _sessionKey(volumeNode, preset, forestSettings, extraFeatureNodes):
+        """What a cached session depends on: voxels, spacing, preset, forest settings and extra feature volumes.
+
+        Checks the extra feature volumes' grids on every call (cheap: no voxels are read), so a
+        volume moved after its features were computed is refused even when the session is cached.
+        """
         imageData = volumeNode.GetImageData() if volumeNode is not None else None
         if imageData is None or imageData.GetNumberOfPoints() == 0:
             raise _lib().FetalAnnotateError("select a source volume that has voxels")
         if imageData.GetNumberOfScalarComponents() != 1:
             raise _lib().FetalAnnotateError(f"volume {volumeNode.GetName()!r} has several components per voxel; "
                                      "convert it to a scalar volume (e.g. with Vector to Scalar Volume)")
-        return (imageData.GetMTime(), volumeNode.GetSpacing(), preset, repr(sorted((forestSettings or {}).items())))
+        extraKey = []
+        for featureNode in extraFeatureNodes or ():
+            _checkSameGrid(volumeNode, featureNode)
+            extraKey.append((featureNode.GetID(), featureNode.GetImageData().GetMTime()))
+        return (imageData.GetMTime(), volumeNode.GetSpacing(), preset, repr(sorted((forestSettings or {}).items())),
+                tuple(extraKey))
+
+    @staticmethod
+    def extraFeatureArray(volumeNode, extraFeatureNodes):
+        """Extra feature volumes as the ``extra_features`` array of the engine.
+
+        Parameters
+        ----------
+        volumeNode : vtkMRMLScalarVolumeNode
+            Source volume: every feature volume must have its voxel grid (dimensions, spacing,
+            origin, axis directions, parent transform); nothing is resampled.
+        extraFeatureNodes : sequence of vtkMRMLScalarVolumeNode or None
+            Scalar volumes (one channel each) and/or vector volumes (one channel per component),
+            stacked in this order.
+
+        Returns
+        -------
+        ndarray of float32, shape (C, z, y, x), or None
+            None when no feature volume is given.
+
+        Raises
+        ------
+        FetalAnnotateError
+            A feature volume without voxels, a diffusion tensor volume, or one on another voxel grid.
+        """
+        if not extraFeatureNodes:
+            return None
+        for featureNode in extraFeatureNodes:
+            _checkSameGrid(volumeNode, featureNode)
+        components = [node.GetImageData().GetNumberOfScalarComponents() for node in extraFeatureNodes]
+        features = np.empty((sum(components),) + _volumeShape(volumeNode), np.float32)
+        channel = 0
+        for featureNode, count in zip(extraFeatureNodes, components):
+            array = slicer.util.arrayFromVolume(featureNode)  # (z, y, x) or (z, y, x, components)
+            features[channel:channel + count] = np.moveaxis(array, -1, 0) if array.ndim == 4 else array
+            channel += count
+        return features
 
     def releaseSession(self, volumeNode):
         """Forget the cached features of a volume (frees memory)."""
         self._sessions.pop(volumeNode.GetID(), None)
 
     def segment(self, volumeNode, segmentationNode, segmentIds=None, *, outputSegmentationNode=None,
-                thresholds=None, masking=None, preset="default", forestSettings=None, progress=None):
+                thresholds=None, masking=None, preset="default", forestSettings=None, progress=None,
+                extraFeatureNodes=None):
         """Train on the painted segments and write probability volumes and ``"<class> (auto)"`` segments.
 
         Parameters
@@ -268,7 +325,7 @@ class FetalAnnotateLogic:
             ``{class name: probability threshold}``; see :meth:`rethreshold`.
         masking : Masking, optional
             Results are written only inside this editable area.
-        preset, forestSettings, progress
+        preset, forestSettings, progress, extraFeatureNodes
             As for :meth:`session`.
 
         Returns
@@ -283,9 +340,9 @@ class FetalAnnotateLogic:
         if len(set(classNames)) != len(classNames):
             raise _lib().StrokeError(f"class segments need distinct names, got {classNames}")
         # One progress bar for both phases: features (first round only), then training and prediction.
-        computeFeatures = not self.hasSession(volumeNode, preset, forestSettings)
+        computeFeatures = not self.hasSession(volumeNode, preset, forestSettings, extraFeatureNodes)
         session = self.session(volumeNode, preset, forestSettings,
-                               _scaled(progress, 0.0, 0.6) if computeFeatures else None)
+                               _scaled(progress, 0.0, 0.6) if computeFeatures else None, extraFeatureNodes)
         session.progress = _scaled(progress, 0.6, 1.0) if computeFeatures else progress
         result = session.update(strokes)
         classNames = [classNames[value - 1] for value in result.classes]
@@ -353,7 +410,10 @@ class FetalAnnotateLogic:
 
     # ------------------------------------------------------------------ classifier files
     def saveClassifier(self, volumeNode, path, metadata=None):
-        """Save the classifier last trained on ``volumeNode`` (image features only) to a ``.skops`` file.
+        """Save the classifier last trained on ``volumeNode`` to a ``.skops`` file.
+
+        It uses the image features and any extra feature channels, not the stroke distances, so it
+        applies to other volumes (given the same kind of extra feature volumes).
 
         Returns
         -------
@@ -369,12 +429,25 @@ class FetalAnnotateLogic:
 
         return save_classifier(path, cached.session.pixel_classifier(), cached.classNames, info)
 
-    def applyClassifier(self, classifierPath, volumeNode, outputSegmentationNode=None, progress=None):
+    def applyClassifier(self, classifierPath, volumeNode, outputSegmentationNode=None, progress=None,
+                        extraFeatureNodes=None):
         """Segment a volume with a saved classifier (no strokes needed).
 
         Writes one probability volume per class and, in ``outputSegmentationNode`` (a new
         segmentation when omitted), one ``"<class> (auto)"`` segment per class holding the voxels
         where that class is the most probable.
+
+        Parameters
+        ----------
+        classifierPath : str or Path
+            A ``.skops`` file written by :meth:`saveClassifier`.
+        volumeNode : vtkMRMLScalarVolumeNode
+        outputSegmentationNode : vtkMRMLSegmentationNode, optional
+        progress : callable, optional
+            As for :meth:`session`.
+        extraFeatureNodes : sequence of vtkMRMLScalarVolumeNode, optional
+            Needed when the classifier was trained with extra feature channels: feature volumes of
+            ``volumeNode`` computed the same way (same model, channels and order).
 
         Returns
         -------
@@ -383,8 +456,20 @@ class FetalAnnotateLogic:
         from FetalAnnotateLib.classifier_io import load_classifier
 
         saved = load_classifier(classifierPath)
+        extraFeatures = self.extraFeatureArray(volumeNode, extraFeatureNodes)
+        expected = int(saved.classifier.feature_settings.get("n_extra_features", 0))
+        given = 0 if extraFeatures is None else len(extraFeatures)
+        if given != expected and expected == 0:
+            raise _lib().FetalAnnotateError("the classifier was trained without extra features; "
+                                            "clear the extra feature volumes")
+        if given != expected:
+            raise _lib().FetalAnnotateError(
+                f"the classifier was trained with {expected} extra feature channels but {given} were selected; "
+                f"select feature volumes of {volumeNode.GetName()!r} computed as for training (same model, "
+                "channels and order)")
         probabilities = saved.classifier.predict_proba(slicer.util.arrayFromVolume(volumeNode).astype(np.float32),
-                                                       _volumeSpacing(volumeNode), progress=progress)
+                                                       _volumeSpacing(volumeNode), progress=progress,
+                                                       extra_features=extraFeatures)
         classNames = list(saved.class_names)
         probabilityNodes = self.writeProbabilityVolumes(volumeNode, probabilities, classNames)
         if outputSegmentationNode is None:
@@ -610,6 +695,43 @@ def _volumeShape(volumeNode):
 def _volumeSpacing(volumeNode):
     """(z, y, x) spacing of a volume in mm."""
     return tuple(float(s) for s in reversed(volumeNode.GetSpacing()))
+
+
+def _checkSameGrid(volumeNode, featureNode):
+    """Raise FetalAnnotateError unless ``featureNode`` is a feature volume on ``volumeNode``'s voxel grid.
+
+    Same dimensions, IJK-to-RAS matrix (spacing, origin, axis directions; within
+    :data:`_GRID_TOLERANCE` of the smallest spacing) and parent transform: then voxel (k, j, i) of
+    both is the same point, so the feature maps are used as they are, without resampling.
+    """
+    name = volumeNode.GetName()
+    advice = f"export the features from {name!r} itself (e.g. FetalInpaint > Export features with it as input)"
+    # vtkMRMLVectorVolumeNode derives from vtkMRMLTensorVolumeNode: exclude only diffusion tensors (3x3 per voxel).
+    if featureNode is None or not featureNode.IsA("vtkMRMLScalarVolumeNode") or \
+            featureNode.IsA("vtkMRMLDiffusionTensorVolumeNode"):
+        kind = "nothing" if featureNode is None else f"{featureNode.GetName()!r} ({featureNode.GetClassName()})"
+        raise _lib().FetalAnnotateError(f"extra features must be scalar or vector volumes, got {kind}")
+    featureName = featureNode.GetName()
+    imageData = featureNode.GetImageData()
+    if imageData is None or imageData.GetNumberOfPoints() == 0:
+        raise _lib().FetalAnnotateError(f"feature volume {featureName!r} has no voxels; {advice}")
+    if imageData.GetDimensions() != volumeNode.GetImageData().GetDimensions():
+        raise _lib().FetalAnnotateError(
+            f"feature volume {featureName!r} has {imageData.GetDimensions()} voxels (i, j, k), source volume "
+            f"{name!r} has {volumeNode.GetImageData().GetDimensions()}; {advice}")
+    featureMatrix, sourceMatrix = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+    featureNode.GetIJKToRASMatrix(featureMatrix)
+    volumeNode.GetIJKToRASMatrix(sourceMatrix)
+    tolerance = _GRID_TOLERANCE * min(volumeNode.GetSpacing())
+    if not np.allclose(slicer.util.arrayFromVTKMatrix(featureMatrix), slicer.util.arrayFromVTKMatrix(sourceMatrix),
+                       rtol=0.0, atol=tolerance):
+        raise _lib().FetalAnnotateError(
+            f"feature volume {featureName!r} has another spacing, origin or axis directions than source volume "
+            f"{name!r} (features are not resampled); {advice}")
+    if featureNode.GetTransformNodeID() != volumeNode.GetTransformNodeID():
+        raise _lib().FetalAnnotateError(
+            f"feature volume {featureName!r} is under another parent transform than source volume {name!r}; "
+            f"put both under the same transform, or {advice}")
 
 
 def _volumeGeometry(volumeNode):
