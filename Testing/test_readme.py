@@ -20,3 +20,10 @@ def test_readme_has_exactly_two_commands_and_ci_runs_the_test_one():
     assert "FetalAnnotateLib demo" in main_command
     ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert test_command in ci_lines
+
+
+def test_readme_links_and_figures_exist():
+    text = (ROOT / "README.md").read_text()
+    targets = re.findall(r"\]\(([^)#]+)\)", text) + re.findall(r"`((?:Testing|docs)/[\w/.-]+\.\w+)`", text)
+    missing = [target for target in targets if not target.startswith("http") and not (ROOT / target).exists()]
+    assert targets and missing == []
