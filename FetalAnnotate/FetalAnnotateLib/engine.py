@@ -2,8 +2,10 @@
 
 An :class:`AnnotationSession` holds one image. Its filter-bank features are computed once;
 each :meth:`AnnotationSession.update` adds stroke-dependent spatial context (geodesic
-distance to every stroke class), trains a random forest on the painted voxels, predicts
-blockwise and makes the label map consistent with the strokes.
+distance to every stroke class), trains a random forest on the painted voxels plus voxels
+the geodesic distances label clearly, predicts coarse-to-fine and blockwise, and makes the
+label map consistent with the strokes (painted voxels keep their class, components not
+connected to their class's strokes are dropped, corrections act locally).
 """
 
 from dataclasses import dataclass
@@ -24,7 +26,9 @@ from .validation import (
     report_progress,
 )
 
-#: Random forest settings chosen by the robot-user benchmark (docs/engine.md).
+#: Random forest settings. On the robot-user benchmark's MRI stacks, 64 trees, 5 samples per
+#: leaf or half of the features per split were no better (docs/engine.md); 32 trees of depth
+#: at most 16 keep a round interactive.
 DEFAULT_FOREST = {
     "n_estimators": 32,
     "max_depth": 16,
@@ -174,8 +178,16 @@ class AnnotationSession:
         Block size of the checkerboard folds that give painted voxels realistic distances
         to their own class's strokes for training (see ``_context_features``).
     local_corrections : bool
-        When an update only adds strokes, change the labels only where the added strokes are
-        geodesically nearer than all earlier strokes; elsewhere keep the previous labels.
+        When an update only adds strokes, a label may change only to the class of an added
+        stroke and only where that stroke is geodesically nearer than all earlier strokes;
+        elsewhere the previous labels stay.
+    pseudo_labels : int
+        Random voxels labelled by the geodesic distances (when clearly nearer one class's
+        strokes) added to the training set; 0 trains on painted voxels only.
+    pseudo_margin_mm : float
+        How much nearer (mm) a pseudo-labelled voxel must be to its class's strokes.
+    pseudo_weight : float
+        Sample weight of a pseudo-labelled voxel (a painted voxel weighs 1).
     """
 
     def __init__(
@@ -198,6 +210,9 @@ class AnnotationSession:
         coarse_voxels=500_000,
         fold_mm=8.0,
         local_corrections=True,
+        pseudo_labels=5000,
+        pseudo_margin_mm=20.0,
+        pseudo_weight=0.3,
     ):
         self._input_shape = np.shape(image)
         volume = check_image(image)
@@ -210,6 +225,9 @@ class AnnotationSession:
         self.coarse_to_fine = bool(coarse_to_fine)
         self.fold_mm = float(fold_mm)
         self.local_corrections = bool(local_corrections)
+        self.pseudo_labels = int(pseudo_labels)
+        self.pseudo_margin_mm = float(pseudo_margin_mm)
+        self.pseudo_weight = float(pseudo_weight)
         self.coarse_to_fine_voxels = int(coarse_to_fine_voxels)
         self.coarse_voxels = int(coarse_voxels)
         self.progress = progress
@@ -237,6 +255,11 @@ class AnnotationSession:
     # ------------------------------------------------------------------ public API
     def update(self, strokes, region=None):
         """Train on ``strokes`` and predict the image (or ``region``).
+
+        When the strokes only add to those of the previous whole-image update, a voxel's label
+        may only change to the class of an added stroke, where that stroke is geodesically
+        nearer than all earlier strokes (``local_corrections``); the probabilities are the
+        new forest's.
 
         Parameters
         ----------
@@ -266,14 +289,18 @@ class AnnotationSession:
         self._output_dtype = np.asarray(strokes).dtype
         result = self._predict(region, _scaled(progress, 0.3, 0.95))
         if region is not None:
+            self._labels = None  # no whole-image result for these strokes to build on
             return result
         labels = result.labels.reshape(self.shape)
         if reach_before is not None:
-            # A correction only changes the labels where its strokes are the nearest strokes
-            # (geodesically); elsewhere the previous result stands, so retraining the forest
-            # cannot break what earlier rounds got right far from the new strokes.
-            influence = self._costs.distance(np.nonzero(added)) < reach_before
-            labels = np.where(self._costs.full_resolution(influence), labels, self._labels)
+            # A correction stroke of class k only turns voxels into class k, and only where it
+            # is geodesically nearer than all earlier strokes; elsewhere the previous result
+            # stands, so retraining the forest cannot break what earlier rounds got right.
+            allowed = np.zeros(self.shape, bool)
+            for value in np.unique(self._strokes[added]):
+                reach = self._costs.distance(np.nonzero(added & (self._strokes == value)))
+                allowed |= self._costs.full_resolution(reach < reach_before) & (labels == value)
+            labels = np.where(allowed, labels, self._labels)
             result = SegmentationResult(result.classes, result.probabilities, labels.reshape(result.labels.shape), None)
         self._labels = labels
         return result
@@ -368,7 +395,8 @@ class AnnotationSession:
         return rows
 
     def _fit(self, strokes, training_context):
-        """Fit a forest on the painted voxels (at most ``max_training_voxels`` per class)."""
+        """Fit a forest on the painted voxels (at most ``max_training_voxels`` per class) and
+        geodesic pseudo-labels; ``training_context`` None fits on image features only."""
         flat = strokes.reshape(-1)
         image_rows = self._features.reshape(-1, self._features.shape[-1])
         rng = np.random.default_rng(self.random_state)
@@ -388,22 +416,33 @@ class AnnotationSession:
             tables.append(table)
             labels.append(np.full(index.size, value, flat.dtype))
         weights = [np.ones(len(t), np.float32) for t in tables]
-        import os
-        n_pseudo = int(os.environ.get("FA_PSEUDO", "0"))
-        if training_context is not None and n_pseudo:
-            margin = float(os.environ.get("FA_MARGIN", "10"))
-            index = rng.choice(flat.size, n_pseudo, replace=False)
-            coordinates = np.unravel_index(index, self.shape)
-            at_voxels = np.stack([self._costs.values_at(d, coordinates) for d in self._distances])
-            order = np.sort(at_voxels, axis=0)
-            confident = (order[1] - order[0]) > margin
-            index = index[confident]
-            tables.append(self._rows(self._distances)(index))
-            labels.append(np.asarray(self._classes, flat.dtype)[np.argmin(at_voxels[:, confident], axis=0)])
-            weights.append(np.full(index.size, float(os.environ.get("FA_W", "0.3")), np.float32))
+        if self._distances is not None and self.pseudo_labels > 0:
+            index, label = self._geodesic_pseudo_labels(rng)
+            table = self._rows(None if training_context is None else self._distances)(index)
+            tables.append(table)
+            labels.append(label.astype(flat.dtype))
+            weights.append(np.full(label.size, self.pseudo_weight, np.float32))
         forest = RandomForestClassifier(**self._forest_params)
         forest.fit(np.concatenate(tables), np.concatenate(labels), sample_weight=np.concatenate(weights))
         return forest
+
+    def _geodesic_pseudo_labels(self, rng):
+        """Flat indices and labels of random voxels that clearly belong to one stroke class.
+
+        A voxel whose geodesic distance to its nearest stroke class is shorter by more than
+        ``pseudo_margin_mm`` than to any other class gets that class. Painted voxels alone
+        are easily separable, so every tree stops after one split on some feature and the
+        forest votes feature by feature; these samples spread training over the volume and
+        let the trees learn what the classes look like away from the strokes.
+        """
+        n_voxels = int(np.prod(self.shape))
+        index = np.sort(rng.choice(n_voxels, min(self.pseudo_labels, n_voxels), replace=False))
+        coordinates = np.unravel_index(index, self.shape)
+        at_voxels = np.stack([self._costs.values_at(d, coordinates) for d in self._distances])
+        nearest_two = np.sort(at_voxels, axis=0)[:2]
+        clear = (nearest_two[1] - nearest_two[0]) > self.pseudo_margin_mm
+        labels = np.asarray(self._classes)[np.argmin(at_voxels[:, clear], axis=0)]
+        return index[clear], labels
 
     def _predict(self, region, progress):
         """Probabilities and stroke-consistent labels of the image or a region."""
@@ -423,8 +462,15 @@ class AnnotationSession:
         else:
             index = flat_indices(self.shape, region3d).ravel()
             sub_shape = np.empty(self.shape, bool)[region3d].shape
-            probabilities = predict_blockwise(self._forest, index.size, lambda a, b: rows(index[a:b]), progress=progress)
-            probabilities = probabilities.reshape((-1,) + sub_shape)
+            if self.coarse_to_fine and index.size >= self.coarse_to_fine_voxels // 8:
+                # Same scheme as the whole volume, so a large region (a 512 x 512 slice) is fast.
+                probabilities = predict_coarse_to_fine(
+                    self._forest, sub_shape, lambda local: rows(index[local]), self._coarse_stride(), progress=progress
+                )
+            else:
+                probabilities = predict_blockwise(
+                    self._forest, index.size, lambda a, b: rows(index[a:b]), progress=progress
+                ).reshape((-1,) + sub_shape)
             strokes = self._strokes[region3d]
         labels = stroke_consistent_labels(
             probabilities, strokes, self._classes, keep_connected=self.spatial_context and region3d is None

@@ -53,6 +53,7 @@ def main(argv=None):
     parser.add_argument("--depth", type=int, default=TrainConfig.depth)
     parser.add_argument("--patch-size", type=int, default=TrainConfig.patch_size)
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    parser.add_argument("--skip-connections", action="store_true")
     parser.add_argument("--max-patches", type=int, default=300, help="held-out patches evaluated per seed")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args(argv)
@@ -70,7 +71,8 @@ def main(argv=None):
     else:
         config = TrainConfig(corruptor=args.corruptor, epochs=args.epochs, patches_per_epoch=args.patches_per_epoch,
                              base_channels=args.base_channels, depth=args.depth, patch_size=args.patch_size,
-                             batch_size=args.batch_size, patience=4, device="auto")
+                             batch_size=args.batch_size, skip_connections=args.skip_connections, patience=4,
+                             device="auto")
         started = time.perf_counter()
         result = train(train_volumes, config, args.out,
                        progress=lambda info: print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
@@ -96,10 +98,13 @@ def main(argv=None):
     encode_volume(model, stack[:2], spacing, metadata)  # warm-up (oneDNN kernel selection)
     timings = {}
     for pca in (None, 8):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         features = encode_volume(model, stack, spacing, metadata, pca_components=pca)
         timings[pca] = time.perf_counter() - started
-        print(f"export {stack.shape} -> {features.shape}: {timings[pca]:.2f} s (pca={pca})")
+        # CPU seconds / threads = the wall time this would take on otherwise idle cores.
+        cpu = (time.process_time() - cpu_started) / torch.get_num_threads()
+        print(f"export {stack.shape} -> {features.shape}: {timings[pca]:.2f} s wall, "
+              f"{cpu:.2f} s CPU per thread (pca={pca}), load {os.getloadavg()[0]:.1f}")
     print(f"training throughput: {speed:.1f} patches/s; load {os.getloadavg()}")
     with open(Path(args.out) / "benchmark.json", "w") if Path(args.out).exists() else open(os.devnull, "w") as handle:
         json.dump({"rows": rows, "patches_per_s": speed, "export_s": {str(k): v for k, v in timings.items()}}, handle, indent=2)
