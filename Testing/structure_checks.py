@@ -18,7 +18,7 @@ _UI_ATTRIBUTE = re.compile(r"\bui\.([A-Za-z_]\w*)")
 
 def cmake_variables(cmake_file):
     """The ``set(NAME values...)`` commands of a CMakeLists.txt as a dict of value lists."""
-    text = re.sub(r"(?m)^\s*#.*$", "", Path(cmake_file).read_text())
+    text = re.sub(r"(?m)^\s*#.*$", "", Path(cmake_file).read_text(encoding="utf-8"))
     return {name: re.findall(r'"[^"]*"|\S+', body) for name, body in _SET_COMMAND.findall(text)}
 
 
@@ -64,7 +64,7 @@ def check_cmake_lists(root):
 
 def check_extension_cmake(root):
     """The top-level CMakeLists.txt has the extension template's fields and one subdirectory per module."""
-    text = (Path(root) / "CMakeLists.txt").read_text()
+    text = (Path(root) / "CMakeLists.txt").read_text(encoding="utf-8")
     problems = []
     for required in ("project(FetalAnnotate)", "find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})",
                      "include(${Slicer_EXTENSION_GENERATE_CONFIG})", "include(${Slicer_EXTENSION_CPACK})"):
@@ -83,7 +83,7 @@ def check_extension_cmake(root):
 
 def check_catalog_entry(root):
     """``FetalAnnotate.json`` follows the ExtensionsIndex schema and agrees with CMakeLists.txt."""
-    entry = json.loads((Path(root) / "FetalAnnotate.json").read_text())
+    entry = json.loads((Path(root) / "FetalAnnotate.json").read_text(encoding="utf-8"))
     variables = cmake_variables(Path(root) / "CMakeLists.txt")
     problems = [f"FetalAnnotate.json lacks {key}" for key in
                 ("$schema", "category", "scm_url", "scm_revision", "build_dependencies", "build_subdirectory", "tier")
@@ -120,7 +120,7 @@ def check_ui_names(root):
             problems.append(f"{ui_file.relative_to(root)} does not parse: {error}")
             continue
         for source in [module_dir / f"{module}.py"]:
-            for name in sorted(set(_UI_ATTRIBUTE.findall(source.read_text()))):
+            for name in sorted(set(_UI_ATTRIBUTE.findall(source.read_text(encoding="utf-8")))):
                 if name not in names:
                     problems.append(f"{source.relative_to(root)} uses ui.{name}, not an object in {ui_file.name}")
     return problems
@@ -128,7 +128,7 @@ def check_ui_names(root):
 
 def imported_top_level_modules(python_file):
     """Top-level package names imported anywhere in a Python file (absolute imports only)."""
-    tree = ast.parse(Path(python_file).read_text(), filename=str(python_file))
+    tree = ast.parse(Path(python_file).read_text(encoding="utf-8"), filename=str(python_file))
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -153,7 +153,7 @@ def check_module_classes(root):
     problems = []
     for module in MODULES:
         source = Path(root) / module / f"{module}.py"
-        tree = ast.parse(source.read_text(), filename=str(source))
+        tree = ast.parse(source.read_text(encoding="utf-8"), filename=str(source))
         defined = {node.name for node in tree.body if isinstance(node, ast.ClassDef)}
         imported = {alias.asname or alias.name for node in tree.body if isinstance(node, ast.ImportFrom)
                     for alias in node.names}

@@ -146,8 +146,11 @@ def test_coarse_to_fine_matches_exact_prediction():
     image, inside = two_tissue_phantom(shape=(10, 96, 96))
     strokes = phantom_strokes(inside)
     exact = AnnotationSession(image, (2.0, 1.0, 1.0), coarse_to_fine=False).update(strokes)
-    fast = AnnotationSession(image, (2.0, 1.0, 1.0), coarse_to_fine_voxels=0).update(strokes)
+    session = AnnotationSession(image, (2.0, 1.0, 1.0), coarse_to_fine_voxels=0)
+    fast = session.update(strokes)
     assert np.mean(exact.labels == fast.labels) > 0.995
+    region = (slice(4, 5), slice(None), slice(None))
+    assert np.mean(session.predict(region=region).labels == exact.labels[region]) > 0.99
 
 
 def test_inputs_are_not_modified():

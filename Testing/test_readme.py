@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def readme_commands():
     """The shell commands of the README's "Run it on a fresh Linux machine" section, in order."""
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
     section = text.split("## Run it on a fresh Linux machine", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"```(?:bash|sh)\n(.*?)\n```", section, re.S)
 
@@ -18,12 +18,12 @@ def test_readme_has_exactly_two_commands_and_ci_runs_the_test_one():
     assert len(commands) == 2
     main_command, test_command = commands
     assert "FetalAnnotateLib demo" in main_command
-    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()]
     assert test_command in ci_lines
 
 
 def test_readme_links_and_figures_exist():
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
     targets = re.findall(r"\]\(([^)#]+)\)", text) + re.findall(r"`((?:Testing|docs)/[\w/.-]+\.\w+)`", text)
     missing = [target for target in targets if not target.startswith("http") and not (ROOT / target).exists()]
     assert targets and missing == []

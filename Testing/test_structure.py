@@ -25,6 +25,11 @@ def test_every_python_file_compiles():
         py_compile.compile(str(path), doraise=True)
 
 
+def rewrite(path, change):
+    """Replace a file's text by ``change(text)``."""
+    path.write_text(change(path.read_text(encoding="utf-8")), encoding="utf-8")
+
+
 @pytest.fixture
 def broken_copy(tmp_path):
     """A copy of the files the checks read, to break on purpose."""
@@ -48,30 +53,30 @@ def test_removed_listed_file_is_reported(broken_copy):
 
 
 def test_unlisted_module_file_is_reported(broken_copy):
-    (broken_copy / "FetalInpaint" / "FetalInpaintLib" / "forgotten.py").write_text("")
+    (broken_copy / "FetalInpaint" / "FetalInpaintLib" / "forgotten.py").write_text("", encoding="utf-8")
     assert checks.check_cmake_lists(broken_copy) == [
         "FetalInpaint/FetalInpaintLib/forgotten.py is not listed in FetalInpaint/CMakeLists.txt"]
 
 
 def test_misspelled_ui_name_is_reported(broken_copy):
     ui_file = broken_copy / "FetalAnnotate" / "Resources" / "UI" / "FetalAnnotate.ui"
-    used = sorted(set(checks._UI_ATTRIBUTE.findall((broken_copy / "FetalAnnotate" / "FetalAnnotate.py").read_text())))
-    name = used[0]
-    ui_file.write_text(ui_file.read_text().replace(f'name="{name}"', f'name="{name}Typo"'))
+    module_code = (broken_copy / "FetalAnnotate" / "FetalAnnotate.py").read_text(encoding="utf-8")
+    name = sorted(set(checks._UI_ATTRIBUTE.findall(module_code)))[0]
+    rewrite(ui_file, lambda text: text.replace(f'name="{name}"', f'name="{name}Typo"'))
     assert checks.check_ui_names(broken_copy) == [
         f"FetalAnnotate/FetalAnnotate.py uses ui.{name}, not an object in FetalAnnotate.ui"]
 
 
 def test_unparsable_ui_is_reported(broken_copy):
     ui_file = broken_copy / "FetalInpaint" / "Resources" / "UI" / "FetalInpaint.ui"
-    ui_file.write_text(ui_file.read_text()[:-40])
+    rewrite(ui_file, lambda text: text[:-40])
     problems = checks.check_ui_names(broken_copy)
     assert len(problems) == 1 and "does not parse" in problems[0]
 
 
 def test_slicer_import_in_lib_is_reported(broken_copy):
     lib_file = broken_copy / "FetalAnnotate" / "FetalAnnotateLib" / "phantom.py"
-    lib_file.write_text(lib_file.read_text() + "\n\ndef _late():\n    import qt.QtCore\n    from vtk import vtkImageData\n")
+    rewrite(lib_file, lambda text: text + "\n\ndef _late():\n    import qt.QtCore\n    from vtk import vtkImageData\n")
     assert checks.check_lib_imports(broken_copy) == [
         "FetalAnnotate/FetalAnnotateLib/phantom.py imports qt",
         "FetalAnnotate/FetalAnnotateLib/phantom.py imports vtk",
@@ -80,13 +85,13 @@ def test_slicer_import_in_lib_is_reported(broken_copy):
 
 def test_catalog_disagreeing_with_cmake_is_reported(broken_copy):
     catalog = broken_copy / "FetalAnnotate.json"
-    catalog.write_text(catalog.read_text().replace('"PyTorch"', '"MONAIAuto3DSeg"'))
+    rewrite(catalog, lambda text: text.replace('"PyTorch"', '"MONAIAuto3DSeg"'))
     assert checks.check_catalog_entry(broken_copy) == [
         "build_dependencies ['MONAIAuto3DSeg'] != EXTENSION_DEPENDS ['PyTorch']"]
 
 
 def test_missing_module_class_is_reported(broken_copy):
     module_file = broken_copy / "FetalInpaint" / "FetalInpaint.py"
-    module_file.write_text(module_file.read_text().replace("class FetalInpaintTest(", "class FetalInpaintTests("))
+    rewrite(module_file, lambda text: text.replace("class FetalInpaintTest(", "class FetalInpaintTests("))
     assert checks.check_module_classes(broken_copy) == [
         "FetalInpaint/FetalInpaint.py does not define class FetalInpaintTest"]

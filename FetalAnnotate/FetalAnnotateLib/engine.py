@@ -245,6 +245,7 @@ class AnnotationSession:
                 stride=self._reduced_stride(geodesic_voxels),
             )
         self._distance_cache = {}
+        self._fold_cache = {}
         self._forest = None
         self._classes = None
         self._strokes = None
@@ -266,7 +267,8 @@ class AnnotationSession:
         strokes : ndarray of int, image shape
             0 = unpainted, k > 0 = class k; at least two classes. Not modified.
         region : tuple of slice, optional
-            Predict only this part of the image (e.g. the slice on screen).
+            Predict only this part of the image (e.g. the slice on screen); its labels skip
+            the connected-component step, which needs the whole image.
 
         Returns
         -------
@@ -350,9 +352,9 @@ class AnnotationSession:
         training : dict of int -> (flat voxel index, ndarray (n, n_context))
             Per class, its painted voxels and their leave-fold-out features.
         """
-        for value in list(self._distance_cache):
-            if value not in classes:
-                del self._distance_cache[value]
+        for cache in (self._distance_cache, self._fold_cache):
+            for value in [v for v in cache if v not in classes]:
+                del cache[value]
         flat_strokes = strokes.reshape(-1)
         painted = np.flatnonzero(flat_strokes)
         indices = [painted[flat_strokes[painted] == value] for value in classes]
@@ -360,17 +362,29 @@ class AnnotationSession:
         training = {}
         for k, (value, index) in enumerate(zip(classes, indices)):
             coordinates = np.unravel_index(index, self.shape)
-            fold = _checkerboard_fold(coordinates, self.spacing, self.fold_mm)
-            box = _grown_box(coordinates, self.shape, self.spacing, 3 * self.fold_mm)
-            own = np.empty(index.size, np.float32)
-            for part in (0, 1):
-                seeds = tuple(c[fold != part] for c in coordinates)
-                inside = self._costs.distance(seeds, box=box)
-                own[fold == part] = self._costs.values_at(inside, tuple(c[fold == part] for c in coordinates), box)
             at_voxels = [self._costs.values_at(d, coordinates) for d in distances]
-            at_voxels[k] = own
+            at_voxels[k] = self._cached_fold_distance(value, index, coordinates)
             training[value] = (index, distance_features(at_voxels))
         return distances, training
+
+    def _cached_fold_distance(self, value, index, coordinates):
+        """Distance of each painted voxel of a class to the other checkerboard fold of that class.
+
+        Paths stay within ``3 * fold_mm`` of the strokes and one round of sweeps suffices at
+        that range; cached until the class's strokes change.
+        """
+        cached = self._fold_cache.get(value)
+        if cached is not None and np.array_equal(cached[0], index):
+            return cached[1]
+        fold = _checkerboard_fold(coordinates, self.spacing, self.fold_mm)
+        box = _grown_box(coordinates, self.shape, self.spacing, 3 * self.fold_mm)
+        own = np.empty(index.size, np.float32)
+        for part in (0, 1):
+            seeds = tuple(c[fold != part] for c in coordinates)
+            inside = self._costs.distance(seeds, n_rounds=1, box=box)
+            own[fold == part] = self._costs.values_at(inside, tuple(c[fold == part] for c in coordinates), box)
+        self._fold_cache[value] = (index, own)
+        return own
 
     def _cached_distance(self, value, index):
         """Geodesic distance to voxels ``index`` (flat), recomputed only when that class's strokes changed."""

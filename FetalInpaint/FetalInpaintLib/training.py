@@ -97,7 +97,7 @@ class TrainConfig:
     skip_connections: bool = False
     whole_image_weight: float = 0.0
     val_fraction: float = 0.2
-    patches_per_epoch: int = None
+    patches_per_epoch: int | None = None
     max_val_patches: int = 512
     patience: int = 5
     augment: bool = True
@@ -105,7 +105,7 @@ class TrainConfig:
     device: str = "auto"
     channels_last: bool = True
     compile: bool = False
-    max_steps: int = None
+    max_steps: int | None = None
     log_every: int = 10
 
     def architecture(self):

@@ -15,7 +15,6 @@ import argparse
 import csv
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -99,7 +98,6 @@ def main(argv=None):
         features = np.concatenate(parts)
         cells = []
         for classifier in ("random_forest", "linear"):
-            started = time.perf_counter()
             result = cross_validate(features, labels, groups, classifier, seed=args.seed)
             summary[(name, classifier)] = result["balanced_accuracy"][0]
             cells += [f"{100 * result['balanced_accuracy'][0]:.1f} ± {100 * result['balanced_accuracy'][1]:.1f}",
