@@ -19,8 +19,9 @@ REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPOSITORY_ROOT.parent / "shared" / "data"
 
 # The module folders hold the importable packages (FetalAnnotateLib, FetalAnnotateLogic, ...),
-# exactly as Slicer puts a scripted module's folder on sys.path.
-for module_dir in ("FetalAnnotate", "FetalInpaint"):
+# exactly as Slicer puts a scripted module's folder on sys.path; the benchmarks folder holds the
+# robot user (robot_user.py) and the case loader that tests share with the benchmarks.
+for module_dir in ("FetalAnnotate", "FetalInpaint", "Testing/benchmarks"):
     path = str(REPOSITORY_ROOT / module_dir)
     if path not in sys.path:
         sys.path.insert(0, path)
@@ -98,13 +99,10 @@ def load_cases(dataset=None):
 
 def load_case_arrays(row):
     """Image (float32, z,y,x), boolean target mask, spacing (z,y,x mm) of one case row."""
-    import SimpleITK as sitk
+    from robot_benchmark import load_case
 
-    image = sitk.ReadImage(str(SHARED_DATA / row["image"]))
-    label = sitk.GetArrayFromImage(sitk.ReadImage(str(SHARED_DATA / row["label"])))
-    value = int(row["label_value"] or 0)
-    target = (label == value) if value else (label > 0)
-    return sitk.GetArrayFromImage(image).astype(np.float32), target, tuple(image.GetSpacing()[::-1])
+    image, target, spacing, _ = load_case(row, SHARED_DATA)
+    return image, target, spacing
 
 
 @pytest.fixture

@@ -176,6 +176,18 @@ def test_corrections_and_more_than_two_classes():
     assert np.mean(result.labels[:, :, :5] == 3) > 0.9
 
 
+def test_local_corrections_only_add_the_stroke_class():
+    image, inside = two_tissue_phantom()
+    session = AnnotationSession(image, (2.0, 1.0, 1.0), local_corrections=True)
+    strokes = phantom_strokes(inside)
+    before = session.update(strokes).labels
+    strokes[2, 20:28, 20:26] = 1  # a background correction on another slice
+    after = session.update(strokes).labels
+    changed = after != before
+    assert changed.any()
+    assert set(np.unique(after[changed])) == {1}
+
+
 def test_two_dimensional_image_is_one_slice():
     image, inside = two_tissue_phantom(shape=(1, 64, 64))
     strokes = phantom_strokes(inside, plane=0)[0]

@@ -22,6 +22,7 @@ IMAGES = ROOT / "docs" / "images"
 sys.path[:0] = [str(ROOT / "FetalAnnotate"), str(ROOT / "Testing" / "benchmarks")]
 
 from FetalAnnotateLib import AnnotationSession  # noqa: E402
+from robot_benchmark import load_case  # noqa: E402
 from robot_user import acquisition_axis, add_correction_stroke, dice, initial_strokes  # noqa: E402
 
 DATASET = "fetal_mri_mialsrtk_sub01"
@@ -29,16 +30,6 @@ ROUNDS = 6
 SHOWN_ROUNDS = (0, 2, 6)
 STROKE_COLORS = {1: (0.34, 0.71, 0.91), 2: (0.0, 0.75, 0.45)}  # background blue, fetal brain green
 RESULT_COLOR = (0.95, 0.62, 0.0)
-
-
-def load_case(row):
-    import SimpleITK as sitk
-
-    image = sitk.ReadImage(str(DATA / row["image"]))
-    label = sitk.GetArrayFromImage(sitk.ReadImage(str(DATA / row["label"])))
-    value = int(row["label_value"] or 0)
-    target = (label == value) if value else (label > 0)
-    return sitk.GetArrayFromImage(image).astype(np.float32), target, tuple(image.GetSpacing()[::-1])
 
 
 def run_rounds(image, target, spacing):
@@ -152,7 +143,7 @@ def main():
         rows = [row for row in csv.DictReader(handle) if row["dataset"] == DATASET]
     curves = {}
     for row in rows:
-        image, target, spacing = load_case(row)
+        image, target, spacing, _ = load_case(row, DATA)
         history, feature_seconds = run_rounds(image, target, spacing)
         curves[row["case"]] = [entry["dice"] for entry in history]
         print(f"{row['case']}: features {feature_seconds:.1f} s, rounds "

@@ -5,7 +5,7 @@ each :meth:`AnnotationSession.update` adds stroke-dependent spatial context (geo
 distance to every stroke class), trains a random forest on the painted voxels plus voxels
 the geodesic distances label clearly, predicts coarse-to-fine and blockwise, and makes the
 label map consistent with the strokes (painted voxels keep their class, components not
-connected to their class's strokes are dropped, corrections act locally).
+connected to their class's strokes are dropped; optionally corrections act only locally).
 """
 
 from dataclasses import dataclass
@@ -180,7 +180,8 @@ class AnnotationSession:
     local_corrections : bool
         When an update only adds strokes, a label may change only to the class of an added
         stroke and only where that stroke is geodesically nearer than all earlier strokes;
-        elsewhere the previous labels stay.
+        elsewhere the previous labels stay. Off by default: on the benchmark it did not stop
+        the one-round drops it targets and it slowed convergence on the atlas (docs/engine.md).
     pseudo_labels : int
         Random voxels labelled by the geodesic distances (when clearly nearer one class's
         strokes) added to the training set; 0 trains on painted voxels only.
@@ -209,10 +210,12 @@ class AnnotationSession:
         coarse_to_fine_voxels=1_000_000,
         coarse_voxels=500_000,
         fold_mm=8.0,
-        local_corrections=True,
+        local_corrections=False,
         pseudo_labels=5000,
         pseudo_margin_mm=20.0,
         pseudo_weight=0.3,
+        keep_confident=None,
+        rule_classes=None,
     ):
         self._input_shape = np.shape(image)
         volume = check_image(image)
@@ -228,6 +231,8 @@ class AnnotationSession:
         self.pseudo_labels = int(pseudo_labels)
         self.pseudo_margin_mm = float(pseudo_margin_mm)
         self.pseudo_weight = float(pseudo_weight)
+        self.keep_confident = None if keep_confident is None else float(keep_confident)
+        self.rule_classes = None if rule_classes is None else tuple(int(c) for c in rule_classes)
         self.coarse_to_fine_voxels = int(coarse_to_fine_voxels)
         self.coarse_voxels = int(coarse_voxels)
         self.progress = progress
@@ -257,10 +262,10 @@ class AnnotationSession:
     def update(self, strokes, region=None):
         """Train on ``strokes`` and predict the image (or ``region``).
 
-        When the strokes only add to those of the previous whole-image update, a voxel's label
-        may only change to the class of an added stroke, where that stroke is geodesically
-        nearer than all earlier strokes (``local_corrections``); the probabilities are the
-        new forest's.
+        With ``local_corrections``, when the strokes only add to those of the previous
+        whole-image update, a voxel's label may only change to the class of an added stroke,
+        where that stroke is geodesically nearer than all earlier strokes; the probabilities
+        are the new forest's.
 
         Parameters
         ----------
@@ -487,7 +492,12 @@ class AnnotationSession:
                 ).reshape((-1,) + sub_shape)
             strokes = self._strokes[region3d]
         labels = stroke_consistent_labels(
-            probabilities, strokes, self._classes, keep_connected=self.spatial_context and region3d is None
+            probabilities,
+            strokes,
+            self._classes,
+            keep_connected=self.spatial_context and region3d is None,
+            keep_confident=self.keep_confident,
+            rule_classes=self.rule_classes,
         )
         labels = labels.astype(_label_dtype(self._output_dtype, self._classes), copy=False)
         out_shape = probabilities.shape[1:]
@@ -631,7 +641,7 @@ def _grown_box(coordinates, shape, spacing, margin_mm):
     return tuple(box)
 
 
-def stroke_consistent_labels(probabilities, strokes, classes, keep_connected=True):
+def stroke_consistent_labels(probabilities, strokes, classes, keep_connected=True, keep_confident=None, rule_classes=None):
     """Label map from probabilities that agrees with the strokes.
 
     Painted voxels get their class; with ``keep_connected`` each class keeps only the
@@ -645,6 +655,11 @@ def stroke_consistent_labels(probabilities, strokes, classes, keep_connected=Tru
     strokes : ndarray of int, shape (z, y, x)
     classes : tuple of int
     keep_connected : bool
+    keep_confident : float or None
+        With ``keep_connected``, a component no stroke touches is still kept when its mean
+        probability of its class is at least this (None: never).
+    rule_classes : sequence of int or None
+        Classes the connectivity rule applies to (None: all).
 
     Returns
     -------
@@ -660,11 +675,18 @@ def stroke_consistent_labels(probabilities, strokes, classes, keep_connected=Tru
     if keep_connected:
         structure = np.ones((3, 3, 3), bool)
         for index, value in enumerate(classes):
+            if rule_classes is not None and value not in rule_classes:
+                continue
             components, count = ndi.label(best == index, structure)
             if count == 0:
                 continue
             keep = np.zeros(count + 1, bool)
             keep[np.unique(components[strokes == value])] = True
+            if keep_confident is not None:
+                inside = components > 0
+                size = np.bincount(components[inside], minlength=count + 1)
+                total = np.bincount(components[inside], probabilities[index][inside], minlength=count + 1)
+                keep |= total >= keep_confident * np.maximum(size, 1)
             keep[0] = True
             dropped = ~keep[components]
             if dropped.any():

@@ -84,9 +84,9 @@ def make_phantom(shape=(22, 160, 160), spacing=(3.3, 1.125, 1.125), motion_mm=2.
     texture = ndi.gaussian_filter(rng.normal(size=shape).astype(np.float32), sigma=(0.5, 2.5, 2.5))
     texture /= texture.std() + 1e-6
     image = np.full(shape, 0.03, np.float32)
-    image[abdomen] = 0.35 + 0.06 * texture[abdomen]
+    image[abdomen] = 0.22 + 0.05 * texture[abdomen]
     image[uterus] = 0.92
-    image[placenta] = 0.55 + 0.03 * texture[placenta]
+    image[placenta] = 0.62 + 0.03 * texture[placenta]
     image[fetus] = 0.45 + 0.05 * texture[fetus]
     image[head & fetus & ellipsoid((0, half[1] * 0.15, -half[2] * 0.28), (half[0] * 0.2, half[1] * 0.08, half[2] * 0.07), dy, dx)] = 0.8
 

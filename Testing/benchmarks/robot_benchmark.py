@@ -52,6 +52,11 @@ def make_method(name, image, spacing, axis):
 
     if name == "engine":
         return EngineMethod(image, spacing, axis)
+    if name == "engine-options":  # session options as JSON in $FA_ENGINE_OPTIONS (experiments)
+        import json
+        import os
+
+        return EngineMethod(image, spacing, axis, **json.loads(os.environ.get("FA_ENGINE_OPTIONS", "{}")))
     if name == "engine-table1":
         return EngineMethod(image, spacing, axis, preset="paper-table1", spatial_context=False)
     if name == "growcut-extent":
