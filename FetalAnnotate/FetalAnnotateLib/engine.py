@@ -214,8 +214,6 @@ class AnnotationSession:
         pseudo_labels=5000,
         pseudo_margin_mm=20.0,
         pseudo_weight=0.3,
-        keep_confident=None,
-        rule_classes=None,
     ):
         self._input_shape = np.shape(image)
         volume = check_image(image)
@@ -231,8 +229,6 @@ class AnnotationSession:
         self.pseudo_labels = int(pseudo_labels)
         self.pseudo_margin_mm = float(pseudo_margin_mm)
         self.pseudo_weight = float(pseudo_weight)
-        self.keep_confident = None if keep_confident is None else float(keep_confident)
-        self.rule_classes = None if rule_classes is None else tuple(int(c) for c in rule_classes)
         self.coarse_to_fine_voxels = int(coarse_to_fine_voxels)
         self.coarse_voxels = int(coarse_voxels)
         self.progress = progress
@@ -492,12 +488,7 @@ class AnnotationSession:
                 ).reshape((-1,) + sub_shape)
             strokes = self._strokes[region3d]
         labels = stroke_consistent_labels(
-            probabilities,
-            strokes,
-            self._classes,
-            keep_connected=self.spatial_context and region3d is None,
-            keep_confident=self.keep_confident,
-            rule_classes=self.rule_classes,
+            probabilities, strokes, self._classes, keep_connected=self.spatial_context and region3d is None
         )
         labels = labels.astype(_label_dtype(self._output_dtype, self._classes), copy=False)
         out_shape = probabilities.shape[1:]
@@ -641,7 +632,7 @@ def _grown_box(coordinates, shape, spacing, margin_mm):
     return tuple(box)
 
 
-def stroke_consistent_labels(probabilities, strokes, classes, keep_connected=True, keep_confident=None, rule_classes=None):
+def stroke_consistent_labels(probabilities, strokes, classes, keep_connected=True):
     """Label map from probabilities that agrees with the strokes.
 
     Painted voxels get their class; with ``keep_connected`` each class keeps only the
@@ -655,11 +646,6 @@ def stroke_consistent_labels(probabilities, strokes, classes, keep_connected=Tru
     strokes : ndarray of int, shape (z, y, x)
     classes : tuple of int
     keep_connected : bool
-    keep_confident : float or None
-        With ``keep_connected``, a component no stroke touches is still kept when its mean
-        probability of its class is at least this (None: never).
-    rule_classes : sequence of int or None
-        Classes the connectivity rule applies to (None: all).
 
     Returns
     -------
@@ -675,18 +661,11 @@ def stroke_consistent_labels(probabilities, strokes, classes, keep_connected=Tru
     if keep_connected:
         structure = np.ones((3, 3, 3), bool)
         for index, value in enumerate(classes):
-            if rule_classes is not None and value not in rule_classes:
-                continue
             components, count = ndi.label(best == index, structure)
             if count == 0:
                 continue
             keep = np.zeros(count + 1, bool)
             keep[np.unique(components[strokes == value])] = True
-            if keep_confident is not None:
-                inside = components > 0
-                size = np.bincount(components[inside], minlength=count + 1)
-                total = np.bincount(components[inside], probabilities[index][inside], minlength=count + 1)
-                keep |= total >= keep_confident * np.maximum(size, 1)
             keep[0] = True
             dropped = ~keep[components]
             if dropped.any():
