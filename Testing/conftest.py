@@ -106,6 +106,17 @@ def load_case_arrays(row):
 
 
 @pytest.fixture
+def torch_one_thread():
+    """One intra-op torch thread: tiny models run faster without thread hand-offs, even on busy CI."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def shared_data():
     """Path of the development data folder; skips the test when it is not present."""
     if not SHARED_DATA.exists():

@@ -1,15 +1,11 @@
 """Unit tests of the FetalAnnotate engine (FetalAnnotateLib): features, classifier, errors."""
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "benchmarks"))
-
-from FetalAnnotateLib import (  # noqa: E402
+from FetalAnnotateLib import (
     FEATURE_PRESETS,
     AnnotationSession,
     FetalAnnotateError,
@@ -20,8 +16,8 @@ from FetalAnnotateLib import (  # noqa: E402
     StrokeError,
     compute_features,
 )
-from FetalAnnotateLib.engine import predict_blockwise  # noqa: E402
-from FetalAnnotateLib.features import feature_settings_for  # noqa: E402
+from FetalAnnotateLib.engine import predict_blockwise
+from FetalAnnotateLib.features import feature_settings_for
 
 
 def two_tissue_phantom(shape=(12, 48, 48), seed=0):

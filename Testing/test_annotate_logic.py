@@ -7,9 +7,7 @@ import pytest
 
 from conftest import REPOSITORY_ROOT, SHARED_DATA, load_case_arrays, load_cases
 
-sys.path.insert(0, str(REPOSITORY_ROOT / "Testing" / "benchmarks"))
-
-from robot_user import acquisition_axis, initial_strokes  # noqa: E402
+from robot_user import acquisition_axis, initial_strokes
 
 RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 

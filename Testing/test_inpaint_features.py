@@ -12,13 +12,7 @@ from FetalInpaintLib.probe import cross_validate, labelled_patches, latent_featu
 
 METADATA = {"normalization": {"percentiles": [0.5, 99.5]}, "patch_size": 16}
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture

@@ -18,6 +18,8 @@ from FetalInpaintLib.training import TrainConfig, load_checkpoint, masked_l2, tr
 LIBRARY_PARENT = Path(__file__).resolve().parents[1] / "FetalInpaint"
 TINY = dict(base_channels=4, depth=2, patch_size=16, stride=8, batch_size=16, epochs=2, device="cpu")
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 
 def phantom(shape=(4, 40, 40), seed=0):
     """Smooth bright blob with texture on a dark background."""
@@ -27,13 +29,6 @@ def phantom(shape=(4, 40, 40), seed=0):
     return (100.0 * blob + 20.0 * np.sin(x / 3.0 + seed) * np.cos(y / 4.0) + rng.normal(0, 2, shape)).astype(np.float32)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these tiny models run faster without thread hand-offs, even on busy CI."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_volumes(n=3):
