@@ -419,16 +419,14 @@ class FetalAnnotateTest(ScriptedLoadableModuleTest):
             ids.append(segmentId)
         return phantom, volume, segmentation, ids
 
-    @staticmethod
-    def dice(a, b):
-        return 2.0 * (a & b).sum() / max(a.sum() + b.sum(), 1)
-
     def test_PresetNamesMatchEngine(self):
         from FetalAnnotateLib import FEATURE_PRESETS
 
         self.assertEqual(set(FEATURE_PRESET_NAMES), set(FEATURE_PRESETS))
 
     def test_LogicOnPhantom(self):
+        from FetalAnnotateLib.metrics import dice
+
         self.delayDisplay("FetalAnnotate logic on a phantom")
         phantom, volume, segmentation, ids = self.makePhantomScene()
         painted = [slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, i, volume) for i in ids]
@@ -437,13 +435,15 @@ class FetalAnnotateTest(ScriptedLoadableModuleTest):
 
         self.assertEqual(result.classNames, ("background", "fetus", "placenta"))
         fetus = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, result.resultSegmentIds[1], volume) > 0
-        self.assertGreater(self.dice(fetus, phantom.label_map == 2), 0.5)
+        self.assertGreater(dice(fetus, phantom.label_map == 2), 0.5)
         for segmentId, before in zip(ids, painted):
             after = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentId, volume)
             self.assertTrue((after == before).all(), "a painted segment was modified")
         self.delayDisplay("Logic test passed")
 
     def test_EffectOnPhantom(self):
+        from FetalAnnotateLib.metrics import dice
+
         self.delayDisplay("Random forest effect on a phantom")
         phantom, volume, segmentation, ids = self.makePhantomScene()
         painted = [slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, i, volume) for i in ids]
@@ -467,7 +467,7 @@ class FetalAnnotateTest(ScriptedLoadableModuleTest):
         fetusId = segmentation.GetSegmentation().GetSegmentIdBySegmentName("fetus (auto)")
         self.assertTrue(fetusId, "Apply did not create the 'fetus (auto)' segment")
         fetus = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, fetusId, volume) > 0
-        self.assertGreater(self.dice(fetus, phantom.label_map == 2), 0.5)
+        self.assertGreater(dice(fetus, phantom.label_map == 2), 0.5)
         for segmentId, before in zip(ids, painted):
             after = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentId, volume)
             self.assertTrue((after == before).all(), "the effect modified a painted segment")

@@ -10,19 +10,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from .batch import apply_classifier_to_files
 from .classifier_io import save_classifier
 from .engine import AnnotationSession
+from .metrics import dice
 from .phantom import example_strokes, make_phantom
 from .segio import write_segmentation
-
-
-def dice(a, b):
-    """Dice overlap of two boolean arrays (1.0 when both are empty)."""
-    total = a.sum() + b.sum()
-    return 1.0 if total == 0 else float(2 * np.logical_and(a, b).sum() / total)
 
 
 def _write_volume(path, array, spacing):

@@ -13,6 +13,8 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.morphology import skeletonize
 
+from FetalAnnotateLib.metrics import dice  # noqa: F401  (the score every method is given, re-exported here)
+
 BACKGROUND = 1
 FOREGROUND = 2
 
@@ -103,9 +105,3 @@ def add_correction_stroke(strokes, target, prediction, axis):
     plane[stroke] = FOREGROUND if is_miss else BACKGROUND
     strokes[where] = plane
     return True
-
-
-def dice(a, b):
-    """Dice coefficient of two boolean masks (1.0 when both are empty)."""
-    total = a.sum() + b.sum()
-    return 1.0 if total == 0 else float(2.0 * np.logical_and(a, b).sum() / total)
