@@ -22,42 +22,44 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 #: Python packages Slicer does not bundle, installed on first use with the user's consent.
-PYTHON_REQUIREMENTS = ("scikit-learn>=1.3", "scikit-image>=0.21", "skops>=0.9")
-_IMPORT_NAMES = {"scikit-learn": "sklearn", "scikit-image": "skimage", "skops": "skops"}
+#: pip requirement -> import name, for the packages FetalAnnotateLib needs that Slicer does not bundle.
+PYTHON_REQUIREMENTS = {"scikit-learn>=1.3": "sklearn", "scikit-image>=0.21": "skimage", "skops>=0.9": "skops"}
 #: Keys of FetalAnnotateLib.FEATURE_PRESETS (listed here so the panel loads before scikit-learn is installed).
 FEATURE_PRESET_NAMES = ("default", "paper-table1")
 MOST_PROBABLE = "(most probable class)"
 
 
-def missingRequirements():
-    """The entries of :data:`PYTHON_REQUIREMENTS` whose package cannot be imported."""
-    return [requirement for requirement in PYTHON_REQUIREMENTS
-            if importlib.util.find_spec(_IMPORT_NAMES[requirement.split(">")[0]]) is None]
+def missingRequirements(requirements=PYTHON_REQUIREMENTS):
+    """The pip requirements (keys of ``requirements``) whose package cannot be imported."""
+    return [requirement for requirement, importName in requirements.items()
+            if importlib.util.find_spec(importName) is None]
 
 
-def ensureDependencies():
-    """Offer to install missing Python packages; True when all are importable afterwards.
+def ensureDependencies(requirements=PYTHON_REQUIREMENTS, requester="FetalAnnotate", askConfirmation=True):
+    """Install the missing packages of ``requirements`` (pip requirement -> import name) with
+    pip after the user agrees; True when all are importable afterwards. FetalInpaint uses it too.
 
     Uses ``slicer.packaging.pip_ensure`` (which asks the user itself) on Slicer 5.12 and later,
-    else asks here and calls ``slicer.util.pip_install``.
+    else asks here and calls ``slicer.util.pip_install``; ``askConfirmation=False`` (self-tests)
+    installs without asking.
     """
-    missing = missingRequirements()
+    missing = missingRequirements(requirements)
     if not missing:
         return True
-    if (slicer.app.majorVersion, slicer.app.minorVersion) >= (5, 12):
+    if askConfirmation and (slicer.app.majorVersion, slicer.app.minorVersion) >= (5, 12):
         import slicer.packaging as packaging  # binds only "packaging": "slicer" stays the global module
 
-        packaging.pip_ensure(missing, requester="FetalAnnotate")
+        packaging.pip_ensure(missing, requester=requester)
     else:
-        if not slicer.util.confirmOkCancelDisplay(
-                "FetalAnnotate needs these Python packages, not yet installed in this Slicer:\n\n"
-                + "\n".join(missing) + "\n\nInstall them now? (download of about 60 MB, once)",
-                windowTitle="FetalAnnotate: install Python packages"):
+        if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+                f"{requester} needs these Python packages, not yet installed in this Slicer:\n\n"
+                + "\n".join(missing) + "\n\nDownload and install them now (once)?",
+                windowTitle=f"{requester}: install Python packages"):
             return False
         with slicer.util.WaitCursor():
             slicer.util.pip_install(" ".join(missing))
     importlib.invalidate_caches()
-    return not missingRequirements()
+    return not missingRequirements(requirements)
 
 
 def registerSegmentEditorEffect():

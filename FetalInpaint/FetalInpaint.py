@@ -4,8 +4,6 @@ The widget is deliberately thin: every computation is in ``FetalInpaintLogic`` (
 headless against a real MRML scene) and ``FetalInpaintLib`` (numeric core, no Slicer).
 """
 
-import importlib
-import importlib.util
 import shutil
 import sys
 import time
@@ -26,37 +24,16 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+from FetalAnnotate import ensureDependencies, missingRequirements
 from FetalInpaintLogic import FetalInpaintLogic
 
 CORRUPTOR_NAMES = ["shapes", "holes", "toss"]
 DEVICE_NAMES = ["cpu", "cuda"]
 POLL_INTERVAL_MS = 1000
-#: Packages FetalInpaintLib needs besides torch that Slicer does not bundle (installed on first use, with consent):
-#: scikit-learn for PCA, scikit-image for the biharmonic baseline, matplotlib for the training's loss-curve PNG.
-PYTHON_REQUIREMENTS = ("scikit-learn>=1.3", "scikit-image>=0.21", "matplotlib>=3.6")
-_IMPORT_NAMES = {"scikit-learn": "sklearn", "scikit-image": "skimage", "matplotlib": "matplotlib"}
-
-
-def missingRequirements():
-    """The entries of :data:`PYTHON_REQUIREMENTS` whose package cannot be imported."""
-    return [requirement for requirement in PYTHON_REQUIREMENTS
-            if importlib.util.find_spec(_IMPORT_NAMES[requirement.split(">")[0]]) is None]
-
-
-def installRequirements(askConfirmation=True):
-    """Install the missing :data:`PYTHON_REQUIREMENTS` with pip; True when all are importable afterwards."""
-    missing = missingRequirements()
-    if not missing:
-        return True
-    if askConfirmation and not slicer.util.confirmOkCancelDisplay(
-            "FetalInpaint needs these Python packages, not yet installed in this Slicer:\n\n"
-            + "\n".join(missing) + "\n\nInstall them now? (a download of about 100 MB, once)",
-            windowTitle="FetalInpaint: install Python packages"):
-        return False
-    with slicer.util.WaitCursor():
-        slicer.util.pip_install(" ".join(missing))
-    importlib.invalidate_caches()
-    return not missingRequirements()
+#: Packages FetalInpaintLib needs besides torch that Slicer does not bundle (pip requirement -> import name;
+#: installed on first use, with consent): scikit-learn for PCA, scikit-image for the biharmonic baseline,
+#: matplotlib for the training's loss-curve PNG.
+PYTHON_REQUIREMENTS = {"scikit-learn>=1.3": "sklearn", "scikit-image>=0.21": "skimage", "matplotlib>=3.6": "matplotlib"}
 
 
 #
@@ -71,7 +48,7 @@ class FetalInpaint(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = "Fetal Inpaint"
         self.parent.categories = ["Segmentation"]
-        self.parent.dependencies = []
+        self.parent.dependencies = ["FetalAnnotate"]  # its dependency installer
         self.parent.contributors = ["FetalAnnotate developers"]
         self.parent.helpText = """
 Learns fetal anatomy from unlabeled MRI volumes by self-supervised inpainting: parts of each slice
@@ -277,7 +254,7 @@ class FetalInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _ensureDependencies(self):
         """The torch module once PyTorch and :data:`PYTHON_REQUIREMENTS` are installed (after the user
         confirms each); None if declined or failed."""
-        if not installRequirements():
+        if not ensureDependencies(PYTHON_REQUIREMENTS, requester="FetalInpaint"):
             return None
         try:
             import PyTorchUtils
@@ -439,7 +416,8 @@ class FetalInpaintTest(ScriptedLoadableModuleTest):
 
         torch = PyTorchUtils.PyTorchUtilsLogic().torch  # installs PyTorch if needed (no confirmation in testing mode)
         self.assertIsNotNone(torch, "PyTorch is needed: install it from the PyTorch Utils module")
-        self.assertTrue(installRequirements(askConfirmation=False), f"could not install {missingRequirements()}")
+        self.assertTrue(ensureDependencies(PYTHON_REQUIREMENTS, "FetalInpaint", askConfirmation=False),
+                        f"could not install {missingRequirements(PYTHON_REQUIREMENTS)}")
 
         volumes = [self._syntheticVolume(f"synthetic{seed}", seed) for seed in range(3)]
         outputFolder = Path(slicer.app.temporaryPath) / "FetalInpaintSelfTest"
