@@ -116,6 +116,7 @@ class FetalAnnotateParameterNode:
     classSegmentIds - segments used as classes; empty: every segment not named "... (auto)".
     outputSegmentation - where "<class> (auto)" segments go; None: ``segmentation``.
     useEditorMasking - write results only inside the Segment Editor's editable area / intensity range.
+    outlineMode - closed stroke outlines teach their inside as the class scribbled in it (see the user guide).
     featurePreset - image features (FetalAnnotateLib.FEATURE_PRESETS).
     numberOfTrees, maxDepth, minSamplesLeaf - random forest settings.
     extraFeatureVolumes - feature maps on the source volume's grid added as extra feature channels
@@ -129,6 +130,7 @@ class FetalAnnotateParameterNode:
     classSegmentIds: list[str]
     outputSegmentation: slicer.vtkMRMLSegmentationNode
     useEditorMasking: bool = False
+    outlineMode: bool = False
     featurePreset: Annotated[str, Choice(FEATURE_PRESET_NAMES)] = "default"
     numberOfTrees: Annotated[int, WithinRange(1, 500)] = 32
     maxDepth: Annotated[int, WithinRange(1, 100)] = 16
@@ -322,7 +324,8 @@ class FetalAnnotateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                           outputSegmentationNode=parameters.outputSegmentation,
                                           thresholds=self.thresholds(), masking=self.masking(),
                                           preset=parameters.featurePreset, forestSettings=forest, progress=progress,
-                                          extraFeatureNodes=list(parameters.extraFeatureVolumes))
+                                          extraFeatureNodes=list(parameters.extraFeatureVolumes),
+                                          outlineMode=parameters.outlineMode)
             except OperationCancelled:
                 return None
 

@@ -214,8 +214,8 @@ def test_outline_around_object_that_looks_like_its_surroundings():
     strokes = np.zeros((96, 96), np.uint8)
     strokes[(radius >= 25) & (radius < 27)] = 1  # outline 5 px outside
     strokes[48, 43:54] = 2  # short scribble in the middle
-    with_outline = AnnotationSession(image[0]).update(strokes).labels == 2
-    without = AnnotationSession(image[0], enclosure_margin_mm=None).update(strokes).labels == 2
+    with_outline = AnnotationSession(image[0], enclosure_margin_mm=4.0).update(strokes).labels == 2
+    without = AnnotationSession(image[0]).update(strokes).labels == 2
     assert dice(with_outline, target) > 0.85
     assert dice(without, target) < dice(with_outline, target) - 0.15
 
@@ -335,18 +335,18 @@ def test_real_stack_round_zero_dice_floor():
     image, target, spacing = load_case_arrays(row)
     strokes = initial_strokes(target, acquisition_axis(spacing))
     labels = AnnotationSession(image, spacing).update(strokes).labels
-    # Measured 0.78 at round 0 on this stack (docs/engine.md); Slicer GrowCut gets 0.75.
-    assert robot_dice(labels == 2, target) > 0.7
+    # Measured 0.72 at round 0 on this stack (0.78 in outline mode, docs/engine.md); Slicer GrowCut gets 0.75.
+    assert robot_dice(labels == 2, target) > 0.6
 
 
-def test_real_ultrasound_outline_round_zero_dice_floor():
+def test_real_ultrasound_outline_mode_round_zero_dice_floor():
     from conftest import load_case_arrays, load_cases
     from robot_user import dice as robot_dice, initial_strokes
 
     row = load_cases("us_hc18_subset")[0]
     image, target, spacing = load_case_arrays(row)
     strokes = initial_strokes(target, 0)  # a skeleton inside the head, a closed ring around it
-    labels = AnnotationSession(image, spacing).update(strokes).labels
-    # Measured 0.985; without the outline's inside as training data 0.50 (the inside of the
+    labels = AnnotationSession(image, spacing, enclosure_margin_mm=4.0).update(strokes).labels
+    # Measured 0.985 in outline mode; without the outline's inside as training data 0.50 (the inside of the
     # head looks like the outside), GrowCut 0.49.
     assert robot_dice(labels == 2, target) > 0.9

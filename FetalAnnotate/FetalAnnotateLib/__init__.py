@@ -4,7 +4,7 @@ Pure numpy / scipy / scikit-learn / scikit-image; no Slicer import, so it runs a
 outside Slicer. See ``docs/engine.md``.
 """
 
-from .engine import DEFAULT_FOREST, AnnotationSession, PixelClassifier, SegmentationResult
+from .engine import DEFAULT_FOREST, OUTLINE_MARGIN_MM, AnnotationSession, PixelClassifier, SegmentationResult
 from .features import FEATURE_PRESETS, compute_features
 from .validation import FetalAnnotateError, ImageError, OperationCancelled, StrokeError
 
@@ -18,5 +18,6 @@ __all__ = [
     "OperationCancelled",
     "FEATURE_PRESETS",
     "DEFAULT_FOREST",
+    "OUTLINE_MARGIN_MM",
     "compute_features",
 ]

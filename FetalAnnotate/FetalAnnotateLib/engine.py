@@ -38,6 +38,10 @@ DEFAULT_FOREST = {
     "n_jobs": -1,
 }
 
+#: Margin (mm) of outline mode (``AnnotationSession(enclosure_margin_mm=...)``), chosen on the
+#: robot-user benchmark (docs/engine.md).
+OUTLINE_MARGIN_MM = 4.0
+
 #: Voxels per prediction block: bounds the temporary (block x features) float32 array.
 BLOCK_VOXELS = 1 << 18
 
@@ -190,10 +194,13 @@ class AnnotationSession:
     pseudo_weight : float
         Sample weight of a pseudo-labelled voxel (a painted voxel weighs 1).
     enclosure_margin_mm : float or None
-        Where, within one slice, the strokes of a class form a closed outline around strokes
-        of exactly one other class, unpainted voxels inside that outline and farther than
-        this from it are added as pseudo-labels of the inner class ("outline around, scribble
-        inside"; :func:`enclosed_pseudo_labels`). None turns this off.
+        *Outline mode* (off by default; :data:`OUTLINE_MARGIN_MM` is the benchmarked value): where, within one
+        slice, the strokes of a class form a closed outline around strokes of exactly one
+        other class, unpainted voxels inside that outline and farther than this from it are
+        added as pseudo-labels of the inner class ("outline around, scribble inside";
+        :func:`enclosed_pseudo_labels`). Off by default because a background scribble that
+        happens to loop around a target far from it would teach the whole loop's inside as
+        target.
     """
 
     def __init__(
@@ -219,7 +226,7 @@ class AnnotationSession:
         pseudo_labels=5000,
         pseudo_margin_mm=20.0,
         pseudo_weight=0.3,
-        enclosure_margin_mm=4.0,
+        enclosure_margin_mm=None,
     ):
         self._input_shape = np.shape(image)
         volume = check_image(image)
@@ -438,18 +445,15 @@ class AnnotationSession:
             tables.append(table)
             labels.append(np.full(index.size, value, flat.dtype))
         weights = [np.ones(len(t), np.float32) for t in tables]
-        if self._distances is not None and self.pseudo_labels > 0:
-            index, label = self._geodesic_pseudo_labels(rng)
-            table = self._rows(None if training_context is None else self._distances)(index)
-            tables.append(table)
-            labels.append(label.astype(flat.dtype))
-            weights.append(np.full(label.size, self.pseudo_weight, np.float32))
-        if self._distances is not None and self.enclosure_margin_mm is not None:
-            index, label = enclosed_pseudo_labels(
-                strokes, self.spacing, self.enclosure_margin_mm, self.pseudo_labels, rng
-            )
-            if index.size:
-                tables.append(self._rows(self._distances)(index))
+        if self._distances is not None:
+            pseudo = []
+            if self.pseudo_labels > 0:
+                pseudo.append(self._geodesic_pseudo_labels(rng))
+            if self.enclosure_margin_mm is not None:
+                pseudo.append(enclosed_pseudo_labels(strokes, self.spacing, self.enclosure_margin_mm, self.pseudo_labels, rng))
+            rows = self._rows(None if training_context is None else self._distances)
+            for index, label in pseudo:
+                tables.append(rows(index))
                 labels.append(label.astype(flat.dtype))
                 weights.append(np.full(label.size, self.pseudo_weight, np.float32))
         forest = RandomForestClassifier(**self._forest_params)

@@ -307,7 +307,7 @@ class FetalAnnotateLogic:
 
     def segment(self, volumeNode, segmentationNode, segmentIds=None, *, outputSegmentationNode=None,
                 thresholds=None, masking=None, preset="default", forestSettings=None, progress=None,
-                extraFeatureNodes=None):
+                extraFeatureNodes=None, outlineMode=False):
         """Train on the painted segments and write probability volumes and ``"<class> (auto)"`` segments.
 
         Parameters
@@ -327,6 +327,10 @@ class FetalAnnotateLogic:
             Results are written only inside this editable area.
         preset, forestSettings, progress, extraFeatureNodes
             As for :meth:`session`.
+        outlineMode : bool
+            Where a class's strokes form a closed outline around strokes of one other class on a
+            slice, teach the inside (except its outer ``OUTLINE_MARGIN_MM``) as that class
+            (``AnnotationSession(enclosure_margin_mm=...)``).
 
         Returns
         -------
@@ -344,6 +348,7 @@ class FetalAnnotateLogic:
         session = self.session(volumeNode, preset, forestSettings,
                                _scaled(progress, 0.0, 0.6) if computeFeatures else None, extraFeatureNodes)
         session.progress = _scaled(progress, 0.6, 1.0) if computeFeatures else progress
+        session.enclosure_margin_mm = _lib().OUTLINE_MARGIN_MM if outlineMode else None
         result = session.update(strokes)
         classNames = [classNames[value - 1] for value in result.classes]
         self._sessions[volumeNode.GetID()].classNames = tuple(classNames)

@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPOSITORY_ROOT / "FetalAnnotate"))
 
 import robot_user  # noqa: E402
 
-ALL_METHODS = ("engine", "engine-table1", "growcut-extent", "growcut-full", "skimage", "paper")
+ALL_METHODS = ("engine", "engine-outline", "engine-table1", "growcut-extent", "growcut-full", "skimage", "paper")
 
 
 # --------------------------------------------------------------------------- methods
@@ -57,6 +57,10 @@ def make_method(name, image, spacing, axis):
         import os
 
         return EngineMethod(image, spacing, axis, **json.loads(os.environ.get("FA_ENGINE_OPTIONS", "{}")))
+    if name == "engine-outline":  # outline mode: a closed ring of strokes teaches its inside
+        from FetalAnnotateLib import OUTLINE_MARGIN_MM
+
+        return EngineMethod(image, spacing, axis, enclosure_margin_mm=OUTLINE_MARGIN_MM)
     if name == "engine-table1":
         return EngineMethod(image, spacing, axis, preset="paper-table1", spatial_context=False)
     if name == "growcut-extent":
