@@ -210,7 +210,8 @@ class FetalAnnotateLogic:
         return editable
 
     # ------------------------------------------------------------------ training and results
-    def session(self, volumeNode, preset="default", forestSettings=None, progress=None, extraFeatureNodes=None):
+    def session(self, volumeNode, preset="default", forestSettings=None, progress=None, extraFeatureNodes=None,
+                outlineMode=False):
         """The AnnotationSession of a volume, created (features computed) on first use.
 
         Parameters
@@ -226,6 +227,11 @@ class FetalAnnotateLogic:
             Feature maps on the volume's voxel grid (scalar volumes give one channel, vector
             volumes one per component), e.g. encoder features exported by FetalInpaint; see
             :meth:`extraFeatureArray`.
+        outlineMode : bool
+            Where a class's strokes form a closed outline around strokes of one other class on a
+            slice, the next updates teach the inside (except its outer
+            ``FetalAnnotateLib.OUTLINE_MARGIN_MM``) as that class
+            (``AnnotationSession(enclosure_margin_mm=...)``); a setting of each call, not cached.
         """
         key = self._sessionKey(volumeNode, preset, forestSettings, extraFeatureNodes)
         cached = self._sessions.get(volumeNode.GetID())
@@ -237,6 +243,7 @@ class FetalAnnotateLogic:
                                                forest=forestSettings, progress=progress)
             cached = self._sessions[volumeNode.GetID()] = _VolumeSession(session, key)
         cached.session.progress = progress
+        cached.session.enclosure_margin_mm = _lib().OUTLINE_MARGIN_MM if outlineMode else None
         return cached.session
 
     def hasSession(self, volumeNode, preset="default", forestSettings=None, extraFeatureNodes=None):
@@ -328,9 +335,7 @@ class FetalAnnotateLogic:
         preset, forestSettings, progress, extraFeatureNodes
             As for :meth:`session`.
         outlineMode : bool
-            Where a class's strokes form a closed outline around strokes of one other class on a
-            slice, teach the inside (except its outer ``OUTLINE_MARGIN_MM``) as that class
-            (``AnnotationSession(enclosure_margin_mm=...)``).
+            As for :meth:`session`.
 
         Returns
         -------
@@ -346,9 +351,9 @@ class FetalAnnotateLogic:
         # One progress bar for both phases: features (first round only), then training and prediction.
         computeFeatures = not self.hasSession(volumeNode, preset, forestSettings, extraFeatureNodes)
         session = self.session(volumeNode, preset, forestSettings,
-                               _scaled(progress, 0.0, 0.6) if computeFeatures else None, extraFeatureNodes)
+                               _scaled(progress, 0.0, 0.6) if computeFeatures else None, extraFeatureNodes,
+                               outlineMode)
         session.progress = _scaled(progress, 0.6, 1.0) if computeFeatures else progress
-        session.enclosure_margin_mm = _lib().OUTLINE_MARGIN_MM if outlineMode else None
         result = session.update(strokes)
         classNames = [classNames[value - 1] for value in result.classes]
         self._sessions[volumeNode.GetID()].classNames = tuple(classNames)

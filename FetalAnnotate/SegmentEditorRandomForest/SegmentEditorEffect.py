@@ -52,6 +52,8 @@ strokes of each with Paint or Draw, on one slice is enough to start.</li>
 <li>Click <dfn>Initialize</dfn>. The first run computes image features (seconds to a minute); later
 updates reuse them.</li>
 <li>Paint corrections where the preview is wrong: it updates by itself a moment later.</li>
+<li>Outlined the target with a closed background stroke a few mm outside it? Tick
+<dfn>Closed outlines enclose their class</dfn>: what the outline encloses is then taught as the target.</li>
 <li>Pick a class and move <dfn>Threshold</dfn> to grow or shrink it without retraining.</li>
 <li>Click <dfn>Apply</dfn>: results go to segments "&lt;class&gt; (auto)"; painted segments stay as painted.</li>
 </ul><p>Segments named "... (auto)" and hidden segments are not used as classes.</html>"""
@@ -81,15 +83,24 @@ updates reuse them.</li>
         self.showProbabilitiesCheckBox.setToolTip("Show the chosen class's probability map over the slice views.")
         self.scriptedEffect.addOptionsWidget(self.showProbabilitiesCheckBox)
 
+        self.outlineModeCheckBox = qt.QCheckBox("Closed outlines enclose their class")
+        self.outlineModeCheckBox.setToolTip(
+            "Outline mode: where a segment's strokes form a closed outline around strokes of one other "
+            "segment on a slice, teach what the outline encloses (except its outer 4 mm) as that segment. "
+            "Draw the outline a few mm outside the target.")
+        self.scriptedEffect.addOptionsWidget(self.outlineModeCheckBox)
+
         self.thresholdClassComboBox.connect("currentIndexChanged(int)", self.onThresholdChanged)
         self.thresholdSlider.connect("valueChanged(double)", self.onThresholdChanged)
         self.showProbabilitiesCheckBox.connect("toggled(bool)", self.onShowProbabilitiesToggled)
+        self.outlineModeCheckBox.connect("toggled(bool)", self.onOutlineModeToggled)
 
     def setMRMLDefaults(self):
         AbstractScriptedSegmentEditorAutoCompleteEffect.setMRMLDefaults(self)
         self.scriptedEffect.setParameterDefault("ThresholdClass", "")
         self.scriptedEffect.setParameterDefault("Threshold", 0.5)
         self.scriptedEffect.setParameterDefault("ShowProbabilities", 0)
+        self.scriptedEffect.setParameterDefault("OutlineMode", 0)
 
     def updateGUIFromMRML(self):
         AbstractScriptedSegmentEditorAutoCompleteEffect.updateGUIFromMRML(self)
@@ -108,6 +119,9 @@ updates reuse them.</li>
         wasBlocked = self.showProbabilitiesCheckBox.blockSignals(True)
         self.showProbabilitiesCheckBox.checked = self.scriptedEffect.integerParameter("ShowProbabilities") != 0
         self.showProbabilitiesCheckBox.blockSignals(wasBlocked)
+        wasBlocked = self.outlineModeCheckBox.blockSignals(True)
+        self.outlineModeCheckBox.checked = self.scriptedEffect.integerParameter("OutlineMode") != 0
+        self.outlineModeCheckBox.blockSignals(wasBlocked)
 
     def updateMRMLFromGUI(self):
         AbstractScriptedSegmentEditorAutoCompleteEffect.updateMRMLFromGUI(self)
@@ -115,6 +129,7 @@ updates reuse them.</li>
         self.scriptedEffect.setParameter("ThresholdClass", "" if thresholdClass == MOST_PROBABLE else thresholdClass)
         self.scriptedEffect.setParameter("Threshold", self.thresholdSlider.value)
         self.scriptedEffect.setParameter("ShowProbabilities", 1 if self.showProbabilitiesCheckBox.checked else 0)
+        self.scriptedEffect.setParameter("OutlineMode", 1 if self.outlineModeCheckBox.checked else 0)
 
     def onThresholdChanged(self, *unused):
         self.updateMRMLFromGUI()
@@ -126,6 +141,11 @@ updates reuse them.</li>
     def onShowProbabilitiesToggled(self, checked):
         self.updateMRMLFromGUI()
         self.showProbabilities()
+
+    def onOutlineModeToggled(self, checked):
+        self.updateMRMLFromGUI()
+        if self.getPreviewNode():
+            self.onPreview()  # retrain: the outline changes what the forest is taught
 
     # ------------------------------------------------------------------ computation
     def getLogic(self):
@@ -170,7 +190,8 @@ updates reuse them.</li>
             selected = self.selectedSegmentIds
             segmentIds = [selected.GetValue(index) for index in range(selected.GetNumberOfValues())]
             strokes, names = logic.strokeLabels(volumeNode, segmentationNode, segmentIds)
-            result = logic.session(volumeNode, progress=self.reportProgress).update(strokes)
+            outlineMode = self.scriptedEffect.integerParameter("OutlineMode") != 0
+            result = logic.session(volumeNode, progress=self.reportProgress, outlineMode=outlineMode).update(strokes)
             # Label value k of the preview is the k-th selected segment, as the auto-complete base expects.
             self.lastRound = ([names[value - 1] for value in result.classes], result.probabilities, strokes,
                               result.classes)
