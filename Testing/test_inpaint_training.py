@@ -12,7 +12,7 @@ import torch
 
 from FetalInpaintLib.corruptors import corrupt_batch
 from FetalInpaintLib.errors import ArchitectureMismatchError, CheckpointError, FetalInpaintError, InvalidVolumeError
-from FetalInpaintLib.model import InpaintingAutoencoder
+from FetalInpaintLib.model import InpaintingAutoencoder, push_pull_fill
 from FetalInpaintLib.training import TrainConfig, load_checkpoint, masked_l2, train
 
 LIBRARY_PARENT = Path(__file__).resolve().parents[1] / "FetalInpaint"
@@ -43,6 +43,33 @@ def test_encoder_handles_any_slice_size_and_the_decoder_restores_it():
         assert model(torch.cat([x, torch.zeros_like(x)], 1)).shape == (2, 1, 37, 50)
         skip = InpaintingAutoencoder(base_channels=4, depth=3, skip_connections=True).eval()
         assert skip(torch.cat([x, x], 1)).shape == (2, 1, 37, 50)
+
+
+def test_push_pull_fill_interpolates_holes_and_keeps_visible_pixels():
+    y, x = torch.meshgrid(torch.linspace(0, 1, 48), torch.linspace(0, 1, 48), indexing="ij")
+    ramp = (0.3 + 0.5 * x + 0.2 * y)[None, None]
+    hidden = torch.zeros_like(ramp, dtype=torch.bool)
+    hidden[..., 10:30, 15:35] = True
+    filled = push_pull_fill(ramp.masked_fill(hidden, 0.0), hidden)
+    assert torch.equal(filled[~hidden], ramp[~hidden])
+    assert float((filled - ramp)[hidden].abs().mean()) < 0.03  # zeros would be off by 0.6 on average
+
+
+def test_prefill_model_predicts_a_correction_to_the_fill(tmp_path):
+    model = InpaintingAutoencoder(base_channels=4, depth=2, skip_connections=True, prefill=True).eval()
+    torch.nn.init.zeros_(model.head.weight)
+    torch.nn.init.zeros_(model.head.bias)
+    clean = torch.rand(2, 1, 24, 24)
+    corrupted, mask = corrupt_batch(clean, "shapes", 0.2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        prediction, filled = model.inpaint(corrupted, mask)
+    torch.testing.assert_close(prediction, push_pull_fill(corrupted, mask))  # zero correction = the fill
+    assert torch.equal(filled[~mask], corrupted[~mask])
+    with pytest.raises(ValueError, match="in_channels=2"):
+        InpaintingAutoencoder(in_channels=1, prefill=True)
+    result = train(tiny_volumes(2), TrainConfig(**TINY, prefill=True, skip_connections=True), tmp_path)
+    reloaded, metadata = load_checkpoint(result.checkpoint_path)
+    assert metadata["architecture"]["prefill"] is True and reloaded.prefill
 
 
 def test_tiny_model_overfits_one_batch():

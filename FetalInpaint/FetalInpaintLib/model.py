@@ -44,16 +44,23 @@ class InpaintingAutoencoder(nn.Module):
     skip_connections : bool, default False
         U-Net-style skips. Off by default: skips let the decoder bypass the bottleneck, which is
         the representation we want to train.
+    prefill : bool, default False
+        Fill hidden pixels with :func:`push_pull_fill` (a smooth interpolation of the visible
+        ones) before the network, which then predicts the correction to that fill (needs
+        ``in_channels=2``): the network starts from a sensible guess instead of zeros.
     """
 
-    def __init__(self, base_channels=16, depth=4, in_channels=2, negative_slope=0.2, skip_connections=False):
+    def __init__(self, base_channels=16, depth=4, in_channels=2, negative_slope=0.2, skip_connections=False,
+                 prefill=False):
         super().__init__()
         if base_channels < 1 or depth < 0 or in_channels not in (1, 2):
             raise ValueError(
                 f"need base_channels >= 1, depth >= 0, in_channels 1 or 2; got {base_channels}, {depth}, {in_channels}."
             )
+        if prefill and in_channels != 2:
+            raise ValueError("prefill needs the hidden-pixel mask as input: use in_channels=2.")
         self.base_channels, self.depth, self.in_channels = base_channels, depth, in_channels
-        self.negative_slope, self.skip_connections = negative_slope, skip_connections
+        self.negative_slope, self.skip_connections, self.prefill = negative_slope, skip_connections, bool(prefill)
         widths = [base_channels * 2**i for i in range(depth + 1)]
         self.encoder = nn.ModuleList(
             [ConvBlock(in_channels if i == 0 else widths[i - 1], widths[i], negative_slope) for i in range(depth + 1)]
@@ -74,6 +81,7 @@ class InpaintingAutoencoder(nn.Module):
             "in_channels": self.in_channels,
             "negative_slope": self.negative_slope,
             "skip_connections": self.skip_connections,
+            "prefill": self.prefill,
         }
 
     @property
@@ -82,11 +90,13 @@ class InpaintingAutoencoder(nn.Module):
         return self.base_channels * 2**self.depth
 
     def _prepare(self, x):
-        """Append an empty mask channel if needed and edge-pad to a multiple of 2**depth."""
+        """Append an empty mask channel if needed, prefill holes, edge-pad to a multiple of 2**depth."""
         if x.shape[1] == 1 and self.in_channels == 2:
             x = torch.cat([x, torch.zeros_like(x)], dim=1)
         if x.shape[1] != self.in_channels:
             raise ValueError(f"expected {self.in_channels} input channel(s), got {x.shape[1]}.")
+        if self.prefill:
+            x = torch.cat([push_pull_fill(x[:, :1], x[:, 1:] > 0.5), x[:, 1:]], dim=1)
         multiple = 2**self.depth
         pad_h, pad_w = (-x.shape[-2]) % multiple, (-x.shape[-1]) % multiple
         if pad_h or pad_w:
@@ -121,13 +131,17 @@ class InpaintingAutoencoder(nn.Module):
     def forward(self, x):
         """Reconstruction (B, 1, H, W) of the input (B, in_channels, H, W)."""
         height, width = x.shape[-2:]
-        x, skips = self._encode(self._prepare(x))
+        prepared = self._prepare(x)
+        x, skips = self._encode(prepared)
         for level, block in zip(reversed(range(self.depth)), self.decoder):
             x = F.interpolate(x, scale_factor=2, mode="nearest")
             if self.skip_connections:
                 x = torch.cat([x, skips[level]], dim=1)
             x = block(x)
-        return self.head(x)[..., :height, :width]
+        output = self.head(x)
+        if self.prefill:
+            output = output + prepared[:, :1]
+        return output[..., :height, :width]
 
     def inpaint(self, corrupted, mask):
         """Fill hidden pixels, keep visible ones.
@@ -147,6 +161,37 @@ class InpaintingAutoencoder(nn.Module):
         x = torch.cat([corrupted, mask.to(corrupted.dtype)], dim=1) if self.in_channels == 2 else corrupted
         prediction = self(x)
         return prediction, torch.where(mask, prediction.to(corrupted.dtype), corrupted)
+
+
+def push_pull_fill(image, hidden):
+    """Smooth fill of hidden pixels from the visible ones (push-pull normalised averaging).
+
+    Visible intensities and their weights are averaged down an image pyramid (2x2 blocks) until
+    every cell sees a visible pixel; going back up, each level keeps its own average where it
+    has visible pixels and takes the bilinearly upsampled coarser estimate elsewhere.
+
+    Parameters
+    ----------
+    image : torch.Tensor (B, 1, H, W)
+    hidden : torch.Tensor (B, 1, H, W) bool, True = hidden.
+
+    Returns
+    -------
+    torch.Tensor
+        ``image`` with hidden pixels replaced by the fill.
+    """
+    visible = (~hidden).to(image.dtype)
+    levels = [(image * visible, visible)]
+    while min(levels[-1][0].shape[-2:]) > 1:
+        total, weight = levels[-1]
+        levels.append((F.avg_pool2d(total, 2, ceil_mode=True), F.avg_pool2d(weight, 2, ceil_mode=True)))
+    total, weight = levels[-1]
+    estimate = total.sum(dim=(-2, -1), keepdim=True) / weight.sum(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
+    for total, weight in reversed(levels):
+        coarse = F.interpolate(estimate, size=total.shape[-2:], mode="bilinear", align_corners=False)
+        own = total / weight.clamp_min(1e-6)
+        estimate = torch.where(weight > 1e-3, weight * own + (1 - weight) * coarse, coarse)
+    return torch.where(hidden, estimate, image)
 
 
 def build_model(architecture):

@@ -71,6 +71,7 @@ def build_parser():
     parser.add_argument("--patches-per-epoch", type=int, default=None)
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--skip-connections", action="store_true")
+    parser.add_argument("--prefill", action="store_true", help="push-pull fill of the holes before the network")
     parser.add_argument("--no-augment", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile (needs a C++ compiler)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads per process")

@@ -55,7 +55,7 @@ class TrainConfig:
         See :func:`FetalInpaintLib.data.extract_patches`.
     percentiles : (float, float), default (0.5, 99.5)
         Per-volume intensity normalisation.
-    base_channels, depth, in_channels, skip_connections
+    base_channels, depth, in_channels, skip_connections, prefill
         Architecture, see :class:`FetalInpaintLib.model.InpaintingAutoencoder`.
     whole_image_weight : float, default 0.0
         Weight of the whole-patch L2 term added to the hidden-region L2 loss.
@@ -95,6 +95,7 @@ class TrainConfig:
     depth: int = 4
     in_channels: int = 2
     skip_connections: bool = False
+    prefill: bool = False
     whole_image_weight: float = 0.0
     val_fraction: float = 0.2
     patches_per_epoch: int | None = None
@@ -117,6 +118,7 @@ class TrainConfig:
             "in_channels": self.in_channels,
             "negative_slope": 0.2,
             "skip_connections": self.skip_connections,
+            "prefill": self.prefill,
         }
 
     def validate(self):

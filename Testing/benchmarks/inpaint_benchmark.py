@@ -53,6 +53,8 @@ def main(argv=None):
     parser.add_argument("--patch-size", type=int, default=TrainConfig.patch_size)
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--skip-connections", action="store_true")
+    parser.add_argument("--prefill", action="store_true", help="push-pull fill of the holes before the network")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out (same settings)")
     parser.add_argument("--max-patches", type=int, default=300, help="held-out patches evaluated per seed")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args(argv)
@@ -70,10 +72,10 @@ def main(argv=None):
     else:
         config = TrainConfig(corruptor=args.corruptor, epochs=args.epochs, patches_per_epoch=args.patches_per_epoch,
                              base_channels=args.base_channels, depth=args.depth, patch_size=args.patch_size,
-                             batch_size=args.batch_size, skip_connections=args.skip_connections, patience=4,
+                             batch_size=args.batch_size, skip_connections=args.skip_connections, prefill=args.prefill, patience=4,
                              device="auto")
         started = time.perf_counter()
-        result = train(train_volumes, config, args.out,
+        result = train(train_volumes, config, args.out, resume=args.resume,
                        progress=lambda info: print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
                                                                for k, v in info.items()}), flush=True))
         print(f"training: {time.perf_counter() - started:.0f} s wall, {result.steps} steps, "
