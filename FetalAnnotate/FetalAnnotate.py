@@ -21,8 +21,8 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-#: Python packages Slicer does not bundle, installed on first use with the user's consent.
-#: pip requirement -> import name, for the packages FetalAnnotateLib needs that Slicer does not bundle.
+#: Packages FetalAnnotateLib needs that Slicer does not bundle (pip requirement -> import name),
+#: installed on first use with the user's consent.
 PYTHON_REQUIREMENTS = {"scikit-learn>=1.3": "sklearn", "scikit-image>=0.21": "skimage", "skops>=0.9": "skops"}
 #: Keys of FetalAnnotateLib.FEATURE_PRESETS (listed here so the panel loads before scikit-learn is installed).
 FEATURE_PRESET_NAMES = ("default", "paper-table1")

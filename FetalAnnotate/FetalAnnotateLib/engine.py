@@ -450,7 +450,10 @@ class AnnotationSession:
             if self.pseudo_labels > 0:
                 pseudo.append(self._geodesic_pseudo_labels(rng))
             if self.enclosure_margin_mm is not None:
-                pseudo.append(enclosed_pseudo_labels(strokes, self.spacing, self.enclosure_margin_mm, self.pseudo_labels, rng))
+                pseudo.append(enclosed_pseudo_labels(
+                    strokes, self.spacing, self.enclosure_margin_mm, self.pseudo_labels, rng,
+                    anisotropy_ratio=self.feature_settings.get("anisotropy_ratio", 1.5),
+                ))
             rows = self._rows(None if training_context is None else self._distances)
             for index, label in pseudo:
                 tables.append(rows(index))
@@ -636,12 +639,13 @@ def distance_features(distances):
     return np.stack(columns, axis=1).astype(np.float32, copy=False)
 
 
-def enclosed_pseudo_labels(strokes, spacing, margin_mm, max_voxels, rng):
+def enclosed_pseudo_labels(strokes, spacing, margin_mm, max_voxels, rng, anisotropy_ratio=1.5):
     """Voxels inside a closed stroke outline, labelled with the class scribbled inside it.
 
     In every painted 2D plane (a 2D image; the slices of a thick-slice stack; the planes along
-    every axis of an isotropic volume) that holds strokes of two or more classes, the holes of one class's strokes (unpainted areas they enclose) that contain
-    strokes of exactly one other class are taken to belong to that inner class, except
+    every axis of an isotropic volume) that holds strokes of two or more classes, the holes of
+    one class's strokes (unpainted areas they enclose) that contain strokes of exactly one
+    other class are taken to belong to that inner class, except
     within ``margin_mm`` of the outline (the user draws it around the object, not on it).
     This is how experts outline a structure, and the robot user of the benchmark draws its
     background ring so; without it the forest only sees inner-class examples far from the
@@ -658,6 +662,9 @@ def enclosed_pseudo_labels(strokes, spacing, margin_mm, max_voxels, rng):
     max_voxels : int
         At most this many voxels are returned (random subsample).
     rng : numpy.random.Generator
+    anisotropy_ratio : float
+        A volume is a stack of slices when its largest spacing exceeds this times the smallest
+        (:func:`~FetalAnnotateLib.features.slice_axis`).
 
     Returns
     -------
@@ -667,7 +674,7 @@ def enclosed_pseudo_labels(strokes, spacing, margin_mm, max_voxels, rng):
         The inner class of each voxel.
     """
     found = np.zeros(strokes.shape, strokes.dtype)
-    thick = slice_axis(spacing, strokes.shape)
+    thick = slice_axis(spacing, strokes.shape, anisotropy_ratio)
     planar = [a for a in range(3) if all(strokes.shape[b] > 1 for b in range(3) if b != a)]
     axes = planar if thick is None else [thick]
     for axis in axes:

@@ -72,8 +72,8 @@ def main(argv=None):
     else:
         config = TrainConfig(corruptor=args.corruptor, epochs=args.epochs, patches_per_epoch=args.patches_per_epoch,
                              base_channels=args.base_channels, depth=args.depth, patch_size=args.patch_size,
-                             batch_size=args.batch_size, skip_connections=args.skip_connections, prefill=args.prefill, patience=4,
-                             device="auto")
+                             batch_size=args.batch_size, skip_connections=args.skip_connections, prefill=args.prefill,
+                             patience=4, device="auto")
         started = time.perf_counter()
         result = train(train_volumes, config, args.out, resume=args.resume,
                        progress=lambda info: print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
