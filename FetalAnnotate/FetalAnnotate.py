@@ -132,7 +132,7 @@ class FetalAnnotateParameterNode:
     useEditorMasking: bool = False
     outlineMode: bool = False
     featurePreset: Annotated[str, Choice(FEATURE_PRESET_NAMES)] = "default"
-    numberOfTrees: Annotated[int, WithinRange(1, 500)] = 32
+    numberOfTrees: Annotated[int, WithinRange(1, 500)] = 24
     maxDepth: Annotated[int, WithinRange(1, 100)] = 16
     minSamplesLeaf: Annotated[int, WithinRange(1, 100)] = 2
     extraFeatureVolumes: list[slicer.vtkMRMLScalarVolumeNode]  # vector volumes are scalar volume subclasses

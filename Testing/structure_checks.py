@@ -165,5 +165,44 @@ def check_module_classes(root):
     return problems
 
 
+def _literal_assignments(python_file):
+    """Module-level ``name = literal`` assignments and class-level ``name: type = literal`` fields of a file."""
+    tree = ast.parse(Path(python_file).read_text(encoding="utf-8"), filename=str(python_file))
+    values = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            target, value = node.targets[0].id, node.value
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
+            target, value = node.target.id, node.value
+        else:
+            continue
+        try:
+            values[target] = ast.literal_eval(value)
+        except ValueError:
+            pass
+    return values
+
+
+#: FetalAnnotate panel parameter -> DEFAULT_FOREST key it mirrors.
+PANEL_FOREST_PARAMETERS = {"numberOfTrees": "n_estimators", "maxDepth": "max_depth", "minSamplesLeaf": "min_samples_leaf"}
+
+
+def check_panel_defaults(root):
+    """The FetalAnnotate panel's forest defaults and preset names are the engine's (its copies, so
+    the panel loads before scikit-learn is installed)."""
+    panel = _literal_assignments(Path(root) / "FetalAnnotate" / "FetalAnnotate.py")
+    engine = _literal_assignments(Path(root) / "FetalAnnotate" / "FetalAnnotateLib" / "engine.py")
+    features = _literal_assignments(Path(root) / "FetalAnnotate" / "FetalAnnotateLib" / "features.py")
+    problems = []
+    for parameter, key in PANEL_FOREST_PARAMETERS.items():
+        if panel.get(parameter) != engine["DEFAULT_FOREST"][key]:
+            problems.append(f"panel {parameter} = {panel.get(parameter)}, DEFAULT_FOREST[{key!r}] = "
+                            f"{engine['DEFAULT_FOREST'][key]}")
+    if tuple(panel.get("FEATURE_PRESET_NAMES", ())) != tuple(features["FEATURE_PRESETS"]):
+        problems.append(f"FEATURE_PRESET_NAMES {panel.get('FEATURE_PRESET_NAMES')} != FEATURE_PRESETS keys "
+                        f"{tuple(features['FEATURE_PRESETS'])}")
+    return problems
+
+
 ALL_CHECKS = (check_cmake_lists, check_extension_cmake, check_catalog_entry, check_ui_names, check_lib_imports,
-              check_module_classes)
+              check_module_classes, check_panel_defaults)

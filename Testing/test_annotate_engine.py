@@ -16,7 +16,7 @@ from FetalAnnotateLib import (
     StrokeError,
     compute_features,
 )
-from FetalAnnotateLib.engine import enclosed_pseudo_labels, predict_blockwise
+from FetalAnnotateLib.engine import enclosed_pseudo_labels, predict_blockwise, stroke_consistent_labels
 from FetalAnnotateLib.features import feature_settings_for
 
 
@@ -119,6 +119,83 @@ def test_painted_voxels_keep_their_class(phantom_session):
     _, _, _, strokes, result = phantom_session
     painted = strokes > 0
     np.testing.assert_array_equal(result.labels[painted], strokes[painted])
+
+
+def whole_volume_consistent_labels(probabilities, strokes, classes):
+    """Reference for stroke_consistent_labels: every class's components labelled on the whole volume."""
+    from scipy import ndimage
+
+    best = np.argmax(probabilities, axis=0)
+    painted = strokes != 0
+    best[painted] = np.searchsorted(classes, strokes[painted])
+    for index, value in enumerate(classes):
+        components, count = ndimage.label(best == index, np.ones((3, 3, 3), bool))
+        keep = np.zeros(count + 1, bool)
+        keep[np.unique(components[strokes == value])] = True
+        keep[0] = True
+        dropped = ~keep[components]
+        scores = probabilities[:, dropped]
+        scores[index] = -1.0
+        best[dropped] = np.argmax(scores, axis=0)
+    return np.asarray(classes)[best]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_connected_component_step_equals_whole_volume_labelling(seed):
+    # Random blobs of 2-3 classes; every 4th case is one small blob in one big outer class,
+    # which labels only the box around the blob.
+    rng = np.random.default_rng(seed)
+    from scipy import ndimage
+
+    n_classes = 2 + seed % 2
+    shape = (6 + seed % 3, 20, 24)
+    probabilities = ndimage.gaussian_filter(rng.random((n_classes,) + shape), (0, 1, 2, 2))
+    if seed % 4 == 0:
+        probabilities[1] -= 1.0
+        probabilities[1, 1:4, 5 + seed % 5 : 12, 8:15] += 2.0
+    strokes = np.zeros(shape, np.uint8)
+    classes = tuple(range(3, 3 + n_classes))
+    for value in classes:
+        for _ in range(1 + seed % 3):
+            strokes[tuple(rng.integers(0, n, 2) for n in shape)] = value
+    expected = whole_volume_consistent_labels(probabilities, strokes, classes)
+    np.testing.assert_array_equal(stroke_consistent_labels(probabilities, strokes, classes), expected)
+
+
+@pytest.mark.parametrize("case", ["outer stroke", "no outer stroke", "slab split", "one slab unpainted"])
+def test_connected_component_step_outer_region_cases(case):
+    # Class 2 (a block, or a wall spanning two axes that splits class 1 in two slabs) inside
+    # class 1: class 1's components outside the block's box are joined through its outer layer.
+    shape = (8, 16, 16)
+    probabilities = np.zeros((2,) + shape)
+    probabilities[0] = 0.6
+    strokes = np.zeros(shape, np.uint8)
+    if case in ("slab split", "one slab unpainted"):
+        probabilities[1, :, :, 7:10] = 0.9
+        strokes[4, 8, 8] = 2
+        strokes[4, 8, 1] = 1
+        if case == "slab split":
+            strokes[2, 3, 14] = 1
+    else:
+        probabilities[1, 2:6, 4:12, 4:12] = 0.9
+        probabilities[0, 3:5, 7:9, 7:9] = 1.0  # a class-0 pocket inside the block
+        strokes[3, 5, 5] = 2
+        strokes[3, 7, 7] = 1  # in the pocket
+        if case == "outer stroke":
+            strokes[0, 0, 15] = 1
+    classes = (1, 2)
+    expected = whole_volume_consistent_labels(probabilities, strokes, classes)
+    labels = stroke_consistent_labels(probabilities, strokes, classes)
+    np.testing.assert_array_equal(labels, expected)
+    # unpainted class-1 regions go to class 2; painted ones stay
+    n_voxels = probabilities[0].size
+    expected_class1 = {
+        "outer stroke": n_voxels - 4 * 8 * 8 + 8,
+        "no outer stroke": 8,
+        "slab split": n_voxels - 8 * 16 * 3,
+        "one slab unpainted": 8 * 16 * 7,
+    }[case]
+    assert (labels == 1).sum() == expected_class1
 
 
 def test_region_prediction_equals_whole_prediction(phantom_session):

@@ -95,3 +95,9 @@ def test_missing_module_class_is_reported(broken_copy):
     rewrite(module_file, lambda text: text.replace("class FetalInpaintTest(", "class FetalInpaintTests("))
     assert checks.check_module_classes(broken_copy) == [
         "FetalInpaint/FetalInpaint.py does not define class FetalInpaintTest"]
+
+
+def test_panel_default_disagreeing_with_engine_is_reported(broken_copy):
+    module_file = broken_copy / "FetalAnnotate" / "FetalAnnotate.py"
+    rewrite(module_file, lambda text: text.replace("WithinRange(1, 100)] = 16", "WithinRange(1, 100)] = 12"))
+    assert checks.check_panel_defaults(broken_copy) == ["panel maxDepth = 12, DEFAULT_FOREST['max_depth'] = 16"]

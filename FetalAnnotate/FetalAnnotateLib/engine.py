@@ -26,11 +26,11 @@ from .validation import (
     report_progress,
 )
 
-#: Random forest settings. On the robot-user benchmark's MRI stacks, 64 trees, 5 samples per
-#: leaf or half of the features per split were no better (docs/engine.md); 32 trees of depth
-#: at most 16 keep a round interactive.
+#: Random forest settings. On the robot-user benchmark, 64 trees, 5 samples per leaf or half
+#: of the features per split were no better than these, and 32 trees no better than 24 but
+#: 27 % slower per round (docs/engine.md).
 DEFAULT_FOREST = {
-    "n_estimators": 32,
+    "n_estimators": 24,
     "max_depth": 16,
     "min_samples_leaf": 2,
     "max_features": "sqrt",
@@ -220,7 +220,7 @@ class AnnotationSession:
         max_training_voxels=20000,
         coarse_to_fine=True,
         coarse_to_fine_voxels=1_000_000,
-        coarse_voxels=500_000,
+        coarse_voxels=200_000,
         fold_mm=8.0,
         local_corrections=False,
         pseudo_labels=5000,
@@ -413,13 +413,12 @@ class AnnotationSession:
         """``rows(index)``: feature rows (image features, then stroke distances) of flat voxel indices or a slice."""
         image_rows = self._features.reshape(-1, self._features.shape[-1])
         if distances is None:
-            return lambda index: image_rows[index]
+            return lambda index: _take_rows(image_rows, index)
 
         def rows(index):
             flat = np.arange(index.start, index.stop) if isinstance(index, slice) else index
-            coordinates = np.unravel_index(flat, self.shape)
-            at_voxels = [self._costs.values_at(d, coordinates) for d in distances]
-            return np.concatenate([image_rows[index], distance_features(at_voxels)], axis=1)
+            at_voxels = [self._costs.values_at_index(d, flat) for d in distances]
+            return np.concatenate([_take_rows(image_rows, index), distance_features(at_voxels)], axis=1)
 
         return rows
 
@@ -439,7 +438,7 @@ class AnnotationSession:
                 keep = np.sort(rng.choice(index.size, self.max_training_voxels, replace=False))
                 index = index[keep]
                 context_rows = None if context_rows is None else context_rows[keep]
-            table = image_rows[index]
+            table = _take_rows(image_rows, index)
             if context_rows is not None:
                 table = np.concatenate([table, context_rows], axis=1)
             tables.append(table)
@@ -474,8 +473,7 @@ class AnnotationSession:
         """
         n_voxels = int(np.prod(self.shape))
         index = np.sort(rng.choice(n_voxels, min(self.pseudo_labels, n_voxels), replace=False))
-        coordinates = np.unravel_index(index, self.shape)
-        at_voxels = np.stack([self._costs.values_at(d, coordinates) for d in self._distances])
+        at_voxels = np.stack([self._costs.values_at_index(d, index) for d in self._distances])
         nearest_two = np.sort(at_voxels, axis=0)[:2]
         clear = (nearest_two[1] - nearest_two[0]) > self.pseudo_margin_mm
         labels = np.asarray(self._classes)[np.argmin(at_voxels[:, clear], axis=0)]
@@ -510,9 +508,12 @@ class AnnotationSession:
                 ).reshape((-1,) + sub_shape)
             strokes = self._strokes[region3d]
         labels = stroke_consistent_labels(
-            probabilities, strokes, self._classes, keep_connected=self.spatial_context and region3d is None
+            probabilities,
+            strokes,
+            self._classes,
+            keep_connected=self.spatial_context and region3d is None,
+            dtype=_label_dtype(self._output_dtype, self._classes),
         )
-        labels = labels.astype(_label_dtype(self._output_dtype, self._classes), copy=False)
         out_shape = probabilities.shape[1:]
         if len(self._input_shape) == 2:
             out_shape = out_shape[1:]
@@ -720,7 +721,7 @@ def _grown_box(coordinates, shape, spacing, margin_mm):
     return tuple(box)
 
 
-def stroke_consistent_labels(probabilities, strokes, classes, keep_connected=True):
+def stroke_consistent_labels(probabilities, strokes, classes, keep_connected=True, dtype=None):
     """Label map from probabilities that agrees with the strokes.
 
     Painted voxels get their class; with ``keep_connected`` each class keeps only the
@@ -734,6 +735,8 @@ def stroke_consistent_labels(probabilities, strokes, classes, keep_connected=Tru
     strokes : ndarray of int, shape (z, y, x)
     classes : tuple of int
     keep_connected : bool
+    dtype : numpy dtype, optional
+        Of the returned labels; default that of ``numpy.asarray(classes)``.
 
     Returns
     -------
@@ -744,23 +747,99 @@ def stroke_consistent_labels(probabilities, strokes, classes, keep_connected=Tru
         best = (probabilities[1] > probabilities[0]).view(np.uint8)
     else:
         best = np.argmax(probabilities, axis=0).astype(np.uint8)
-    painted = strokes != 0
-    best[painted] = np.searchsorted(classes, strokes[painted])
+    painted = np.flatnonzero(strokes)
+    painted_class = np.searchsorted(classes, strokes.reshape(-1)[painted]).astype(np.uint8)
+    best.reshape(-1)[painted] = painted_class
     if keep_connected:
-        structure = np.ones((3, 3, 3), bool)
-        for index, value in enumerate(classes):
-            components, count = ndi.label(best == index, structure)
-            if count == 0:
-                continue
-            keep = np.zeros(count + 1, bool)
-            keep[np.unique(components[strokes == value])] = True
-            keep[0] = True
-            dropped = ~keep[components]
-            if dropped.any():
-                scores = probabilities[:, dropped]
+        for index in range(len(classes)):
+            mask = best == index
+            seeds = np.unravel_index(painted[painted_class == index], best.shape)
+            box, dropped = _unseeded_components(mask, seeds)
+            if dropped is not None and dropped.any():
+                scores = probabilities[(slice(None),) + box][:, dropped]
                 scores[index] = -1.0
-                best[dropped] = np.argmax(scores, axis=0)
-    return np.asarray(classes)[best]
+                best[box][dropped] = np.argmax(scores, axis=0)
+    return np.take(np.asarray(classes, dtype=dtype), best)
+
+
+def _unseeded_components(mask, seeds):
+    """The voxels of ``mask`` whose 26-connected component holds none of ``seeds``.
+
+    Labelling is the slow part, so it is confined to a box: the bounding box of ``mask``, or,
+    when smaller, the bounding box of the other voxels grown by one voxel (``mask`` is
+    everything outside it). In the latter case components that reach the box's outer layer
+    are joined through that layer as they are through the outside, and a seed outside the box
+    stands in for the outer-layer voxel nearest to it; if a component reaching the outer layer
+    has no seed, its voxels outside the box would be dropped too, so the whole volume is
+    labelled instead.
+
+    Parameters
+    ----------
+    mask : ndarray of bool, shape (z, y, x)
+    seeds : tuple of ndarray of int
+        Voxel coordinates, all inside ``mask``.
+
+    Returns
+    -------
+    box : tuple of slice or None
+        None if ``mask`` is empty.
+    dropped : ndarray of bool or None
+        Shape of ``mask[box]``.
+    """
+    box = _mask_box(mask)
+    if box is None:
+        return None, None
+    rest = _mask_box(~mask)
+    outer = None
+    if rest is not None:
+        outer = tuple(slice(max(r.start - 1, 0), min(r.stop + 1, n)) for r, n in zip(rest, mask.shape))
+        if _box_size(outer) < _box_size(box):
+            box = outer
+    inside = tuple(np.clip(c, b.start, b.stop - 1) - b.start for c, b in zip(seeds, box))
+    dropped = _components_without(mask[box], inside)
+    if box is outer and _touches_outer_layer(dropped, box, mask.shape):
+        box = (slice(None),) * 3
+        dropped = _components_without(mask, seeds)
+    return box, dropped
+
+
+def _components_without(mask, seeds):
+    """The voxels of ``mask`` whose 26-connected component holds none of ``seeds``."""
+    components, count = ndi.label(mask, np.ones((3, 3, 3), bool))
+    keep = np.zeros(count + 1, bool)
+    keep[components[seeds]] = True
+    keep[0] = True
+    return ~keep[components]
+
+
+def _touches_outer_layer(inner, box, shape):
+    """Whether ``inner`` (a mask of ``box``) has a voxel on a face of the box inside the volume."""
+    for axis, (b, n) in enumerate(zip(box, shape)):
+        if b.start > 0 and np.take(inner, 0, axis=axis).any():
+            return True
+        if b.stop < n and np.take(inner, -1, axis=axis).any():
+            return True
+    return False
+
+
+def _box_size(box):
+    return int(np.prod([b.stop - b.start for b in box]))
+
+
+def _mask_box(mask):
+    """Bounding box (tuple of slices) of the true voxels of a 3D mask, or None if there are none."""
+    box = []
+    for axis in range(3):
+        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        if present.size == 0:
+            return None
+        box.append(slice(int(present[0]), int(present[-1]) + 1))
+    return tuple(box)
+
+
+def _take_rows(table, index):
+    """``table[index]`` for a slice or integer array; ``np.take`` gathers rows ~4x faster than fancy indexing."""
+    return table[index] if isinstance(index, slice) else np.take(table, index, axis=0)
 
 
 def _label_dtype(stroke_dtype, classes):

@@ -106,6 +106,12 @@ class GeodesicCosts:
         coarse_box = self.coarse_box(box)
         return distance[tuple(c // k - b.start for c, k, b in zip(coordinates, self.stride, coarse_box))]
 
+    def values_at_index(self, distance, index):
+        """Values of a whole-volume :meth:`distance` result at flat (C-order) full-resolution voxel indices."""
+        if self.stride == (1, 1, 1):
+            return np.take(distance, index)
+        return self.values_at(distance, np.unravel_index(index, self.shape))
+
     def full_resolution(self, distance):
         """A whole-volume :meth:`distance` result at full resolution (constant over cells)."""
         for axis, step in enumerate(self.stride):
