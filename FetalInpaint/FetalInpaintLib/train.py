@@ -70,12 +70,26 @@ def build_parser():
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     parser.add_argument("--patches-per-epoch", type=int, default=None)
     parser.add_argument("--max-steps", type=int, default=None)
-    parser.add_argument("--skip-connections", action="store_true")
-    parser.add_argument("--prefill", action="store_true", help="push-pull fill of the holes before the network")
+    add_architecture_options(parser)
     parser.add_argument("--no-augment", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile (needs a C++ compiler)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads per process")
     return parser
+
+
+def add_architecture_options(parser):
+    """``--skip-connections`` / ``--no-skip-connections`` and ``--prefill``, defaulting to TrainConfig's;
+    read them back with :func:`architecture_options`."""
+    defaults = TrainConfig()
+    parser.add_argument("--skip-connections", action=argparse.BooleanOptionalAction, default=defaults.skip_connections,
+                        help="U-Net skip connections")
+    parser.add_argument("--prefill", default=defaults.prefill or "none", choices=["none", "push-pull", "biharmonic"],
+                        help="fill the holes before the network, which predicts a correction to the fill")
+
+
+def architecture_options(args):
+    """TrainConfig keyword arguments of the options added by :func:`add_architecture_options`."""
+    return {"skip_connections": args.skip_connections, "prefill": False if args.prefill == "none" else args.prefill}
 
 
 def main(argv=None):
@@ -96,6 +110,7 @@ def main(argv=None):
     rank = dist.get_rank() if dist.is_initialized() else 0
 
     options = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    options.update(architecture_options(args))
     options["augment"] = not args.no_augment
     config = TrainConfig(**options)
     volumes = {str(path): read_volume(path) for path in paths}

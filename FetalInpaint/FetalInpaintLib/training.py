@@ -56,7 +56,9 @@ class TrainConfig:
     percentiles : (float, float), default (0.5, 99.5)
         Per-volume intensity normalisation.
     base_channels, depth, in_channels, skip_connections, prefill
-        Architecture, see :class:`FetalInpaintLib.model.InpaintingAutoencoder`.
+        Architecture, see :class:`FetalInpaintLib.model.InpaintingAutoencoder`. Trained by
+        default with skip connections and the biharmonic prefill: on the benchmark the best
+        inpainter and the best encoder for the patch probe (docs/inpainting.md).
     whole_image_weight : float, default 0.0
         Weight of the whole-patch L2 term added to the hidden-region L2 loss.
     val_fraction : float, default 0.2
@@ -94,8 +96,8 @@ class TrainConfig:
     base_channels: int = 16
     depth: int = 4
     in_channels: int = 2
-    skip_connections: bool = False
-    prefill: bool = False
+    skip_connections: bool = True
+    prefill: object = "biharmonic"  # False, "push-pull" or "biharmonic"
     whole_image_weight: float = 0.0
     val_fraction: float = 0.2
     patches_per_epoch: int | None = None

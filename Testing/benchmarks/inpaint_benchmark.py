@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "FetalInpaint"))
 
 from FetalInpaintLib.evaluation import evaluate_inpainting, format_table, held_out_patches  # noqa: E402
 from FetalInpaintLib.features import encode_volume  # noqa: E402
-from FetalInpaintLib.train import read_volume  # noqa: E402
+from FetalInpaintLib.train import add_architecture_options, architecture_options, read_volume  # noqa: E402
 from FetalInpaintLib.training import TrainConfig, load_checkpoint, train  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -52,8 +52,7 @@ def main(argv=None):
     parser.add_argument("--depth", type=int, default=TrainConfig.depth)
     parser.add_argument("--patch-size", type=int, default=TrainConfig.patch_size)
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    parser.add_argument("--skip-connections", action="store_true")
-    parser.add_argument("--prefill", action="store_true", help="push-pull fill of the holes before the network")
+    add_architecture_options(parser)
     parser.add_argument("--resume", action="store_true", help="continue the run in --out (same settings)")
     parser.add_argument("--max-patches", type=int, default=300, help="held-out patches evaluated per seed")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
@@ -72,7 +71,7 @@ def main(argv=None):
     else:
         config = TrainConfig(corruptor=args.corruptor, epochs=args.epochs, patches_per_epoch=args.patches_per_epoch,
                              base_channels=args.base_channels, depth=args.depth, patch_size=args.patch_size,
-                             batch_size=args.batch_size, skip_connections=args.skip_connections, prefill=args.prefill,
+                             batch_size=args.batch_size, **architecture_options(args),
                              patience=4, device="auto")
         started = time.perf_counter()
         result = train(train_volumes, config, args.out, resume=args.resume,
