@@ -43,8 +43,8 @@ class InpaintingAutoencoder(nn.Module):
         LeakyReLU slope.
     skip_connections : bool, default False
         U-Net-style skips. :class:`~FetalInpaintLib.training.TrainConfig` trains with them and
-        ``prefill="biharmonic"``: measured better for inpainting and for the encoder's
-        features (docs/inpainting.md); without both this is the plain autoencoder.
+        ``prefill="biharmonic"``: measured better for inpainting (docs/inpainting.md);
+        without both this is the plain autoencoder.
     prefill : {False, "push-pull", "biharmonic"}, default False
         Fill hidden pixels with :func:`push_pull_fill` or :func:`biharmonic_fill` (smooth
         interpolations of the visible ones) before the network, which then predicts the

@@ -58,7 +58,7 @@ class TrainConfig:
     base_channels, depth, in_channels, skip_connections, prefill
         Architecture, see :class:`FetalInpaintLib.model.InpaintingAutoencoder`. Trained by
         default with skip connections and the biharmonic prefill: on the benchmark the best
-        inpainter and the best encoder for the patch probe (docs/inpainting.md).
+        inpainter, and the only one above biharmonic inpainting (docs/inpainting.md).
     whole_image_weight : float, default 0.0
         Weight of the whole-patch L2 term added to the hidden-region L2 loss.
     val_fraction : float, default 0.2
