@@ -119,6 +119,7 @@ class FetalAnnotateParameterNode:
     outlineMode - closed stroke outlines teach their inside as the class scribbled in it (see the user guide).
     featurePreset - image features (FetalAnnotateLib.FEATURE_PRESETS).
     numberOfTrees, maxDepth, minSamplesLeaf - random forest settings.
+    smoothness - weight of the graph-cut boundary term that smooths the result along image edges (0: none).
     extraFeatureVolumes - feature maps on the source volume's grid added as extra feature channels
         (scalar volumes: one channel, vector volumes: one per component), e.g. exported by FetalInpaint.
     thresholdClass - class the threshold applies to; "": every class takes its most probable voxels.
@@ -135,6 +136,7 @@ class FetalAnnotateParameterNode:
     numberOfTrees: Annotated[int, WithinRange(1, 500)] = 24
     maxDepth: Annotated[int, WithinRange(1, 100)] = 16
     minSamplesLeaf: Annotated[int, WithinRange(1, 100)] = 2
+    smoothness: Annotated[float, WithinRange(0.0, 20.0)] = 3.0
     extraFeatureVolumes: list[slicer.vtkMRMLScalarVolumeNode]  # vector volumes are scalar volume subclasses
     thresholdClass: str = ""
     threshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
@@ -325,7 +327,8 @@ class FetalAnnotateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                           thresholds=self.thresholds(), masking=self.masking(),
                                           preset=parameters.featurePreset, forestSettings=forest, progress=progress,
                                           extraFeatureNodes=list(parameters.extraFeatureVolumes),
-                                          outlineMode=parameters.outlineMode)
+                                          outlineMode=parameters.outlineMode,
+                                          smoothness=parameters.smoothness)
             except OperationCancelled:
                 return None
 

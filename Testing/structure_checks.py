@@ -188,8 +188,8 @@ PANEL_FOREST_PARAMETERS = {"numberOfTrees": "n_estimators", "maxDepth": "max_dep
 
 
 def check_panel_defaults(root):
-    """The FetalAnnotate panel's forest defaults and preset names are the engine's (its copies, so
-    the panel loads before scikit-learn is installed)."""
+    """The FetalAnnotate panel's forest and smoothness defaults and preset names are the engine's
+    (its copies, so the panel loads before scikit-learn is installed)."""
     panel = _literal_assignments(Path(root) / "FetalAnnotate" / "FetalAnnotate.py")
     engine = _literal_assignments(Path(root) / "FetalAnnotate" / "FetalAnnotateLib" / "engine.py")
     features = _literal_assignments(Path(root) / "FetalAnnotate" / "FetalAnnotateLib" / "features.py")
@@ -198,6 +198,8 @@ def check_panel_defaults(root):
         if panel.get(parameter) != engine["DEFAULT_FOREST"][key]:
             problems.append(f"panel {parameter} = {panel.get(parameter)}, DEFAULT_FOREST[{key!r}] = "
                             f"{engine['DEFAULT_FOREST'][key]}")
+    if panel.get("smoothness") != engine["SMOOTHNESS"]:
+        problems.append(f"panel smoothness = {panel.get('smoothness')}, SMOOTHNESS = {engine['SMOOTHNESS']}")
     if tuple(panel.get("FEATURE_PRESET_NAMES", ())) != tuple(features["FEATURE_PRESETS"]):
         problems.append(f"FEATURE_PRESET_NAMES {panel.get('FEATURE_PRESET_NAMES')} != FEATURE_PRESETS keys "
                         f"{tuple(features['FEATURE_PRESETS'])}")

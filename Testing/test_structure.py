@@ -101,3 +101,9 @@ def test_panel_default_disagreeing_with_engine_is_reported(broken_copy):
     module_file = broken_copy / "FetalAnnotate" / "FetalAnnotate.py"
     rewrite(module_file, lambda text: text.replace("WithinRange(1, 100)] = 16", "WithinRange(1, 100)] = 12"))
     assert checks.check_panel_defaults(broken_copy) == ["panel maxDepth = 12, DEFAULT_FOREST['max_depth'] = 16"]
+
+
+def test_panel_smoothness_disagreeing_with_engine_is_reported(broken_copy):
+    module_file = broken_copy / "FetalAnnotate" / "FetalAnnotate.py"
+    rewrite(module_file, lambda text: text.replace("WithinRange(0.0, 20.0)] = 3.0", "WithinRange(0.0, 20.0)] = 1.0"))
+    assert checks.check_panel_defaults(broken_copy) == ["panel smoothness = 1.0, SMOOTHNESS = 3.0"]

@@ -4,7 +4,14 @@ Pure numpy / scipy / scikit-learn / scikit-image; no Slicer import, so it runs a
 outside Slicer. See ``docs/engine.md``.
 """
 
-from .engine import DEFAULT_FOREST, OUTLINE_MARGIN_MM, AnnotationSession, PixelClassifier, SegmentationResult
+from .engine import (
+    DEFAULT_FOREST,
+    OUTLINE_MARGIN_MM,
+    SMOOTHNESS,
+    AnnotationSession,
+    PixelClassifier,
+    SegmentationResult,
+)
 from .features import FEATURE_PRESETS, compute_features
 from .validation import FetalAnnotateError, ImageError, OperationCancelled, StrokeError
 
@@ -19,5 +26,6 @@ __all__ = [
     "FEATURE_PRESETS",
     "DEFAULT_FOREST",
     "OUTLINE_MARGIN_MM",
+    "SMOOTHNESS",
     "compute_features",
 ]

@@ -3,9 +3,10 @@
 An :class:`AnnotationSession` holds one image. Its filter-bank features are computed once;
 each :meth:`AnnotationSession.update` adds stroke-dependent spatial context (geodesic
 distance to every stroke class), trains a random forest on the painted voxels plus voxels
-the geodesic distances label clearly, predicts coarse-to-fine and blockwise, and makes the
-label map consistent with the strokes (painted voxels keep their class, components not
-connected to their class's strokes are dropped; optionally corrections act only locally).
+the geodesic distances label clearly, predicts coarse-to-fine and blockwise, smooths the
+labels along image edges by a graph cut, and makes the label map consistent with the strokes
+(painted voxels keep their class, components not connected to their class's strokes are
+dropped; optionally corrections act only locally).
 """
 
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from sklearn.ensemble import RandomForestClassifier
 
 from .features import compute_features, feature_settings_for, filter_axes, normalize_intensity, slice_axis
 from .geodesic import GeodesicCosts
+from .graphcut import edge_contrast, graph_cut_labels
 from .validation import (
     FetalAnnotateError,
     ImageError,
@@ -41,6 +43,10 @@ DEFAULT_FOREST = {
 #: Margin (mm) of outline mode (``AnnotationSession(enclosure_margin_mm=...)``), chosen on the
 #: robot-user benchmark (docs/engine.md).
 OUTLINE_MARGIN_MM = 4.0
+
+#: Weight of the boundary term of the graph-cut label refinement (``AnnotationSession(smoothness=...)``),
+#: chosen on the robot-user benchmark (docs/engine.md).
+SMOOTHNESS = 3.0
 
 #: Voxels per prediction block: bounds the temporary (block x features) float32 array.
 BLOCK_VOXELS = 1 << 18
@@ -193,6 +199,12 @@ class AnnotationSession:
         How much nearer (mm) a pseudo-labelled voxel must be to its class's strokes.
     pseudo_weight : float
         Sample weight of a pseudo-labelled voxel (a painted voxel weighs 1).
+    smoothness : float
+        Weight of the boundary term of the graph-cut refinement of the labels
+        (:func:`~FetalAnnotateLib.graphcut.graph_cut_labels`): label boundaries are kept short
+        except along intensity edges of the image the geodesic distances read. 0 labels each
+        voxel by its own probabilities. Default :data:`SMOOTHNESS`; may be changed between
+        updates.
     enclosure_margin_mm : float or None
         *Outline mode* (off by default; :data:`OUTLINE_MARGIN_MM` is the benchmarked value): where, within one
         slice, the strokes of a class form a closed outline around strokes of exactly one
@@ -226,6 +238,7 @@ class AnnotationSession:
         pseudo_labels=5000,
         pseudo_margin_mm=20.0,
         pseudo_weight=0.3,
+        smoothness=SMOOTHNESS,
         enclosure_margin_mm=None,
     ):
         self._input_shape = np.shape(image)
@@ -242,6 +255,7 @@ class AnnotationSession:
         self.pseudo_labels = int(pseudo_labels)
         self.pseudo_margin_mm = float(pseudo_margin_mm)
         self.pseudo_weight = float(pseudo_weight)
+        self.smoothness = float(smoothness)
         self.enclosure_margin_mm = None if enclosure_margin_mm is None else float(enclosure_margin_mm)
         self.coarse_to_fine_voxels = int(coarse_to_fine_voxels)
         self.coarse_voxels = int(coarse_voxels)
@@ -251,10 +265,14 @@ class AnnotationSession:
         self._n_extra = 0 if extra_features is None else int(np.shape(extra_features)[0])
         self._features = _with_extra_features(features, extra_features, self._n_extra, self._input_shape)
         self._costs = None
+        report_progress(progress, 0.9, "geodesic step costs")
+        # Read by the geodesic distances and by the graph-cut refinement (``smoothness`` may be
+        # changed between updates).
+        self._edge_image = _geodesic_image(volume, self.spacing, self.feature_settings, geodesic_sigma_mm)
+        self._contrast = edge_contrast(self._edge_image, self.spacing)
         if self.spatial_context:
-            report_progress(progress, 0.9, "geodesic step costs")
             self._costs = GeodesicCosts(
-                _geodesic_image(volume, self.spacing, self.feature_settings, geodesic_sigma_mm),
+                self._edge_image,
                 self.spacing,
                 contrast=geodesic_contrast,
                 stride=self._reduced_stride(geodesic_voxels),
@@ -507,12 +525,22 @@ class AnnotationSession:
                     self._forest, index.size, lambda a, b: rows(index[a:b]), progress=progress
                 ).reshape((-1,) + sub_shape)
             strokes = self._strokes[region3d]
+        smoothing = None
+        if self.smoothness > 0:
+            edges = self._edge_image if region3d is None else self._edge_image[region3d]
+
+            def smoothing(best):
+                return graph_cut_labels(
+                    probabilities, best, edges, self.spacing, self.smoothness, self._contrast, fixed=strokes != 0
+                )
+
         labels = stroke_consistent_labels(
             probabilities,
             strokes,
             self._classes,
             keep_connected=self.spatial_context and region3d is None,
             dtype=_label_dtype(self._output_dtype, self._classes),
+            smoothing=smoothing,
         )
         out_shape = probabilities.shape[1:]
         if len(self._input_shape) == 2:
@@ -721,7 +749,7 @@ def _grown_box(coordinates, shape, spacing, margin_mm):
     return tuple(box)
 
 
-def stroke_consistent_labels(probabilities, strokes, classes, keep_connected=True, dtype=None):
+def stroke_consistent_labels(probabilities, strokes, classes, keep_connected=True, dtype=None, smoothing=None):
     """Label map from probabilities that agrees with the strokes.
 
     Painted voxels get their class; with ``keep_connected`` each class keeps only the
@@ -737,6 +765,9 @@ def stroke_consistent_labels(probabilities, strokes, classes, keep_connected=Tru
     keep_connected : bool
     dtype : numpy dtype, optional
         Of the returned labels; default that of ``numpy.asarray(classes)``.
+    smoothing : callable, optional
+        ``smoothing(indices) -> indices``: refines the most probable class indices (uint8,
+        painted voxels set) before the connected-component step, e.g. by graph cuts.
 
     Returns
     -------
@@ -750,6 +781,8 @@ def stroke_consistent_labels(probabilities, strokes, classes, keep_connected=Tru
     painted = np.flatnonzero(strokes)
     painted_class = np.searchsorted(classes, strokes.reshape(-1)[painted]).astype(np.uint8)
     best.reshape(-1)[painted] = painted_class
+    if smoothing is not None:
+        best = smoothing(best)
     if keep_connected:
         for index in range(len(classes)):
             mask = best == index

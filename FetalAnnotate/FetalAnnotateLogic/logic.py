@@ -211,7 +211,7 @@ class FetalAnnotateLogic:
 
     # ------------------------------------------------------------------ training and results
     def session(self, volumeNode, preset="default", forestSettings=None, progress=None, extraFeatureNodes=None,
-                outlineMode=False):
+                outlineMode=False, smoothness=None):
         """The AnnotationSession of a volume, created (features computed) on first use.
 
         Parameters
@@ -232,6 +232,9 @@ class FetalAnnotateLogic:
             slice, the next updates teach the inside (except its outer
             ``FetalAnnotateLib.OUTLINE_MARGIN_MM``) as that class
             (``AnnotationSession(enclosure_margin_mm=...)``); a setting of each call, not cached.
+        smoothness : float, optional
+            Weight of the graph-cut boundary term (``AnnotationSession(smoothness=...)``; 0: none);
+            ``FetalAnnotateLib.SMOOTHNESS`` when omitted. A setting of each call, not cached.
         """
         key = self._sessionKey(volumeNode, preset, forestSettings, extraFeatureNodes)
         cached = self._sessions.get(volumeNode.GetID())
@@ -244,6 +247,7 @@ class FetalAnnotateLogic:
             cached = self._sessions[volumeNode.GetID()] = _VolumeSession(session, key)
         cached.session.progress = progress
         cached.session.enclosure_margin_mm = _lib().OUTLINE_MARGIN_MM if outlineMode else None
+        cached.session.smoothness = _lib().SMOOTHNESS if smoothness is None else float(smoothness)
         return cached.session
 
     def hasSession(self, volumeNode, preset="default", forestSettings=None, extraFeatureNodes=None):
@@ -314,7 +318,7 @@ class FetalAnnotateLogic:
 
     def segment(self, volumeNode, segmentationNode, segmentIds=None, *, outputSegmentationNode=None,
                 thresholds=None, masking=None, preset="default", forestSettings=None, progress=None,
-                extraFeatureNodes=None, outlineMode=False):
+                extraFeatureNodes=None, outlineMode=False, smoothness=None):
         """Train on the painted segments and write probability volumes and ``"<class> (auto)"`` segments.
 
         Parameters
@@ -334,7 +338,7 @@ class FetalAnnotateLogic:
             Results are written only inside this editable area.
         preset, forestSettings, progress, extraFeatureNodes
             As for :meth:`session`.
-        outlineMode : bool
+        outlineMode, smoothness
             As for :meth:`session`.
 
         Returns
@@ -352,14 +356,14 @@ class FetalAnnotateLogic:
         computeFeatures = not self.hasSession(volumeNode, preset, forestSettings, extraFeatureNodes)
         session = self.session(volumeNode, preset, forestSettings,
                                _scaled(progress, 0.0, 0.6) if computeFeatures else None, extraFeatureNodes,
-                               outlineMode)
+                               outlineMode, smoothness)
         session.progress = _scaled(progress, 0.6, 1.0) if computeFeatures else progress
         result = session.update(strokes)
         classNames = [classNames[value - 1] for value in result.classes]
         self._sessions[volumeNode.GetID()].classNames = tuple(classNames)
         probabilityNodes = self.writeProbabilityVolumes(volumeNode, result.probabilities, classNames)
         outputSegmentationNode = outputSegmentationNode or segmentationNode
-        masks = classMasks(result.probabilities, strokes, result.classes, classNames, thresholds)
+        masks = classMasks(result.probabilities, strokes, result.classes, classNames, thresholds, result.labels)
         editable = self.editableArea(volumeNode, segmentationNode, masking)
         resultIds = self.writeResultSegments(volumeNode, segmentationNode, outputSegmentationNode, classNames, masks,
                                               editable)
@@ -377,7 +381,8 @@ class FetalAnnotateLogic:
         thresholds : dict, optional
             ``{class name: t}``: that class's segment becomes the voxels with probability >= t
             that connect to its strokes (it may then overlap other classes). Classes not listed
-            get the voxels where they are the most probable class.
+            get the voxels where they are the most probable class (without the graph-cut
+            smoothing of :meth:`segment`, which needs the image features: retrain for it).
         outputSegmentationNode : vtkMRMLSegmentationNode, optional
             Where the result segments are; ``segmentationNode`` when omitted.
         masking : Masking, optional
@@ -646,12 +651,15 @@ class FetalAnnotateLogic:
         return segment.GetColor() if segment is not None else None
 
 
-def classMasks(probabilities, strokes, classes, classNames, thresholds=None):
+def classMasks(probabilities, strokes, classes, classNames, thresholds=None, labels=None):
     """One boolean mask per class from probabilities, strokes and optional per-class thresholds.
 
-    Unthresholded classes: the engine's stroke-consistent labels (most probable class, painted
-    voxels keep their class, islands without a stroke dropped). A thresholded class: voxels with
-    probability >= t plus its strokes, minus other classes' strokes, kept where connected to its strokes.
+    Unthresholded classes: ``labels``, the engine's label map of that round
+    (``SegmentationResult.labels``: graph-cut smoothed, painted voxels keep their class, islands
+    without a stroke dropped); without it, the stroke-consistent labels of the probabilities
+    alone (most probable class, no smoothing: that needs the image). A thresholded class: voxels
+    with probability >= t plus its strokes, minus other classes' strokes, kept where connected to
+    its strokes.
     """
     thresholds = dict(thresholds or {})
     unknown = sorted(set(thresholds) - set(classNames))
@@ -660,7 +668,8 @@ def classMasks(probabilities, strokes, classes, classNames, thresholds=None):
                                         f"classes are {list(classNames)}")
     from FetalAnnotateLib.engine import stroke_consistent_labels
 
-    labels = stroke_consistent_labels(probabilities, strokes, classes)
+    if labels is None:
+        labels = stroke_consistent_labels(probabilities, strokes, classes)
     masks = []
     for index, (value, name) in enumerate(zip(classes, classNames)):
         threshold = thresholds.get(name)

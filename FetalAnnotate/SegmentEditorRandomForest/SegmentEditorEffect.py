@@ -30,7 +30,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorAutoCompleteEffect):
         self.clippedMasterImageDataRequired = False  # the logic reads the whole source volume itself
         self.clippedMaskImageDataRequired = False  # the logic builds the editable area itself
         self.logic = None
-        self.lastRound = None  # (classNames, probabilities, strokes, classes) of the last training
+        self.lastRound = None  # (classNames, probabilities, strokes, classes, labels) of the last training
         self.thresholdOnly = False  # next preview re-thresholds lastRound instead of retraining
 
     def clone(self):
@@ -194,11 +194,11 @@ updates reuse them.</li>
             result = logic.session(volumeNode, progress=self.reportProgress, outlineMode=outlineMode).update(strokes)
             # Label value k of the preview is the k-th selected segment, as the auto-complete base expects.
             self.lastRound = ([names[value - 1] for value in result.classes], result.probabilities, strokes,
-                              result.classes)
+                              result.classes, result.labels)
         self.thresholdOnly = False
-        classNames, probabilities, strokes, classes = self.lastRound
+        classNames, probabilities, strokes, classes, labels = self.lastRound
         thresholdClass = self.scriptedEffect.parameter("ThresholdClass")
-        masks = classMasks(probabilities, strokes, classes, classNames, self.thresholds(classNames))
+        masks = classMasks(probabilities, strokes, classes, classNames, self.thresholds(classNames), labels)
         editable = logic.editableArea(volumeNode, segmentationNode, Masking.fromSegmentEditorNode(parameterSetNode))
         labels = np.zeros(strokes.shape, np.uint8)
         # The thresholded class is written last, so what the slider does is what one sees.
@@ -249,8 +249,8 @@ updates reuse them.</li>
         parameterSetNode = self.scriptedEffect.parameterSetNode()
         volumeNode = parameterSetNode.GetSourceVolumeNode()
         segmentationNode = parameterSetNode.GetSegmentationNode()
-        classNames, probabilities, strokes, classes = self.lastRound
-        masks = classMasks(probabilities, strokes, classes, classNames, self.thresholds(classNames))
+        classNames, probabilities, strokes, classes, labels = self.lastRound
+        masks = classMasks(probabilities, strokes, classes, classNames, self.thresholds(classNames), labels)
         masking = Masking.fromSegmentEditorNode(parameterSetNode)
         editable = self.logic.editableArea(volumeNode, segmentationNode, masking)
         self.scriptedEffect.saveStateForUndo()
