@@ -15,6 +15,8 @@ from scipy.sparse import csgraph
 _CAPACITY_SCALE = 1000.0
 #: Probabilities are clipped here before the log, so one voxel costs at most ~9 nats.
 _MIN_PROBABILITY = 1e-4
+#: Alpha-expansion leaves out voxels whose probability of alpha is below 5 %.
+_MAX_MOVE_COST = -np.log(0.05)
 
 
 def edge_contrast(image, spacing):
@@ -41,7 +43,8 @@ def graph_cut_labels(probabilities, labels, image, spacing, smoothness, contrast
     neighbour distance in mm, so thick-slice neighbours weigh less). Voxels that are painted
     (``fixed``), or whose label has probability >= ``confident`` and lies more than ``band``
     voxels from a label boundary, keep their label and act as boundary conditions. Two classes
-    are solved exactly in that band by one minimum cut; more classes by alpha-expansion.
+    are solved exactly in that band by one minimum cut; more classes by alpha-expansion, where
+    a move to class alpha leaves out voxels whose probability of alpha is below 5 %.
 
     Parameters
     ----------
@@ -83,19 +86,25 @@ def graph_cut_labels(probabilities, labels, image, spacing, smoothness, contrast
         return labels
     flat_labels = labels.reshape(-1)
     costs = -np.log(np.maximum(probabilities.reshape(n_classes, -1)[:, voxels], _MIN_PROBABILITY))
-    pairs = _neighbour_pairs(voxels, shape, np.asarray(image, np.float32).reshape(-1), spacing,
-                             smoothness, contrast)
-    fixed_labels = flat_labels[pairs[1][1]]
+    image = np.asarray(image, np.float32).reshape(-1)
     if n_classes == 2:
+        pairs = _neighbour_pairs(voxels, shape, image, spacing, smoothness, contrast)
         stay = np.zeros(voxels.size, np.uint8)
-        flat_labels[voxels] = _solve_moves(costs[0], costs[1], pairs, stay, 1, fixed_labels)
+        flat_labels[voxels] = _solve_moves(costs[0], costs[1], pairs, stay, 1, flat_labels[pairs[1][1]])
         return labels
     for _ in range(cycles):
         for alpha in range(n_classes):
-            stay = flat_labels[voxels]
-            stay_cost = np.take_along_axis(costs, stay[None].astype(np.intp), axis=0)[0]
-            move = _solve_moves(stay_cost, costs[alpha], pairs, stay, alpha, fixed_labels).astype(bool)
-            flat_labels[voxels[move]] = alpha
+            # An expansion move only concerns voxels not labelled alpha yet and not unlikely to be
+            # alpha; the others are boundary conditions of this move, which keeps each cut small.
+            movable = np.flatnonzero((flat_labels[voxels] != alpha) & (costs[alpha] <= _MAX_MOVE_COST))
+            if movable.size == 0:
+                continue
+            moving = voxels[movable]
+            pairs = _neighbour_pairs(moving, shape, image, spacing, smoothness, contrast)
+            stay = flat_labels[moving]
+            stay_cost = np.take_along_axis(costs[:, movable], stay[None].astype(np.intp), axis=0)[0]
+            move = _solve_moves(stay_cost, costs[alpha, movable], pairs, stay, alpha, flat_labels[pairs[1][1]])
+            flat_labels[moving[move.astype(bool)]] = alpha
     return labels
 
 
