@@ -11,8 +11,10 @@ from scipy import ndimage as ndi
 from scipy import sparse
 from scipy.sparse import csgraph
 
-#: Capacities are integers for scipy's maximum flow: energies (nats) times this.
+#: Capacities are integers for scipy's maximum flow: energies (nats) times this, or less when
+#: the total source capacity (which bounds the flow) would not fit in int32.
 _CAPACITY_SCALE = 1000.0
+_MAX_TOTAL_CAPACITY = 2.0**30
 #: Probabilities are clipped here before the log, so one voxel costs at most ~9 nats.
 _MIN_PROBABILITY = 1e-4
 #: Alpha-expansion leaves out voxels whose probability of alpha is below 5 %.
@@ -123,7 +125,7 @@ def _near_boundary(labels, band):
 
 
 def _neighbour_pairs(voxels, shape, image, spacing, smoothness, contrast):
-    """Weighted 6-neighbour pairs of the solved voxels.
+    """Weighted 6-neighbour pairs of the solved voxels (``voxels``: sorted flat indices).
 
     Returns
     -------
@@ -132,8 +134,6 @@ def _neighbour_pairs(voxels, shape, image, spacing, smoothness, contrast):
     outer : (ndarray, ndarray, ndarray)
         Node position, flat index of the fixed neighbour, and weight.
     """
-    node = np.full(int(np.prod(shape)), -1, np.int64)
-    node[voxels] = np.arange(voxels.size)
     coordinates = np.unravel_index(voxels, shape)
     strides = np.cumprod((1,) + tuple(shape[::-1]))[:-1][::-1]
     finest = min(spacing[axis] for axis in range(3) if shape[axis] > 1)
@@ -147,8 +147,8 @@ def _neighbour_pairs(voxels, shape, image, spacing, smoothness, contrast):
             q = voxels[p] + sign * int(strides[axis])
             step = image[voxels[p]] - image[q]
             weight = smoothness * (finest / spacing[axis]) * np.exp(-(step * step) / contrast)
-            q_node = node[q]
-            both = q_node >= 0
+            q_node = np.minimum(np.searchsorted(voxels, q), voxels.size - 1)  # voxels are sorted
+            both = voxels[q_node] == q
             if sign == 1:  # pairs of two solved voxels once, from the lower one
                 for store, values in zip(inner, (p[both], q_node[both], weight[both])):
                     store.append(values)
@@ -182,7 +182,8 @@ def _min_cut(unary0, unary1, i, j, pair_capacity):
     rows = np.concatenate([np.full(n, source), nodes, i])
     cols = np.concatenate([nodes, np.full(n, sink), j])
     capacity = np.concatenate([np.maximum(difference, 0), np.maximum(-difference, 0), pair_capacity])
-    capacity = np.rint(capacity * _CAPACITY_SCALE).astype(np.int32)
+    scale = min(_CAPACITY_SCALE, _MAX_TOTAL_CAPACITY / max(float(capacity[:n].sum()), 1.0))
+    capacity = np.rint(capacity * scale).astype(np.int32)
     keep = capacity > 0
     graph = sparse.csr_matrix((capacity[keep], (rows[keep], cols[keep])), shape=(n + 2, n + 2))
     flow = csgraph.maximum_flow(graph, source, sink).flow

@@ -54,6 +54,8 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     add_architecture_options(parser)
     parser.add_argument("--resume", action="store_true", help="continue the run in --out (same settings)")
+    parser.add_argument("--patience", type=int, default=4,
+                        help="stop after this many epochs without a better validation loss (0: never)")
     parser.add_argument("--max-patches", type=int, default=300, help="held-out patches evaluated per seed")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args(argv)
@@ -72,7 +74,7 @@ def main(argv=None):
         config = TrainConfig(corruptor=args.corruptor, epochs=args.epochs, patches_per_epoch=args.patches_per_epoch,
                              base_channels=args.base_channels, depth=args.depth, patch_size=args.patch_size,
                              batch_size=args.batch_size, **architecture_options(args),
-                             patience=4, device="auto")
+                             patience=args.patience, device="auto")
         started = time.perf_counter()
         result = train(train_volumes, config, args.out, resume=args.resume,
                        progress=lambda info: print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
