@@ -147,6 +147,15 @@ def test_real_case_end_to_end(mrml_scene, shared_data):
     total = sum(slicer.util.arrayFromVolume(node) for node in result.probabilityVolumeNodes)
     np.testing.assert_allclose(total, 1.0, atol=1e-5)
 
+    # smoothness=0 (same cached session): the forest's most probable class, without the graph cut.
+    from FetalAnnotateLib.engine import stroke_consistent_labels
+
+    logic.segment(volume, segmentation, smoothness=0)
+    unsmoothed = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, auto_id, volume) > 0
+    probabilities = np.stack([slicer.util.arrayFromVolume(node) for node in result.probabilityVolumeNodes])
+    np.testing.assert_array_equal(unsmoothed, stroke_consistent_labels(probabilities, strokes, (1, 2)) == 2)
+    assert (unsmoothed != automatic).sum() > 100
+
     # Outline mode: the robot's background ring is a closed outline; its inside is taught as brain.
     logic.segment(volume, segmentation, outlineMode=True)
     outlined = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, auto_id, volume) > 0
