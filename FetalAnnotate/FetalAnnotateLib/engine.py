@@ -17,7 +17,7 @@ from sklearn.ensemble import RandomForestClassifier
 
 from .features import compute_features, feature_settings_for, filter_axes, normalize_intensity, slice_axis
 from .geodesic import GeodesicCosts
-from .graphcut import edge_contrast, graph_cut_labels
+from .graphcut import edge_contrast, graph_cut_labels, near_boundary
 from .validation import (
     FetalAnnotateError,
     ImageError,
@@ -623,12 +623,7 @@ def predict_coarse_to_fine(forest, shape, rows, stride, confidence=0.65, progres
     coarse = predict_blockwise(
         forest, coarse_index.size, lambda a, b: rows(coarse_index[a:b]), progress=_scaled(progress, 0.0, 0.5)
     ).reshape((-1,) + grid.shape)
-    best = np.argmax(coarse, axis=0)
-    footprint = np.ones((3, 3, 3), bool)
-    uncertain = (coarse.max(axis=0) < confidence) | (
-        ndi.maximum_filter(best, footprint=footprint, mode="nearest")
-        != ndi.minimum_filter(best, footprint=footprint, mode="nearest")
-    )
+    uncertain = (coarse.max(axis=0) < confidence) | near_boundary(np.argmax(coarse, axis=0))
     probabilities = coarse
     refine = uncertain
     for axis, step in enumerate(stride):

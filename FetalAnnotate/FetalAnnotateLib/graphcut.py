@@ -80,7 +80,7 @@ def graph_cut_labels(probabilities, labels, image, spacing, smoothness, contrast
         return labels
     n_classes = probabilities.shape[0]
     shape = labels.shape
-    free = _near_boundary(labels, band) | (probabilities.max(axis=0) < confident)
+    free = near_boundary(labels, band) | (probabilities.max(axis=0) < confident)
     if fixed is not None:
         free &= ~fixed
     voxels = np.flatnonzero(free)
@@ -110,8 +110,18 @@ def graph_cut_labels(probabilities, labels, image, spacing, smoothness, contrast
     return labels
 
 
-def _near_boundary(labels, band):
-    """Voxels within ``band`` voxels (a box) of a voxel with another label."""
+def near_boundary(labels, band=1):
+    """Voxels within ``band`` voxels (a box) of a voxel with another label.
+
+    Parameters
+    ----------
+    labels : ndarray of non-negative int, shape (z, y, x)
+    band : int
+
+    Returns
+    -------
+    ndarray of bool, shape (z, y, x)
+    """
     near = np.zeros(labels.shape, bool)
     counts = np.bincount(labels.reshape(-1))
     others = ndi.find_objects((labels != np.argmax(counts)).view(np.uint8))

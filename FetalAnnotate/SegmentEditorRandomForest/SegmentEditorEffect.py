@@ -196,9 +196,9 @@ updates reuse them.</li>
             self.lastRound = ([names[value - 1] for value in result.classes], result.probabilities, strokes,
                               result.classes, result.labels)
         self.thresholdOnly = False
-        classNames, probabilities, strokes, classes, labels = self.lastRound
+        classNames, probabilities, strokes, classes, engineLabels = self.lastRound
         thresholdClass = self.scriptedEffect.parameter("ThresholdClass")
-        masks = classMasks(probabilities, strokes, classes, classNames, self.thresholds(classNames), labels)
+        masks = classMasks(probabilities, strokes, classes, classNames, self.thresholds(classNames), engineLabels)
         editable = logic.editableArea(volumeNode, segmentationNode, Masking.fromSegmentEditorNode(parameterSetNode))
         labels = np.zeros(strokes.shape, np.uint8)
         # The thresholded class is written last, so what the slider does is what one sees.
@@ -249,8 +249,8 @@ updates reuse them.</li>
         parameterSetNode = self.scriptedEffect.parameterSetNode()
         volumeNode = parameterSetNode.GetSourceVolumeNode()
         segmentationNode = parameterSetNode.GetSegmentationNode()
-        classNames, probabilities, strokes, classes, labels = self.lastRound
-        masks = classMasks(probabilities, strokes, classes, classNames, self.thresholds(classNames), labels)
+        classNames, probabilities, strokes, classes, engineLabels = self.lastRound
+        masks = classMasks(probabilities, strokes, classes, classNames, self.thresholds(classNames), engineLabels)
         masking = Masking.fromSegmentEditorNode(parameterSetNode)
         editable = self.logic.editableArea(volumeNode, segmentationNode, masking)
         self.scriptedEffect.saveStateForUndo()

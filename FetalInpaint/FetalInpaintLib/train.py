@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import FetalInpaintError, InvalidVolumeError
+from .model import PREFILLS
 from .training import TrainConfig, train
 
 
@@ -83,7 +84,7 @@ def add_architecture_options(parser):
     defaults = TrainConfig()
     parser.add_argument("--skip-connections", action=argparse.BooleanOptionalAction, default=defaults.skip_connections,
                         help="U-Net skip connections")
-    parser.add_argument("--prefill", default=defaults.prefill or "none", choices=["none", "push-pull", "biharmonic"],
+    parser.add_argument("--prefill", default=defaults.prefill or "none", choices=["none", *PREFILLS],
                         help="fill the holes before the network, which predicts a correction to the fill")
 
 
