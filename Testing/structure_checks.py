@@ -188,7 +188,7 @@ PANEL_FOREST_PARAMETERS = {"numberOfTrees": "n_estimators", "maxDepth": "max_dep
 
 
 def check_panel_defaults(root):
-    """The FetalAnnotate panel's forest and smoothness defaults and preset names are the engine's
+    """The FetalAnnotate panel's forest, smoothness and memory defaults and preset names are the engine's
     (its copies, so the panel loads before scikit-learn is installed)."""
     panel = _literal_assignments(Path(root) / "FetalAnnotate" / "FetalAnnotate.py")
     engine = _literal_assignments(Path(root) / "FetalAnnotate" / "FetalAnnotateLib" / "engine.py")
@@ -198,8 +198,9 @@ def check_panel_defaults(root):
         if panel.get(parameter) != engine["DEFAULT_FOREST"][key]:
             problems.append(f"panel {parameter} = {panel.get(parameter)}, DEFAULT_FOREST[{key!r}] = "
                             f"{engine['DEFAULT_FOREST'][key]}")
-    if panel.get("smoothness") != engine["SMOOTHNESS"]:
-        problems.append(f"panel smoothness = {panel.get('smoothness')}, SMOOTHNESS = {engine['SMOOTHNESS']}")
+    for parameter, constant in (("smoothness", "SMOOTHNESS"), ("memory", "MEMORY")):
+        if panel.get(parameter) != engine[constant]:
+            problems.append(f"panel {parameter} = {panel.get(parameter)}, {constant} = {engine[constant]}")
     if tuple(panel.get("FEATURE_PRESET_NAMES", ())) != tuple(features["FEATURE_PRESETS"]):
         problems.append(f"FEATURE_PRESET_NAMES {panel.get('FEATURE_PRESET_NAMES')} != FEATURE_PRESETS keys "
                         f"{tuple(features['FEATURE_PRESETS'])}")

@@ -16,7 +16,12 @@ from FetalAnnotateLib import (
     StrokeError,
     compute_features,
 )
-from FetalAnnotateLib.engine import enclosed_pseudo_labels, predict_blockwise, stroke_consistent_labels
+from FetalAnnotateLib.engine import (
+    blend_probabilities,
+    enclosed_pseudo_labels,
+    predict_blockwise,
+    stroke_consistent_labels,
+)
 from FetalAnnotateLib.features import feature_settings_for
 
 
@@ -249,16 +254,59 @@ def test_corrections_and_more_than_two_classes():
     assert np.mean(result.labels[:, :, :5] == 3) > 0.9
 
 
-def test_local_corrections_only_add_the_stroke_class():
+def test_blend_probabilities_is_a_normalised_weighted_geometric_mean():
+    rng = np.random.default_rng(0)
+    new = rng.dirichlet(np.ones(3), size=50).T.astype(np.float32)
+    previous = rng.dirichlet(np.ones(3), size=50).T.astype(np.float32)
+    np.testing.assert_allclose(blend_probabilities(new, previous, 0.0), new, rtol=1e-5)
+    blend = blend_probabilities(new, previous, 0.3)
+    expected = new**0.7 * previous**0.3
+    np.testing.assert_allclose(blend, expected / expected.sum(axis=0), rtol=1e-5)
+    # A sure previous answer and an unsure new one: the previous class stays the most probable.
+    held = blend_probabilities(np.array([[0.3], [0.7]]), np.array([[0.99], [0.01]]), 0.5)
+    assert held[0, 0] > held[1, 0]
+
+
+def test_memory_blends_each_round_with_the_previous_one():
     image, inside = two_tissue_phantom()
-    session = AnnotationSession(image, (2.0, 1.0, 1.0), local_corrections=True)
     strokes = phantom_strokes(inside)
-    before = session.update(strokes).labels
-    strokes[2, 20:28, 20:26] = 1  # a background correction on another slice
-    after = session.update(strokes).labels
-    changed = after != before
-    assert changed.any()
-    assert set(np.unique(after[changed])) == {1}
+    with_memory = AnnotationSession(image, (2.0, 1.0, 1.0), memory=0.5)
+    without = AnnotationSession(image, (2.0, 1.0, 1.0), memory=0.0)
+    first = with_memory.update(strokes)
+    np.testing.assert_array_equal(first.probabilities, without.update(strokes).probabilities)
+    strokes[2, 20:28, 20:26] = 1  # a correction on another slice: the forests stay the same
+    second = with_memory.update(strokes)
+    # The session keeps the previous round in half precision.
+    expected = blend_probabilities(without.update(strokes).probabilities, first.probabilities.astype(np.float16), 0.5)
+    np.testing.assert_allclose(second.probabilities, expected, atol=1e-6)
+    # predict(), a region update and a repeated update reproduce the round, prior included.
+    np.testing.assert_allclose(with_memory.predict().probabilities, second.probabilities, atol=1e-6)
+    region = (slice(5, 6), slice(10, 40), slice(None))
+    part = with_memory.update(strokes, region=region)
+    np.testing.assert_allclose(part.probabilities, second.probabilities[(slice(None),) + region], atol=1e-6)
+    np.testing.assert_allclose(with_memory.update(strokes).probabilities, second.probabilities, atol=1e-6)
+
+
+@pytest.mark.parametrize("memory", [-0.1, 1.0, float("nan")])
+def test_memory_outside_zero_one_is_refused(memory):
+    image, _ = two_tissue_phantom(shape=(4, 24, 24))
+    with pytest.raises(FetalAnnotateError, match="memory"):
+        AnnotationSession(image, memory=memory)
+    session = AnnotationSession(image)
+    with pytest.raises(FetalAnnotateError, match="memory"):
+        session.memory = memory
+
+
+def test_erasing_a_stroke_starts_afresh():
+    image, inside = two_tissue_phantom()
+    strokes = phantom_strokes(inside)
+    session = AnnotationSession(image, (2.0, 1.0, 1.0), memory=0.5)
+    session.update(strokes)
+    strokes[2, 20:28, 20:26] = 1
+    session.update(strokes)
+    strokes[2, 20:28, 20:26] = 0  # undo the correction
+    fresh = AnnotationSession(image, (2.0, 1.0, 1.0), memory=0.5).update(strokes)
+    np.testing.assert_array_equal(session.update(strokes).probabilities, fresh.probabilities)
 
 
 def test_enclosed_pseudo_labels_follow_closed_outlines():
@@ -414,6 +462,25 @@ def test_real_stack_round_zero_dice_floor():
     labels = AnnotationSession(image, spacing).update(strokes).labels
     # Measured 0.72 at round 0 on this stack (0.78 in outline mode, docs/engine.md); Slicer GrowCut gets 0.75.
     assert robot_dice(labels == 2, target) > 0.6
+
+
+def test_real_stack_correction_does_not_overturn_the_result():
+    from conftest import load_case_arrays, load_cases
+    from robot_user import acquisition_axis, add_correction_stroke, dice as robot_dice, initial_strokes
+
+    row = next(row for row in load_cases("fetal_mri_mialsrtk_sub01") if row["case"] == "sub-01_run-5")
+    image, target, spacing = load_case_arrays(row)
+    axis = acquisition_axis(spacing)
+    strokes = initial_strokes(target, axis)
+    session = AnnotationSession(image, spacing, enclosure_margin_mm=4.0)
+    dices = []
+    for _ in range(3):
+        labels = session.update(strokes).labels
+        dices.append(robot_dice(labels == 2, target))
+        add_correction_stroke(strokes, target, labels == 2, axis)
+    # Round 2 follows a brain stroke on the last brain slice, which turned the maternal tissue around it
+    # into brain: Dice 0.88 0.87 0.55 without memory; measured 0.88 0.89 0.85 with it.
+    assert dices[2] > 0.8
 
 
 def test_real_ultrasound_outline_mode_round_zero_dice_floor():

@@ -161,6 +161,26 @@ def test_real_case_end_to_end(mrml_scene, shared_data):
     outlined = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, auto_id, volume) > 0
     assert dice(outlined, target) > dice(automatic, target) + 0.03  # measured 0.72 -> 0.78
 
+    # A correction round: its probabilities blend the new forest's with the previous round's
+    # (FetalAnnotateLib.MEMORY); memory=0 gives the new forest's alone.
+    from FetalAnnotateLib import MEMORY
+    from FetalAnnotateLib.engine import blend_probabilities
+    from robot_user import add_correction_stroke
+
+    def probability_arrays():
+        return np.stack([slicer.util.arrayFromVolume(node) for node in result.probabilityVolumeNodes])
+
+    previous = probability_arrays()
+    add_correction_stroke(strokes, target, outlined, acquisition_axis(spacing))
+    for value, segment_id in enumerate(ids, start=1):
+        slicer.util.updateSegmentBinaryLabelmapFromArray((strokes == value).astype(np.uint8), segmentation,
+                                                         segment_id, volume)
+    logic.segment(volume, segmentation, outlineMode=True, memory=0)
+    fresh = probability_arrays()
+    logic.segment(volume, segmentation, outlineMode=True)
+    blended = blend_probabilities(fresh, previous.astype(np.float16), MEMORY)  # the session keeps half precision
+    np.testing.assert_allclose(probability_arrays(), blended, atol=1e-5)
+
 
 # ---------------------------------------------------------------------- geometry
 def test_strokes_on_segmentation_with_other_spacing_and_extent(mrml_scene):

@@ -6,6 +6,7 @@ outside Slicer. See ``docs/engine.md``.
 
 from .engine import (
     DEFAULT_FOREST,
+    MEMORY,
     OUTLINE_MARGIN_MM,
     SMOOTHNESS,
     AnnotationSession,
@@ -25,6 +26,7 @@ __all__ = [
     "OperationCancelled",
     "FEATURE_PRESETS",
     "DEFAULT_FOREST",
+    "MEMORY",
     "OUTLINE_MARGIN_MM",
     "SMOOTHNESS",
     "compute_features",

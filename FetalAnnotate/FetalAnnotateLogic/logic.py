@@ -211,7 +211,7 @@ class FetalAnnotateLogic:
 
     # ------------------------------------------------------------------ training and results
     def session(self, volumeNode, preset="default", forestSettings=None, progress=None, extraFeatureNodes=None,
-                outlineMode=False, smoothness=None):
+                outlineMode=False, smoothness=None, memory=None):
         """The AnnotationSession of a volume, created (features computed) on first use.
 
         Parameters
@@ -235,6 +235,10 @@ class FetalAnnotateLogic:
         smoothness : float, optional
             Weight of the graph-cut boundary term (``AnnotationSession(smoothness=...)``; 0: none);
             ``FetalAnnotateLib.SMOOTHNESS`` when omitted. A setting of each call, not cached.
+        memory : float, optional
+            Share of the previous round's probabilities in a round that only adds strokes
+            (``AnnotationSession(memory=...)``; 0: each round starts afresh);
+            ``FetalAnnotateLib.MEMORY`` when omitted. A setting of each call, not cached.
         """
         key = self._sessionKey(volumeNode, preset, forestSettings, extraFeatureNodes)
         cached = self._sessions.get(volumeNode.GetID())
@@ -248,6 +252,7 @@ class FetalAnnotateLogic:
         cached.session.progress = progress
         cached.session.enclosure_margin_mm = _lib().OUTLINE_MARGIN_MM if outlineMode else None
         cached.session.smoothness = _lib().SMOOTHNESS if smoothness is None else float(smoothness)
+        cached.session.memory = _lib().MEMORY if memory is None else float(memory)
         return cached.session
 
     def hasSession(self, volumeNode, preset="default", forestSettings=None, extraFeatureNodes=None):
@@ -318,7 +323,7 @@ class FetalAnnotateLogic:
 
     def segment(self, volumeNode, segmentationNode, segmentIds=None, *, outputSegmentationNode=None,
                 thresholds=None, masking=None, preset="default", forestSettings=None, progress=None,
-                extraFeatureNodes=None, outlineMode=False, smoothness=None):
+                extraFeatureNodes=None, outlineMode=False, smoothness=None, memory=None):
         """Train on the painted segments and write probability volumes and ``"<class> (auto)"`` segments.
 
         Parameters
@@ -338,7 +343,7 @@ class FetalAnnotateLogic:
             Results are written only inside this editable area.
         preset, forestSettings, progress, extraFeatureNodes
             As for :meth:`session`.
-        outlineMode, smoothness
+        outlineMode, smoothness, memory
             As for :meth:`session`.
 
         Returns
@@ -356,7 +361,7 @@ class FetalAnnotateLogic:
         computeFeatures = not self.hasSession(volumeNode, preset, forestSettings, extraFeatureNodes)
         session = self.session(volumeNode, preset, forestSettings,
                                _scaled(progress, 0.0, 0.6) if computeFeatures else None, extraFeatureNodes,
-                               outlineMode, smoothness)
+                               outlineMode, smoothness, memory)
         session.progress = _scaled(progress, 0.6, 1.0) if computeFeatures else progress
         result = session.update(strokes)
         classNames = [classNames[value - 1] for value in result.classes]
