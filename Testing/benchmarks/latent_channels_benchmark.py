@@ -40,11 +40,12 @@ def pretrain(volumes, epochs, patches_per_epoch, output_dir, seed):
     return model, metadata, time.perf_counter() - start
 
 
-def robot_rounds(image, spacing, target, axis, rounds, extra_features=None):
-    """Dice per round and seconds per round of the engine with the robot user."""
-    from FetalAnnotateLib import AnnotationSession
+def robot_rounds(image, spacing, target, axis, rounds, extra_features=None, outline=False):
+    """Dice per round and seconds per round of the engine with the robot user (``outline``: outline mode)."""
+    from FetalAnnotateLib import OUTLINE_MARGIN_MM, AnnotationSession
 
-    session = AnnotationSession(image, spacing, extra_features=extra_features)
+    session = AnnotationSession(image, spacing, extra_features=extra_features,
+                                enclosure_margin_mm=OUTLINE_MARGIN_MM if outline else None)
     strokes = robot_user.initial_strokes(target, axis)
     dices, seconds = [], []
     for round_index in range(rounds + 1):
@@ -69,6 +70,7 @@ def main(argv=None):
     parser.add_argument("--holdout", action="store_true", help="pretrain one encoder per case on the other cases")
     parser.add_argument("--pca", type=int, default=8, help="encoder channels kept after PCA (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--outline", action="store_true", help="run the engine in outline mode")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -105,7 +107,7 @@ def main(argv=None):
         latent = encode_volume(model, image, spacing, metadata, pca_components=args.pca)
         encode_s = time.perf_counter() - start
         for variant, extra in (("filter bank", None), ("+ encoder", latent)):
-            dices, seconds = robot_rounds(image, spacing, target, axis, args.rounds, extra)
+            dices, seconds = robot_rounds(image, spacing, target, axis, args.rounds, extra, args.outline)
             table[variant].append(dices)
             print(f"{name:22s} {variant:16s} {dices[0]:8.3f} {dices[min(5, args.rounds)]:8.3f} "
                   f"{np.median(seconds):8.2f} {encode_s if extra is not None else 0:9.2f}", flush=True)
