@@ -103,7 +103,11 @@ def test_panel_default_disagreeing_with_engine_is_reported(broken_copy):
     assert checks.check_panel_defaults(broken_copy) == ["panel maxDepth = 12, DEFAULT_FOREST['max_depth'] = 16"]
 
 
-def test_panel_smoothness_disagreeing_with_engine_is_reported(broken_copy):
+@pytest.mark.parametrize("default, changed, problem", [
+    ("WithinRange(0.0, 20.0)] = 3.0", "WithinRange(0.0, 20.0)] = 1.0", "panel smoothness = 1.0, SMOOTHNESS = 3.0"),
+    ("WithinRange(0.0, 0.9)] = 0.5", "WithinRange(0.0, 0.9)] = 0.3", "panel memory = 0.3, MEMORY = 0.5"),
+])
+def test_panel_smoothness_or_memory_disagreeing_with_engine_is_reported(broken_copy, default, changed, problem):
     module_file = broken_copy / "FetalAnnotate" / "FetalAnnotate.py"
-    rewrite(module_file, lambda text: text.replace("WithinRange(0.0, 20.0)] = 3.0", "WithinRange(0.0, 20.0)] = 1.0"))
-    assert checks.check_panel_defaults(broken_copy) == ["panel smoothness = 1.0, SMOOTHNESS = 3.0"]
+    rewrite(module_file, lambda text: text.replace(default, changed))
+    assert checks.check_panel_defaults(broken_copy) == [problem]
