@@ -262,7 +262,7 @@ class AnnotationSession:
         self.max_training_voxels = int(max_training_voxels)
         self.coarse_to_fine = bool(coarse_to_fine)
         self.fold_mm = float(fold_mm)
-        self.memory = float(memory)
+        self.memory = memory
         self.pseudo_labels = int(pseudo_labels)
         self.pseudo_margin_mm = float(pseudo_margin_mm)
         self.pseudo_weight = float(pseudo_weight)
@@ -362,9 +362,10 @@ class AnnotationSession:
         if self._last_round is None:
             return None
         before, before_classes, probabilities, prior = self._last_round
-        if classes != before_classes or np.any((before != 0) & (strokes != before)):
+        changed = strokes != before
+        if classes != before_classes or np.any(changed & (before != 0)):
             return None
-        return prior if np.array_equal(strokes, before) else probabilities
+        return probabilities if changed.any() else prior
 
     def predict(self, region=None):
         """Predict the image (or ``region``) with the last trained forest (and the prior of its update)."""
