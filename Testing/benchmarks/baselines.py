@@ -68,8 +68,9 @@ class ForestOnFeatures:
 
     forest_params = {}
 
-    def __init__(self, image, spacing, axis):
+    def __init__(self, image, spacing, axis, seed=0):
         self.table = self.features(image, spacing, axis)
+        self.seed = seed
 
     def training_set(self, table, labels):
         return table, labels
@@ -79,7 +80,7 @@ class ForestOnFeatures:
 
         painted = (strokes > 0).ravel()
         table, labels = self.training_set(self.table[painted], strokes.ravel()[painted])
-        forest = RandomForestClassifier(**self.forest_params).fit(table, labels)
+        forest = RandomForestClassifier(**{**self.forest_params, "random_state": self.seed}).fit(table, labels)
         column = list(forest.classes_).index(FOREGROUND)
         probability = np.empty(self.table.shape[0], np.float32)
         block = 1 << 20
@@ -91,7 +92,7 @@ class ForestOnFeatures:
 class SkimageTrainable(ForestOnFeatures):
     """scikit-image trainable segmentation: ``multiscale_basic_features`` + random forest."""
 
-    forest_params = dict(n_estimators=50, n_jobs=-1, max_depth=10, max_samples=0.05, random_state=0)
+    forest_params = dict(n_estimators=50, n_jobs=-1, max_depth=10, max_samples=0.05)
 
     def features(self, image, spacing, axis):
         from skimage.feature import multiscale_basic_features
@@ -105,7 +106,7 @@ class PaperTable1(ForestOnFeatures):
     """The reference paper's Table I: per-slice 2D filters, forest of 50 trees of depth 50 on class-balanced resamples."""
 
     forest_params = dict(n_estimators=50, max_depth=50, criterion="gini", max_features="sqrt",
-                         oob_score=True, bootstrap=True, n_jobs=-1, random_state=0)
+                         oob_score=True, bootstrap=True, n_jobs=-1)
 
     def features(self, image, spacing, axis):
         from skimage.filters.rank import entropy
@@ -130,7 +131,7 @@ class PaperTable1(ForestOnFeatures):
 
     def training_set(self, table, labels):
         # Table I: resample so both classes have the same number of samples.
-        rng = np.random.default_rng(0)
+        rng = np.random.default_rng(self.seed)
         half = len(labels) // 2
         background = rng.choice(np.nonzero(labels == 1)[0], half)
         foreground = rng.choice(np.nonzero(labels == FOREGROUND)[0], half)

@@ -9,7 +9,9 @@ in its own subprocess so that its peak RSS is its own.
         --methods engine,growcut-full --limit 2 --json out.json
 
 Rounds run until ``--rounds`` (Dice at rounds 0/5/10) and further, up to ``--cap``, only while
-Dice 0.9 has not been reached (rounds-to-0.9). Not part of CI.
+Dice 0.9 has not been reached (rounds-to-0.9). ``--seeds N`` runs every method that trains a
+forest with random states 0..N-1 and reports the mean over them and, per dataset, the spread
+of the dataset means between seeds (GrowCut is deterministic: one run). Not part of CI.
 """
 
 import argparse
@@ -31,6 +33,7 @@ sys.path.insert(0, str(REPOSITORY_ROOT / "FetalAnnotate"))
 import robot_user  # noqa: E402
 
 ALL_METHODS = ("engine", "engine-outline", "engine-table1", "growcut-extent", "growcut-full", "skimage", "paper")
+DETERMINISTIC_METHODS = ("growcut-extent", "growcut-full")
 
 
 # --------------------------------------------------------------------------- methods
@@ -46,31 +49,33 @@ class EngineMethod:
         return self.session.update(strokes).labels == robot_user.FOREGROUND
 
 
-def make_method(name, image, spacing, axis):
-    """Build the named method on one image (this is the timed setup)."""
+def make_method(name, image, spacing, axis, seed=0):
+    """Build the named method on one image (this is the timed setup); ``seed`` is the random
+    state of the methods that train a forest."""
     import baselines
 
     if name == "engine":
-        return EngineMethod(image, spacing, axis)
+        return EngineMethod(image, spacing, axis, random_state=seed)
     if name == "engine-options":  # session options as JSON in $FA_ENGINE_OPTIONS (experiments)
         import json
         import os
 
-        return EngineMethod(image, spacing, axis, **json.loads(os.environ.get("FA_ENGINE_OPTIONS", "{}")))
+        options = {"random_state": seed, **json.loads(os.environ.get("FA_ENGINE_OPTIONS", "{}"))}
+        return EngineMethod(image, spacing, axis, **options)
     if name == "engine-outline":  # outline mode: a closed ring of strokes teaches its inside
         from FetalAnnotateLib import OUTLINE_MARGIN_MM
 
-        return EngineMethod(image, spacing, axis, enclosure_margin_mm=OUTLINE_MARGIN_MM)
+        return EngineMethod(image, spacing, axis, enclosure_margin_mm=OUTLINE_MARGIN_MM, random_state=seed)
     if name == "engine-table1":
-        return EngineMethod(image, spacing, axis, preset="paper-table1", spatial_context=False)
+        return EngineMethod(image, spacing, axis, preset="paper-table1", spatial_context=False, random_state=seed)
     if name == "growcut-extent":
         return baselines.GrowCut(image, spacing, axis, restrict_extent=True)
     if name == "growcut-full":
         return baselines.GrowCut(image, spacing, axis, restrict_extent=False)
     if name == "skimage":
-        return baselines.SkimageTrainable(image, spacing, axis)
+        return baselines.SkimageTrainable(image, spacing, axis, seed=seed)
     if name == "paper":
-        return baselines.PaperTable1(image, spacing, axis)
+        return baselines.PaperTable1(image, spacing, axis, seed=seed)
     raise SystemExit(f"unknown method {name!r}; choose from {', '.join(ALL_METHODS)}")
 
 
@@ -105,11 +110,11 @@ def read_manifest(manifest, dataset=None, limit=0):
 
 
 # --------------------------------------------------------------------------- protocol
-def run_case(method_name, row, root, rounds, cap, target_dice=0.9):
+def run_case(method_name, row, root, rounds, cap, target_dice=0.9, seed=0):
     """Robot-user session of one method on one case."""
     image, target, spacing, axis = load_case(row, root)
     start = time.perf_counter()
-    method = make_method(method_name, image, spacing, axis)
+    method = make_method(method_name, image, spacing, axis, seed)
     setup_s = time.perf_counter() - start
     strokes = robot_user.initial_strokes(target, axis)
     dices, round_s = [], []
@@ -127,6 +132,7 @@ def run_case(method_name, row, root, rounds, cap, target_dice=0.9):
     hits = [i for i, d in enumerate(dices) if d >= target_dice]
     return {
         "case": row["case"],
+        "seed": seed,
         "setup_s": setup_s,
         "dice": dices,
         "round_s": round_s,
@@ -180,11 +186,13 @@ def worker(args):
         method, dataset = args.worker.split("@", 1)
         manifest = Path(args.manifest)
         rows = read_manifest(manifest, dataset, args.limit)
+        seeds = [0] if method in DETERMINISTIC_METHODS else range(args.seeds)
         cases = []
-        for row in rows:
-            cases.append(run_case(method, row, manifest.parent, args.rounds, args.cap))
-            print(f"  {method:15s} {row['case'][:34]:34s} dice " + " ".join(f"{d:.3f}" for d in cases[-1]["dice"][:11]),
-                  file=sys.stderr, flush=True)
+        for seed in seeds:
+            for row in rows:
+                cases.append(run_case(method, row, manifest.parent, args.rounds, args.cap, seed=seed))
+                print(f"  {method:15s} {row['case'][:34]:34s} seed {seed} dice "
+                      + " ".join(f"{d:.3f}" for d in cases[-1]["dice"][:11]), file=sys.stderr, flush=True)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     print(json.dumps({"cases": cases, "peak_rss_mb": peak_kib / 1024.0}))
 
@@ -192,18 +200,33 @@ def worker(args):
 def summarize(cases, rounds, cap):
     """Mean Dice at rounds 0/5/10 and over rounds 1-10, the largest one-round drop of Dice in
     rounds 1-10 (mean over cases; 0 when a correction never made the result worse), mean rounds
-    to 0.9 (unreached counted as cap), timings. Single rounds of single cases swing by +-0.1 as
-    one stroke lands elsewhere; the mean over rounds 1-10 is the steadier comparison."""
+    to 0.9 (unreached counted as cap), timings; all over every (case, seed) run. Single rounds of
+    single cases swing by +-0.1 as one stroke lands elsewhere; the mean over rounds 1-10 is the
+    steadier comparison. With several seeds, ``sd_r0`` and ``sd_r1_r10`` are the standard
+    deviations of the dataset means between seeds (how much the forest's randomness alone moves
+    the figures)."""
     def at(dices, index):
         return dices[min(index, len(dices) - 1)]
 
+    def seed_spread(value):
+        seeds = sorted({c["seed"] for c in cases})
+        if len(seeds) < 2:
+            return 0.0
+        return float(np.std([np.mean([value(c["dice"]) for c in cases if c["seed"] == s]) for s in seeds], ddof=1))
+
+    def mean_r1_r10(dices):
+        return np.mean([at(dices, i) for i in range(1, 11)])
+
     reached = [c["rounds_to_target"] for c in cases]
     return {
-        "n": len(cases),
+        "n": len({c["case"] for c in cases}),
+        "seeds": len({c["seed"] for c in cases}),
         "dice_r0": float(np.mean([at(c["dice"], 0) for c in cases])),
         "dice_r5": float(np.mean([at(c["dice"], 5) for c in cases])),
         "dice_r10": float(np.mean([at(c["dice"], 10) for c in cases])),
-        "dice_r1_r10": float(np.mean([np.mean([at(c["dice"], i) for i in range(1, 11)]) for c in cases])),
+        "dice_r1_r10": float(np.mean([mean_r1_r10(c["dice"]) for c in cases])),
+        "sd_r0": seed_spread(lambda dices: at(dices, 0)),
+        "sd_r1_r10": seed_spread(mean_r1_r10),
         "worst_drop": float(np.mean([max(0.0, max(at(c["dice"], i - 1) - at(c["dice"], i) for i in range(1, 11)))
                                      for c in cases])),
         "rounds_to_0.9": float(np.mean([cap if r is None else r for r in reached])),
@@ -222,6 +245,7 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=10, help="rounds always run (Dice at 0/5/10)")
     parser.add_argument("--cap", type=int, default=20, help="most rounds when Dice 0.9 is not reached")
     parser.add_argument("--methods", default=",".join(ALL_METHODS))
+    parser.add_argument("--seeds", type=int, default=1, help="random states 0..N-1 of the forest methods")
     parser.add_argument("--no-synthetic", action="store_true", help="skip the 512x512x80 timing case")
     parser.add_argument("--json", default="", help="write all per-case results here")
     parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
@@ -237,13 +261,13 @@ def main(argv=None):
     results = {}
     for job in jobs:
         command = [sys.executable, __file__, args.manifest, "--worker", job, "--limit", str(args.limit),
-                   "--rounds", str(args.rounds), "--cap", str(args.cap)]
+                   "--rounds", str(args.rounds), "--cap", str(args.cap), "--seeds", str(args.seeds)]
         print(f"running {job}", file=sys.stderr, flush=True)
         done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
         results[job] = json.loads(done.stdout.strip().splitlines()[-1])
 
     header = (f"{'dataset':26s} {'method':15s} {'n':>3s} {'Dice r0':>8s} {'r5':>6s} {'r10':>6s} {'r1-10':>6s} {'drop':>6s} "
-              f"{'rounds>=0.9':>11s} {'setup s':>8s} {'s/round':>8s} {'peak RSS MB':>11s}")
+              f"{'rounds>=0.9':>11s} {'setup s':>8s} {'s/round':>8s} {'peak RSS MB':>11s} {'seeds':>5s} {'sd r0':>6s} {'sd r1-10':>8s}")
     print(header)
     for job, result in results.items():
         if job == "synthetic":
@@ -253,7 +277,8 @@ def main(argv=None):
         result["summary"] = s
         print(f"{dataset:26s} {method:15s} {s['n']:3d} {s['dice_r0']:8.3f} {s['dice_r5']:6.3f} {s['dice_r10']:6.3f} {s['dice_r1_r10']:6.3f} "
               f"{s['worst_drop']:6.3f} "
-              f"{s['rounds_to_0.9']:6.1f} ({s['reached_0.9']:2d}) {s['setup_s']:8.2f} {s['median_round_s']:8.2f} {result['peak_rss_mb']:11.0f}")
+              f"{s['rounds_to_0.9']:6.1f} ({s['reached_0.9']:2d}) {s['setup_s']:8.2f} {s['median_round_s']:8.2f} {result['peak_rss_mb']:11.0f} "
+              f"{s['seeds']:5d} {s['sd_r0']:6.3f} {s['sd_r1_r10']:8.3f}")
     if "synthetic" in results:
         case = results["synthetic"]["cases"][0]
         print(f"synthetic 512x512x80 engine: setup {case['setup_s']:.2f} s, median {np.median(case['round_s']):.2f} s/round, "
