@@ -6,7 +6,8 @@ passed to the engine as ``extra_features``. Both variants then meet the same rob
 (robot_user.py) for ``--rounds`` rounds; Dice at rounds 0 and 5 and seconds per round are printed
 side by side. Pretraining on the very stacks that are segmented is what a user does with the
 module (self-supervised, no expert mask is seen); ``--holdout`` trains one encoder per stack on
-the other stacks instead.
+the other stacks instead. ``--seeds N`` repeats the robot rounds with the engine's forest at
+random states 0..N-1 and reports the mean gain and the gain per random state.
 
     .venv/bin/python Testing/benchmarks/latent_channels_benchmark.py --epochs 6
     .venv/bin/python Testing/benchmarks/latent_channels_benchmark.py --checkpoint runs/x/model.pt
@@ -40,11 +41,11 @@ def pretrain(volumes, epochs, patches_per_epoch, output_dir, seed):
     return model, metadata, time.perf_counter() - start
 
 
-def robot_rounds(image, spacing, target, axis, rounds, extra_features=None, outline=False):
+def robot_rounds(image, spacing, target, axis, rounds, extra_features=None, outline=False, random_state=0):
     """Dice per round and seconds per round of the engine with the robot user (``outline``: outline mode)."""
     from FetalAnnotateLib import OUTLINE_MARGIN_MM, AnnotationSession
 
-    session = AnnotationSession(image, spacing, extra_features=extra_features,
+    session = AnnotationSession(image, spacing, extra_features=extra_features, random_state=random_state,
                                 enclosure_margin_mm=OUTLINE_MARGIN_MM if outline else None)
     strokes = robot_user.initial_strokes(target, axis)
     dices, seconds = [], []
@@ -71,7 +72,8 @@ def main(argv=None):
     parser.add_argument("--pca", type=int, default=8, help="encoder channels kept after PCA (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--outline", action="store_true", help="run the engine in outline mode")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="pretraining seed")
+    parser.add_argument("--seeds", type=int, default=1, help="random states 0..N-1 of the engine's forest")
     args = parser.parse_args(argv)
 
     from FetalInpaintLib.features import encode_volume
@@ -99,25 +101,28 @@ def main(argv=None):
             encoders = {name: (model, metadata) for name in cases}
             print(f"encoder: pretrained on {sorted(volumes)} ({args.epochs} epochs) in {seconds:.0f} s")
 
-    print(f"\n{'case':22s} {'variant':16s} {'Dice r0':>8s} {'Dice r5':>8s} {'s/round':>8s} {'encode s':>9s}")
-    table = {"filter bank": [], "+ encoder": []}
+    print(f"\n{'case':22s} {'seed':>4s} {'variant':16s} {'Dice r0':>8s} {'Dice r5':>8s} {'s/round':>8s} {'encode s':>9s}")
+    table = {"filter bank": [], "+ encoder": []}  # one row of Dice per (case, seed)
     for name, (image, target, spacing, axis) in cases.items():
         model, metadata = encoders[name]
         start = time.perf_counter()
         latent = encode_volume(model, image, spacing, metadata, pca_components=args.pca)
         encode_s = time.perf_counter() - start
-        for variant, extra in (("filter bank", None), ("+ encoder", latent)):
-            dices, seconds = robot_rounds(image, spacing, target, axis, args.rounds, extra, args.outline)
-            table[variant].append(dices)
-            print(f"{name:22s} {variant:16s} {dices[0]:8.3f} {dices[min(5, args.rounds)]:8.3f} "
-                  f"{np.median(seconds):8.2f} {encode_s if extra is not None else 0:9.2f}", flush=True)
+        for seed in range(args.seeds):
+            for variant, extra in (("filter bank", None), ("+ encoder", latent)):
+                dices, seconds = robot_rounds(image, spacing, target, axis, args.rounds, extra, args.outline, seed)
+                table[variant].append(dices)
+                print(f"{name:22s} {seed:4d} {variant:16s} {dices[0]:8.3f} {dices[min(5, args.rounds)]:8.3f} "
+                      f"{np.median(seconds):8.2f} {encode_s if extra is not None else 0:9.2f}", flush=True)
     print()
     for variant, dices in table.items():
         dices = np.array(dices)
         print(f"MEAN {variant:16s} Dice r0 {dices[:, 0].mean():.3f}  r5 {dices[:, min(5, args.rounds)].mean():.3f}  "
-              f"(n={len(dices)})")
-    gain = np.mean([d[0] for d in table["+ encoder"]]) - np.mean([d[0] for d in table["filter bank"]])
-    print(f"encoder channels change mean Dice at round 0 by {gain:+.3f}")
+              f"(n={len(dices)} case x seed runs)")
+    gains = np.array([d[0] for d in table["+ encoder"]]) - np.array([d[0] for d in table["filter bank"]])
+    per_seed = gains.reshape(len(cases), args.seeds).mean(axis=0)  # rows run case-major, seeds inner
+    print(f"encoder channels change mean Dice at round 0 by {gains.mean():+.3f} "
+          f"(per random state: {' '.join(f'{g:+.3f}' for g in per_seed)})")
 
 
 if __name__ == "__main__":
