@@ -252,7 +252,7 @@ class FetalAnnotateLogic:
         cached.session.progress = progress
         cached.session.enclosure_margin_mm = _lib().OUTLINE_MARGIN_MM if outlineMode else None
         cached.session.smoothness = _lib().SMOOTHNESS if smoothness is None else float(smoothness)
-        cached.session.memory = _lib().MEMORY if memory is None else float(memory)
+        cached.session.memory = _lib().MEMORY if memory is None else memory  # the setter converts and checks
         return cached.session
 
     def hasSession(self, volumeNode, preset="default", forestSettings=None, extraFeatureNodes=None):
