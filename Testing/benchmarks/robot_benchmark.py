@@ -80,10 +80,13 @@ def make_method(name, image, spacing, axis, seed=0):
 
 
 # --------------------------------------------------------------------------- data
-def load_case(row, root):
+def load_case(row, root, thicken=1):
     """Image (float32 z,y,x), boolean target, spacing (z,y,x mm), acquisition axis.
 
-    PNG images are one slice with 1 mm pixels, as in the reference harness.
+    PNG images are one slice with 1 mm pixels, as in the reference harness. ``thicken`` > 1
+    turns an isotropic volume into a thick-slice stack: every ``thicken`` slices along the first
+    axis are averaged into one (the target: where most of them are target), so the atlas volumes
+    also test what the engine does with thick slices; stacks and 2D images are left as they are.
     """
     path, label_path = root / row["image"], root / row["label"]
     if path.suffix == ".png":
@@ -100,6 +103,11 @@ def load_case(row, root):
     value = int(row["label_value"] or 0)
     target = (label == value) if value else (label > 0)
     spacing = tuple(itk_image.GetSpacing()[::-1])
+    if thicken > 1 and max(spacing) <= 1.5 * min(spacing):
+        n_slices = image.shape[0] // thicken
+        image = image[: n_slices * thicken].reshape((n_slices, thicken) + image.shape[1:]).mean(axis=1)
+        target = target[: n_slices * thicken].reshape((n_slices, thicken) + target.shape[1:]).mean(axis=1) > 0.5
+        spacing = (spacing[0] * thicken,) + spacing[1:]
     return image, target, spacing, robot_user.acquisition_axis(spacing)
 
 
@@ -110,9 +118,9 @@ def read_manifest(manifest, dataset=None, limit=0):
 
 
 # --------------------------------------------------------------------------- protocol
-def run_case(method_name, row, root, rounds, cap, target_dice=0.9, seed=0):
-    """Robot-user session of one method on one case."""
-    image, target, spacing, axis = load_case(row, root)
+def run_case(method_name, row, root, rounds, cap, target_dice=0.9, seed=0, thicken=1):
+    """Robot-user session of one method on one case (``thicken``: see :func:`load_case`)."""
+    image, target, spacing, axis = load_case(row, root, thicken)
     start = time.perf_counter()
     method = make_method(method_name, image, spacing, axis, seed)
     setup_s = time.perf_counter() - start
@@ -190,7 +198,8 @@ def worker(args):
         cases = []
         for seed in seeds:
             for row in rows:
-                cases.append(run_case(method, row, manifest.parent, args.rounds, args.cap, seed=seed))
+                cases.append(run_case(method, row, manifest.parent, args.rounds, args.cap, seed=seed,
+                                      thicken=args.thicken))
                 print(f"  {method:15s} {row['case'][:34]:34s} seed {seed} dice "
                       + " ".join(f"{d:.3f}" for d in cases[-1]["dice"][:11]), file=sys.stderr, flush=True)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
@@ -246,6 +255,8 @@ def main(argv=None):
     parser.add_argument("--cap", type=int, default=20, help="most rounds when Dice 0.9 is not reached")
     parser.add_argument("--methods", default=",".join(ALL_METHODS))
     parser.add_argument("--seeds", type=int, default=1, help="random states 0..N-1 of the forest methods")
+    parser.add_argument("--thicken", type=int, default=1,
+                        help="average every N slices of isotropic volumes into one (thick-slice versions of the atlas)")
     parser.add_argument("--no-synthetic", action="store_true", help="skip the 512x512x80 timing case")
     parser.add_argument("--json", default="", help="write all per-case results here")
     parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
@@ -261,7 +272,8 @@ def main(argv=None):
     results = {}
     for job in jobs:
         command = [sys.executable, __file__, args.manifest, "--worker", job, "--limit", str(args.limit),
-                   "--rounds", str(args.rounds), "--cap", str(args.cap), "--seeds", str(args.seeds)]
+                   "--rounds", str(args.rounds), "--cap", str(args.cap), "--seeds", str(args.seeds),
+                   "--thicken", str(args.thicken)]
         print(f"running {job}", file=sys.stderr, flush=True)
         done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
         results[job] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -273,6 +285,8 @@ def main(argv=None):
         if job == "synthetic":
             continue
         method, dataset = job.split("@", 1)
+        if args.thicken > 1:
+            dataset = f"{dataset} /{args.thicken}"
         s = summarize(result["cases"], args.rounds, args.cap)
         result["summary"] = s
         print(f"{dataset:26s} {method:15s} {s['n']:3d} {s['dice_r0']:8.3f} {s['dice_r5']:6.3f} {s['dice_r10']:6.3f} {s['dice_r1_r10']:6.3f} "

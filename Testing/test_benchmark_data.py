@@ -1,0 +1,27 @@
+"""The benchmark's case loader: thick-slice versions of the isotropic atlas volumes."""
+
+import numpy as np
+
+from conftest import SHARED_DATA, load_cases
+
+
+def test_thicken_averages_slices_of_isotropic_volumes_only():
+    from robot_benchmark import load_case
+
+    atlas = load_cases("fetal_mri_sb_atlas")[0]
+    image, target, spacing, axis = load_case(atlas, SHARED_DATA)
+    thick_image, thick_target, thick_spacing, thick_axis = load_case(atlas, SHARED_DATA, thicken=4)
+
+    n_slices = image.shape[0] // 4
+    assert thick_image.shape == (n_slices,) + image.shape[1:]
+    assert thick_spacing == (4 * spacing[0],) + spacing[1:]
+    assert axis == 0 and thick_axis == 0
+    np.testing.assert_allclose(thick_image[3], image[12:16].mean(axis=0), rtol=1e-6)
+    # A thick voxel is target where most of its four thin voxels are.
+    np.testing.assert_array_equal(thick_target[3], target[12:16].sum(axis=0) > 2)
+    assert 0.9 < thick_target.sum() * 4 / target.sum() < 1.1
+
+    stack = load_cases("fetal_mri_mialsrtk_sub01")[0]
+    as_is, thickened = load_case(stack, SHARED_DATA), load_case(stack, SHARED_DATA, thicken=4)
+    np.testing.assert_array_equal(as_is[0], thickened[0])
+    assert as_is[2] == thickened[2]
