@@ -31,6 +31,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPOSITORY_ROOT / "FetalAnnotate"))
 
 import robot_user  # noqa: E402
+from FetalAnnotateLib.features import slice_axis  # noqa: E402
 
 ALL_METHODS = ("engine", "engine-outline", "engine-table1", "growcut-extent", "growcut-full", "skimage", "paper")
 DETERMINISTIC_METHODS = ("growcut-extent", "growcut-full")
@@ -103,7 +104,7 @@ def load_case(row, root, thicken=1):
     value = int(row["label_value"] or 0)
     target = (label == value) if value else (label > 0)
     spacing = tuple(itk_image.GetSpacing()[::-1])
-    if thicken > 1 and max(spacing) <= 1.5 * min(spacing):
+    if thicken > 1 and slice_axis(spacing, image.shape) is None:
         n_slices = image.shape[0] // thicken
         image = image[: n_slices * thicken].reshape((n_slices, thicken) + image.shape[1:]).mean(axis=1)
         target = target[: n_slices * thicken].reshape((n_slices, thicken) + target.shape[1:]).mean(axis=1) > 0.5
