@@ -287,6 +287,17 @@ def test_memory_blends_each_round_with_the_previous_one():
     np.testing.assert_allclose(with_memory.update(strokes).probabilities, second.probabilities, atol=1e-6)
 
 
+@pytest.mark.parametrize("plane", [np.s_[6], np.s_[6:7]], ids=["2D", "one-voxel-thick"])
+def test_memory_leaves_single_plane_images_alone(plane):
+    image, inside = two_tissue_phantom()
+    image, strokes = image[plane], phantom_strokes(inside)[plane]
+    with_memory = AnnotationSession(image, memory=0.5)
+    without = AnnotationSession(image, memory=0.0)
+    with_memory.update(strokes)
+    strokes[..., 30:34, 20:26] = 1  # a correction (only adds strokes)
+    np.testing.assert_array_equal(with_memory.update(strokes).probabilities, without.update(strokes).probabilities)
+
+
 @pytest.mark.parametrize("memory", [-0.1, 1.0, float("nan")])
 def test_memory_outside_zero_one_is_refused(memory):
     image, _ = two_tissue_phantom(shape=(4, 24, 24))

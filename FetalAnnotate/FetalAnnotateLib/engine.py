@@ -200,9 +200,11 @@ class AnnotationSession:
         the new forest is sure too. One correction stroke then cannot flip a large confident
         region it was not drawn in (on thick-slice stacks a foreground stroke on the last brain
         slice otherwise turned the neighbouring maternal tissue into brain). Erasing strokes
-        or changing the classes starts afresh. 0 uses each new forest alone. Default
-        :data:`MEMORY`; may be changed between updates; outside [0, 1) raises
-        :class:`FetalAnnotateError`.
+        or changing the classes starts afresh. 0 uses each new forest alone. A single-plane
+        image (2D, or a volume one voxel thick) is never blended: the memory guards the slices
+        the user is not looking at, and a single plane has none (on the ultrasound heads it
+        only delayed corrections). Default :data:`MEMORY`; may be changed between updates;
+        outside [0, 1) raises :class:`FetalAnnotateError`.
     pseudo_labels : int
         Random voxels labelled by the geodesic distances (when clearly nearer one class's
         strokes) added to the training set; 0 trains on painted voxels only.
@@ -357,9 +359,10 @@ class AnnotationSession:
 
         When the strokes add to those of the last whole-image update (same classes, no painted
         voxel erased or repainted), that update's probabilities; when they equal them, that
-        update's own prior, so repeating an update gives the same result.
+        update's own prior, so repeating an update gives the same result. None for a
+        single-plane image (see ``memory``).
         """
-        if self._last_round is None:
+        if self._last_round is None or min(self.shape) == 1:
             return None
         before, before_classes, probabilities, prior = self._last_round
         changed = strokes != before

@@ -237,8 +237,9 @@ class FetalAnnotateLogic:
             ``FetalAnnotateLib.SMOOTHNESS`` when omitted. A setting of each call, not cached.
         memory : float, optional
             Share of the previous round's probabilities in a round that only adds strokes
-            (``AnnotationSession(memory=...)``; 0: each round starts afresh);
-            ``FetalAnnotateLib.MEMORY`` when omitted. A setting of each call, not cached.
+            (``AnnotationSession(memory=...)``; 0: each round starts afresh; a single-slice
+            volume is never blended); ``FetalAnnotateLib.MEMORY`` when omitted. A setting of
+            each call, not cached.
         """
         key = self._sessionKey(volumeNode, preset, forestSettings, extraFeatureNodes)
         cached = self._sessions.get(volumeNode.GetID())
