@@ -120,8 +120,9 @@ class FetalAnnotateParameterNode:
     featurePreset - image features (FetalAnnotateLib.FEATURE_PRESETS).
     numberOfTrees, maxDepth, minSamplesLeaf - random forest settings.
     smoothness - weight of the graph-cut boundary term that smooths the result along image edges (0: none).
-    memory - share of the previous round's probabilities in a round that only adds strokes (0: none;
-        a single-plane image is never blended).
+    memory - share of the previous round's probabilities in a round that only adds strokes, away from
+        the new strokes (it fades in over FetalAnnotateLib.MEMORY_REACH_MM around them; 0: none; a
+        single-plane image is never blended).
     extraFeatureVolumes - feature maps on the source volume's grid added as extra feature channels
         (scalar volumes: one channel, vector volumes: one per component), e.g. exported by FetalInpaint.
     thresholdClass - class the threshold applies to; "": every class takes its most probable voxels.
@@ -139,7 +140,7 @@ class FetalAnnotateParameterNode:
     maxDepth: Annotated[int, WithinRange(1, 100)] = 16
     minSamplesLeaf: Annotated[int, WithinRange(1, 100)] = 2
     smoothness: Annotated[float, WithinRange(0.0, 20.0)] = 3.0
-    memory: Annotated[float, WithinRange(0.0, 0.9)] = 0.5
+    memory: Annotated[float, WithinRange(0.0, 0.9)] = 0.7
     extraFeatureVolumes: list[slicer.vtkMRMLScalarVolumeNode]  # vector volumes are scalar volume subclasses
     thresholdClass: str = ""
     threshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5

@@ -262,22 +262,35 @@ def test_blend_probabilities_is_a_normalised_weighted_geometric_mean():
     blend = blend_probabilities(new, previous, 0.3)
     expected = new**0.7 * previous**0.3
     np.testing.assert_allclose(blend, expected / expected.sum(axis=0), rtol=1e-5)
+    per_voxel = np.linspace(0.0, 0.9, 50, dtype=np.float32)  # one weight per voxel
+    expected = new ** (1 - per_voxel) * previous**per_voxel
+    np.testing.assert_allclose(blend_probabilities(new, previous, per_voxel, block_voxels=16),
+                               expected / expected.sum(axis=0), rtol=1e-5)
     # A sure previous answer and an unsure new one: the previous class stays the most probable.
     held = blend_probabilities(np.array([[0.3], [0.7]]), np.array([[0.99], [0.01]]), 0.5)
     assert held[0, 0] > held[1, 0]
 
 
-def test_memory_blends_each_round_with_the_previous_one():
+@pytest.mark.parametrize("reach", [None, 20.0], ids=["uniform", "fading"])
+def test_memory_blends_each_round_with_the_previous_one(reach):
     image, inside = two_tissue_phantom()
     strokes = phantom_strokes(inside)
-    with_memory = AnnotationSession(image, (2.0, 1.0, 1.0), memory=0.5)
+    with_memory = AnnotationSession(image, (2.0, 1.0, 1.0), memory=0.5, memory_reach_mm=reach)
     without = AnnotationSession(image, (2.0, 1.0, 1.0), memory=0.0)
     first = with_memory.update(strokes)
+    assert with_memory.memory_weights is None
     np.testing.assert_array_equal(first.probabilities, without.update(strokes).probabilities)
     strokes[2, 20:28, 20:26] = 1  # a correction on another slice: the forests stay the same
     second = with_memory.update(strokes)
+    weights = with_memory.memory_weights
+    if reach is None:
+        np.testing.assert_array_equal(weights, 0.5)
+    else:  # 0 on the new stroke, growing with the geodesic distance from it towards 0.5
+        assert np.all(weights[2, 20:28, 20:26] == 0) and np.all(weights <= 0.5)
+        assert weights[2, 20, 30] < weights[2, 20, 40] < weights[2, 20, 46]
+        assert weights[11].min() > 0.4
     # The session keeps the previous round in half precision.
-    expected = blend_probabilities(without.update(strokes).probabilities, first.probabilities.astype(np.float16), 0.5)
+    expected = blend_probabilities(without.update(strokes).probabilities, first.probabilities.astype(np.float16), weights)
     np.testing.assert_allclose(second.probabilities, expected, atol=1e-6)
     # predict(), a region update and a repeated update reproduce the round, prior included.
     np.testing.assert_allclose(with_memory.predict().probabilities, second.probabilities, atol=1e-6)
@@ -306,6 +319,13 @@ def test_memory_outside_zero_one_is_refused(memory):
     session = AnnotationSession(image)
     with pytest.raises(FetalAnnotateError, match="memory"):
         session.memory = memory
+
+
+@pytest.mark.parametrize("reach", [0.0, -5.0])
+def test_memory_reach_that_is_not_positive_is_refused(reach):
+    image, _ = two_tissue_phantom(shape=(4, 24, 24))
+    with pytest.raises(FetalAnnotateError, match="memory_reach_mm"):
+        AnnotationSession(image, memory_reach_mm=reach)
 
 
 def test_erasing_a_stroke_starts_afresh():

@@ -162,7 +162,7 @@ def test_real_case_end_to_end(mrml_scene, shared_data):
     assert dice(outlined, target) > dice(automatic, target) + 0.03  # measured 0.72 -> 0.78
 
     # A correction round: its probabilities blend the new forest's with the previous round's
-    # (FetalAnnotateLib.MEMORY); memory=0 gives the new forest's alone.
+    # (FetalAnnotateLib.MEMORY, fading in away from the new stroke); memory=0 gives the new forest's alone.
     from FetalAnnotateLib import MEMORY
     from FetalAnnotateLib.engine import blend_probabilities
     from robot_user import add_correction_stroke
@@ -178,7 +178,9 @@ def test_real_case_end_to_end(mrml_scene, shared_data):
     logic.segment(volume, segmentation, outlineMode=True, memory=0)
     fresh = probability_arrays()
     logic.segment(volume, segmentation, outlineMode=True)
-    blended = blend_probabilities(fresh, previous.astype(np.float16), MEMORY)  # the session keeps half precision
+    weights = logic.session(volume, outlineMode=True).memory_weights
+    assert weights.max() == pytest.approx(MEMORY, abs=1e-3)  # fades in away from the new stroke
+    blended = blend_probabilities(fresh, previous.astype(np.float16), weights)  # the session keeps half precision
     np.testing.assert_allclose(probability_arrays(), blended, atol=1e-5)
 
 

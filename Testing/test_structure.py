@@ -105,7 +105,7 @@ def test_panel_default_disagreeing_with_engine_is_reported(broken_copy):
 
 @pytest.mark.parametrize("default, changed, problem", [
     ("WithinRange(0.0, 20.0)] = 3.0", "WithinRange(0.0, 20.0)] = 1.0", "panel smoothness = 1.0, SMOOTHNESS = 3.0"),
-    ("WithinRange(0.0, 0.9)] = 0.5", "WithinRange(0.0, 0.9)] = 0.3", "panel memory = 0.3, MEMORY = 0.5"),
+    ("WithinRange(0.0, 0.9)] = 0.7", "WithinRange(0.0, 0.9)] = 0.3", "panel memory = 0.3, MEMORY = 0.7"),
 ])
 def test_panel_smoothness_or_memory_disagreeing_with_engine_is_reported(broken_copy, default, changed, problem):
     module_file = broken_copy / "FetalAnnotate" / "FetalAnnotate.py"

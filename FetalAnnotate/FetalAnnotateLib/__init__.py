@@ -7,6 +7,7 @@ outside Slicer. See ``docs/engine.md``.
 from .engine import (
     DEFAULT_FOREST,
     MEMORY,
+    MEMORY_REACH_MM,
     OUTLINE_MARGIN_MM,
     SMOOTHNESS,
     AnnotationSession,
@@ -27,6 +28,7 @@ __all__ = [
     "FEATURE_PRESETS",
     "DEFAULT_FOREST",
     "MEMORY",
+    "MEMORY_REACH_MM",
     "OUTLINE_MARGIN_MM",
     "SMOOTHNESS",
     "compute_features",

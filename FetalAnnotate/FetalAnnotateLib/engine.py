@@ -7,7 +7,8 @@ the geodesic distances label clearly, predicts coarse-to-fine and blockwise, smo
 labels along image edges by a graph cut, and makes the label map consistent with the strokes
 (painted voxels keep their class, components not connected to their class's strokes are
 dropped). While strokes are only added, each round's probabilities keep a share of the previous
-round's (``memory``), so one correction stroke cannot overturn what earlier rounds settled.
+round's (``memory``) that fades in with the geodesic distance from the new strokes, so a
+correction stroke changes what it was drawn on, not what earlier rounds settled elsewhere.
 """
 
 from dataclasses import dataclass
@@ -49,9 +50,13 @@ OUTLINE_MARGIN_MM = 4.0
 #: chosen on the robot-user benchmark (docs/engine.md).
 SMOOTHNESS = 3.0
 
-#: Share of the previous round's probabilities in each round's (``AnnotationSession(memory=...)``),
-#: chosen on the robot-user benchmark (docs/engine.md).
-MEMORY = 0.5
+#: Share of the previous round's probabilities in each round's, away from the round's new strokes
+#: (``AnnotationSession(memory=...)``), chosen on the robot-user benchmark (docs/engine.md).
+MEMORY = 0.7
+
+#: Geodesic distance (mm) over which the memory fades in around a round's new strokes
+#: (``AnnotationSession(memory_reach_mm=...)``), chosen on the robot-user benchmark (docs/engine.md).
+MEMORY_REACH_MM = 20.0
 
 #: Voxels per prediction block: bounds the temporary (block x features) float32 array.
 BLOCK_VOXELS = 1 << 18
@@ -195,16 +200,24 @@ class AnnotationSession:
     memory : float in [0, 1)
         While an update only adds strokes to those of the previous whole-image update (same
         classes, nothing erased or repainted), its probabilities are the normalised weighted
-        geometric mean ``P_new^(1 - memory) * P_previous^memory`` of the new forest's and the
-        previous round's: a voxel the previous rounds were sure of changes class only when
-        the new forest is sure too. One correction stroke then cannot flip a large confident
-        region it was not drawn in (on thick-slice stacks a foreground stroke on the last brain
-        slice otherwise turned the neighbouring maternal tissue into brain). Erasing strokes
-        or changing the classes starts afresh. 0 uses each new forest alone. A single-plane
+        geometric mean ``P_new^(1 - w) * P_previous^w`` of the new forest's and the previous
+        round's, with the weight ``w = memory * (1 - exp(-d / memory_reach_mm))`` growing with
+        the geodesic distance ``d`` (mm) from the strokes added since that round: the new
+        forest decides on and around the new strokes, and away from them a voxel the previous
+        rounds were sure of changes class only when the new forest is sure too. One correction
+        stroke then cannot flip a large confident region it was not drawn in (on thick-slice
+        stacks a foreground stroke on the last brain slice otherwise turned the neighbouring
+        maternal tissue into brain, and a stroke on the top slices turned brain slices far
+        below it into background). Erasing strokes or changing the classes starts afresh. 0
+        uses each new forest alone. A single-plane
         image (2D, or a volume one voxel thick) is never blended: the memory guards the slices
         the user is not looking at, and a single plane has none (on the ultrasound heads it
         only delayed corrections). Default :data:`MEMORY`; may be changed between updates;
         outside [0, 1) raises :class:`FetalAnnotateError`.
+    memory_reach_mm : float or None
+        Geodesic distance over which the memory fades in around the new strokes (see
+        ``memory``); None gives every voxel the weight ``memory``. Default
+        :data:`MEMORY_REACH_MM`; not positive raises :class:`FetalAnnotateError`.
     pseudo_labels : int
         Random voxels labelled by the geodesic distances (when clearly nearer one class's
         strokes) added to the training set; 0 trains on painted voxels only.
@@ -248,6 +261,7 @@ class AnnotationSession:
         coarse_voxels=200_000,
         fold_mm=8.0,
         memory=MEMORY,
+        memory_reach_mm=MEMORY_REACH_MM,
         pseudo_labels=5000,
         pseudo_margin_mm=20.0,
         pseudo_weight=0.3,
@@ -265,6 +279,9 @@ class AnnotationSession:
         self.coarse_to_fine = bool(coarse_to_fine)
         self.fold_mm = float(fold_mm)
         self.memory = memory
+        if memory_reach_mm is not None and not float(memory_reach_mm) > 0:
+            raise FetalAnnotateError(f"memory_reach_mm must be positive (None: the same memory everywhere), got {memory_reach_mm}")
+        self.memory_reach_mm = None if memory_reach_mm is None else float(memory_reach_mm)
         self.pseudo_labels = int(pseudo_labels)
         self.pseudo_margin_mm = float(pseudo_margin_mm)
         self.pseudo_weight = float(pseudo_weight)
@@ -277,29 +294,30 @@ class AnnotationSession:
         features = compute_features(volume, self.spacing, self.feature_settings, _scaled(progress, 0.0, 0.8))
         self._n_extra = 0 if extra_features is None else int(np.shape(extra_features)[0])
         self._features = _with_extra_features(features, extra_features, self._n_extra, self._input_shape)
-        self._costs = None
         report_progress(progress, 0.9, "geodesic step costs")
         # Read by the geodesic distances and by the graph-cut refinement (``smoothness`` may be
         # changed between updates).
         self._edge_image = _geodesic_image(volume, self.spacing, self.feature_settings, geodesic_sigma_mm)
         self._contrast = edge_contrast(self._edge_image, self.spacing)
-        if self.spatial_context:
-            self._costs = GeodesicCosts(
-                self._edge_image,
-                self.spacing,
-                contrast=geodesic_contrast,
-                stride=self._reduced_stride(geodesic_voxels),
-            )
+        # Also read by the round memory, so built without spatial context too.
+        self._costs = GeodesicCosts(
+            self._edge_image,
+            self.spacing,
+            contrast=geodesic_contrast,
+            stride=self._reduced_stride(geodesic_voxels),
+        )
         self._distance_cache = {}
         self._fold_cache = {}
         self._forest = None
         self._classes = None
         self._strokes = None
         self._distances = None
-        # The last whole-image update's (strokes, classes, probabilities, prior): what ``memory``
-        # keeps. ``_prior`` is the prior of the last update, so ``predict`` reproduces it.
+        # The last whole-image update's (strokes, classes, probabilities, prior, added): what
+        # ``memory`` keeps. ``_prior`` is the prior of the last update and ``_memory_fade`` its
+        # ``1 - exp(-d / memory_reach_mm)``, so ``predict`` reproduces it.
         self._last_round = None
         self._prior = None
+        self._memory_fade = None
         report_progress(progress, 1.0, "features ready")
 
     # ------------------------------------------------------------------ public API
@@ -314,6 +332,19 @@ class AnnotationSession:
         if not 0.0 <= value < 1.0:
             raise FetalAnnotateError(f"memory must be in [0, 1) (0: every round starts afresh), got {value}")
         self._memory = value
+
+    @property
+    def memory_weights(self):
+        """Weight of the previous round per voxel in the last update (float32, image shape), or None.
+
+        None when the last update was not blended (the first round, erased strokes, a
+        single-plane image); the same ``memory`` everywhere when ``memory_reach_mm`` is None.
+        """
+        if self._prior is None:
+            return None
+        if self._memory_fade is None:
+            return np.full(self._input_shape, self.memory, np.float32)
+        return (self._memory_fade * np.float32(self.memory)).reshape(self._input_shape)
 
     def update(self, strokes, region=None):
         """Train on ``strokes`` and predict the image (or ``region``).
@@ -336,7 +367,7 @@ class AnnotationSession:
         strokes3d, classes = check_strokes(strokes, self.shape)
         progress = self.progress
         report_progress(progress, 0.0, "stroke context")
-        prior = self._round_prior(strokes3d, classes)
+        prior, added = self._round_prior(strokes3d, classes)
         self._strokes = np.array(strokes3d, copy=True)
         self._classes = classes
         self._distances, training = None, None
@@ -346,29 +377,42 @@ class AnnotationSession:
         self._forest = self._fit(self._strokes, training)
         self._output_dtype = np.asarray(strokes).dtype
         self._prior = prior
+        self._memory_fade = None if prior is None else self._fade_from(added)
         result = self._predict(region, _scaled(progress, 0.3, 0.95))
         if region is None:
             # A half-precision copy (the caller owns the result's arrays): plenty for a prior, and
             # half the memory on large volumes.
             probabilities = result.probabilities.reshape((len(classes),) + self.shape).astype(np.float16)
-            self._last_round = (self._strokes, classes, probabilities, prior)
+            self._last_round = (self._strokes, classes, probabilities, prior, added)
         return result
 
     def _round_prior(self, strokes, classes):
-        """The probabilities ``memory`` blends into an update with ``strokes``, or None.
+        """The probabilities ``memory`` blends into an update with ``strokes``, and the flat
+        indices of the strokes added since the round they come from; (None, None) if none.
 
         When the strokes add to those of the last whole-image update (same classes, no painted
-        voxel erased or repainted), that update's probabilities; when they equal them, that
-        update's own prior, so repeating an update gives the same result. None for a
-        single-plane image (see ``memory``).
+        voxel erased or repainted), that update's probabilities and the added voxels; when they
+        equal them, that update's own prior and added voxels, so repeating an update gives the
+        same result. None for a single-plane image (see ``memory``).
         """
         if self._last_round is None or min(self.shape) == 1:
-            return None
-        before, before_classes, probabilities, prior = self._last_round
+            return None, None
+        before, before_classes, probabilities, prior, added = self._last_round
         changed = strokes != before
         if classes != before_classes or np.any(changed & (before != 0)):
+            return None, None
+        if changed.any():
+            return probabilities, np.flatnonzero(changed)
+        return prior, added
+
+    def _fade_from(self, added):
+        """``1 - exp(-d / memory_reach_mm)`` (float16, image shape) for the geodesic distance
+        ``d`` from the voxels ``added`` (flat indices), or None when ``memory_reach_mm`` is None."""
+        if self.memory_reach_mm is None:
             return None
-        return probabilities if changed.any() else prior
+        distance = self._costs.distance(np.unravel_index(added, self.shape))
+        fade = -np.expm1(distance * np.float32(-1.0 / self.memory_reach_mm)).astype(np.float16)
+        return self._costs.full_resolution(fade)
 
     def predict(self, region=None):
         """Predict the image (or ``region``) with the last trained forest (and the prior of its update)."""
@@ -547,7 +591,11 @@ class AnnotationSession:
             strokes = self._strokes[region3d]
         if self._prior is not None and self.memory > 0:
             prior = self._prior if region3d is None else self._prior[(slice(None),) + region3d]
-            probabilities = blend_probabilities(probabilities, prior, self.memory)
+            weights = self.memory
+            if self._memory_fade is not None:
+                fade = self._memory_fade if region3d is None else self._memory_fade[region3d]
+                weights = fade * np.float32(self.memory)
+            probabilities = blend_probabilities(probabilities, prior, weights)
         smoothing = None
         if self.smoothness > 0:
             edges = self._edge_image if region3d is None else self._edge_image[region3d]
@@ -671,8 +719,8 @@ def blend_probabilities(new, previous, memory, floor=1e-4, block_voxels=BLOCK_VO
     ----------
     new, previous : ndarray of float, shape (n_classes, ...)
         Class probabilities of the same voxels.
-    memory : float in [0, 1)
-        Weight of ``previous``.
+    memory : float in [0, 1), or ndarray of them with the shape of one class's map
+        Weight of ``previous``, for every voxel or per voxel.
     floor : float
         Probabilities are clipped here before the logarithm, so no class is ever ruled out.
     block_voxels : int
@@ -684,16 +732,20 @@ def blend_probabilities(new, previous, memory, floor=1e-4, block_voxels=BLOCK_VO
     """
     n_classes = new.shape[0]
     new_flat, previous_flat = new.reshape(n_classes, -1), previous.reshape(n_classes, -1)
+    per_voxel = np.ndim(memory) > 0
+    if per_voxel:
+        memory = np.asarray(memory, np.float32).reshape(-1)
     out = np.empty(new_flat.shape, np.float32)
     for start in range(0, new_flat.shape[1], block_voxels):
         part = slice(start, start + block_voxels)
+        weight = memory[part] if per_voxel else np.float32(memory)
         # In place: 2.4x faster than the plain expression on a 320x320x22 stack.
         blend = np.maximum(new_flat[:, part], floor, dtype=np.float32)
         np.log(blend, out=blend)
-        blend *= np.float32(1.0 - memory)
+        blend *= np.float32(1.0) - weight
         kept = np.maximum(previous_flat[:, part], floor, dtype=np.float32)
         np.log(kept, out=kept)
-        kept *= np.float32(memory)
+        kept *= weight
         blend += kept
         blend -= blend.max(axis=0)
         np.exp(blend, out=blend)
