@@ -209,11 +209,11 @@ class AnnotationSession:
         stacks a foreground stroke on the last brain slice otherwise turned the neighbouring
         maternal tissue into brain, and a stroke on the top slices turned brain slices far
         below it into background). Erasing strokes or changing the classes starts afresh. 0
-        uses each new forest alone. A single-plane
-        image (2D, or a volume one voxel thick) is never blended: the memory guards the slices
-        the user is not looking at, and a single plane has none (on the ultrasound heads it
-        only delayed corrections). Default :data:`MEMORY`; may be changed between updates;
-        outside [0, 1) raises :class:`FetalAnnotateError`.
+        uses each new forest alone. A single-plane image (2D, or a volume one voxel thick) is
+        never blended: the memory guards the slices the user is not looking at, and a single
+        plane has none (on the ultrasound heads it only delayed corrections). Default
+        :data:`MEMORY`; may be changed between updates; outside [0, 1) raises
+        :class:`FetalAnnotateError`.
     memory_reach_mm : float or None
         Geodesic distance over which the memory fades in around the new strokes (see
         ``memory``); None gives every voxel the weight ``memory``. Default
