@@ -342,9 +342,7 @@ class AnnotationSession:
         """
         if self._prior is None:
             return None
-        if self._memory_fade is None:
-            return np.full(self._input_shape, self.memory, np.float32)
-        return (self._memory_fade * np.float32(self.memory)).reshape(self._input_shape)
+        return np.broadcast_to(self._blend_weights(), self.shape).astype(np.float32).reshape(self._input_shape)
 
     def update(self, strokes, region=None):
         """Train on ``strokes`` and predict the image (or ``region``).
@@ -404,6 +402,14 @@ class AnnotationSession:
         if changed.any():
             return probabilities, np.flatnonzero(changed)
         return prior, added
+
+    def _blend_weights(self, region3d=None):
+        """Weight of the previous round in the last update: ``memory``, or its fading map (of
+        ``region3d`` when given) when ``memory_reach_mm`` is set."""
+        if self._memory_fade is None:
+            return self.memory
+        fade = self._memory_fade if region3d is None else self._memory_fade[region3d]
+        return fade * np.float32(self.memory)
 
     def _fade_from(self, added):
         """``1 - exp(-d / memory_reach_mm)`` (float16, image shape) for the geodesic distance
@@ -591,11 +597,7 @@ class AnnotationSession:
             strokes = self._strokes[region3d]
         if self._prior is not None and self.memory > 0:
             prior = self._prior if region3d is None else self._prior[(slice(None),) + region3d]
-            weights = self.memory
-            if self._memory_fade is not None:
-                fade = self._memory_fade if region3d is None else self._memory_fade[region3d]
-                weights = fade * np.float32(self.memory)
-            probabilities = blend_probabilities(probabilities, prior, weights)
+            probabilities = blend_probabilities(probabilities, prior, self._blend_weights(region3d))
         smoothing = None
         if self.smoothness > 0:
             edges = self._edge_image if region3d is None else self._edge_image[region3d]
