@@ -300,6 +300,21 @@ def test_memory_blends_each_round_with_the_previous_one(reach):
     np.testing.assert_allclose(with_memory.update(strokes).probabilities, second.probabilities, atol=1e-6)
 
 
+def test_adding_strokes_updates_the_stroke_distances_as_a_fresh_session_computes_them():
+    # A round that only adds strokes updates each class's cached distance map with the added
+    # strokes' map (the one the fading memory reads) instead of recomputing it.
+    image, inside = two_tissue_phantom()
+    strokes = phantom_strokes(inside)
+    session = AnnotationSession(image, (2.0, 1.0, 1.0), memory=0.0)
+    session.update(strokes)
+    strokes[2, 20:28, 20:26] = 1
+    strokes[9, 24, 18:30] = 2  # both classes get strokes
+    updated = session.update(strokes)
+    fresh = AnnotationSession(image, (2.0, 1.0, 1.0), memory=0.0).update(strokes)
+    np.testing.assert_array_equal(updated.probabilities, fresh.probabilities)
+    np.testing.assert_array_equal(updated.labels, fresh.labels)
+
+
 @pytest.mark.parametrize("plane", [np.s_[6], np.s_[6:7]], ids=["2D", "one-voxel-thick"])
 def test_memory_leaves_single_plane_images_alone(plane):
     image, inside = two_tissue_phantom()

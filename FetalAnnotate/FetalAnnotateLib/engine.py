@@ -368,14 +368,19 @@ class AnnotationSession:
         prior, added = self._round_prior(strokes3d, classes)
         self._strokes = np.array(strokes3d, copy=True)
         self._classes = classes
+        # Distances from the added strokes serve both the fading memory and, as an update of
+        # the cached class distances, the spatial context: one distance map per round, not two.
+        added_distances = {}
+        if prior is not None and self.memory_reach_mm is not None:
+            added_distances = self._distances_from_added(added)
         self._distances, training = None, None
         if self.spatial_context:
-            self._distances, training = self._context_features(self._strokes, classes)
+            self._distances, training = self._context_features(self._strokes, classes, added_distances)
         report_progress(progress, 0.2, "training the forest")
         self._forest = self._fit(self._strokes, training)
         self._output_dtype = np.asarray(strokes).dtype
         self._prior = prior
-        self._memory_fade = None if prior is None else self._fade_from(added)
+        self._memory_fade = None if prior is None else self._fade_from(added_distances)
         result = self._predict(region, _scaled(progress, 0.3, 0.95))
         if region is None:
             # A half-precision copy (the caller owns the result's arrays): plenty for a prior, and
@@ -411,12 +416,26 @@ class AnnotationSession:
         fade = self._memory_fade if region3d is None else self._memory_fade[region3d]
         return fade * np.float32(self.memory)
 
-    def _fade_from(self, added):
+    def _distances_from_added(self, added):
+        """Per class with added strokes, its added voxels and their geodesic distance map.
+
+        ``added`` holds flat indices of voxels painted since the last whole-image update;
+        returns ``{value: (flat indices, distance on the working grid)}``.
+        """
+        values = self._strokes.reshape(-1)[added]
+        return {
+            int(value): (added[values == value], self._costs.distance(np.unravel_index(added[values == value], self.shape)))
+            for value in np.unique(values)
+        }
+
+    def _fade_from(self, added_distances):
         """``1 - exp(-d / memory_reach_mm)`` (float16, image shape) for the geodesic distance
-        ``d`` from the voxels ``added`` (flat indices), or None when ``memory_reach_mm`` is None."""
+        ``d`` from all added strokes (:meth:`_distances_from_added`), or None when
+        ``memory_reach_mm`` is None."""
         if self.memory_reach_mm is None:
             return None
-        distance = self._costs.distance(np.unravel_index(added, self.shape))
+        maps = [d for _, d in added_distances.values()]
+        distance = maps[0] if len(maps) == 1 else np.minimum.reduce(maps)
         fade = -np.expm1(distance * np.float32(-1.0 / self.memory_reach_mm)).astype(np.float16)
         return self._costs.full_resolution(fade)
 
@@ -438,7 +457,7 @@ class AnnotationSession:
         return PixelClassifier(settings, forest, self._classes)
 
     # ------------------------------------------------------------------ internals
-    def _context_features(self, strokes, classes):
+    def _context_features(self, strokes, classes, added_distances=None):
         """Geodesic distance maps for prediction, and the painted voxels' own version of them.
 
         The features per voxel are built from the distance (mm) to each class's strokes (see
@@ -447,6 +466,9 @@ class AnnotationSession:
         "distance 0 -> that class". So painted voxels are split into two checkerboard folds
         of ``fold_mm`` blocks and each fold gets its distance to the other fold of the same
         class, as if it had not been painted.
+
+        ``added_distances`` (:meth:`_distances_from_added`) lets a class's cached distance
+        map be updated by its added strokes' map instead of being recomputed.
 
         Returns
         -------
@@ -461,7 +483,10 @@ class AnnotationSession:
         flat_strokes = strokes.reshape(-1)
         painted = np.flatnonzero(flat_strokes)
         indices = [painted[flat_strokes[painted] == value] for value in classes]
-        distances = [self._cached_distance(value, index) for value, index in zip(classes, indices)]
+        added_distances = added_distances or {}
+        distances = [
+            self._cached_distance(value, index, added_distances.get(value)) for value, index in zip(classes, indices)
+        ]
         training = {}
         for k, (value, index) in enumerate(zip(classes, indices)):
             coordinates = np.unravel_index(index, self.shape)
@@ -489,13 +514,22 @@ class AnnotationSession:
         self._fold_cache[value] = (index, own)
         return own
 
-    def _cached_distance(self, value, index):
-        """Geodesic distance to voxels ``index`` (flat), recomputed only when that class's strokes changed."""
+    def _cached_distance(self, value, index, added=None):
+        """Geodesic distance to voxels ``index`` (flat), recomputed only when that class's strokes changed.
+
+        When the cached voxels plus ``added`` (flat indices and their distance map) are exactly
+        ``index``, the map is the minimum of the cached one and the added one: the distance
+        from a union of seeds.
+        """
         cached = self._distance_cache.get(value)
-        if cached is None or not np.array_equal(cached[0], index):
-            cached = (index, self._costs.distance(np.unravel_index(index, self.shape)))
-            self._distance_cache[value] = cached
-        return cached[1]
+        if cached is not None and np.array_equal(cached[0], index):
+            return cached[1]
+        if cached is not None and added is not None and np.array_equal(np.union1d(cached[0], added[0]), index):
+            distance = np.minimum(cached[1], added[1])
+        else:
+            distance = self._costs.distance(np.unravel_index(index, self.shape))
+        self._distance_cache[value] = (index, distance)
+        return distance
 
     def _rows(self, distances):
         """``rows(index)``: feature rows (image features, then stroke distances) of flat voxel indices or a slice."""

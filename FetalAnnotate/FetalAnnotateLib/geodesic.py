@@ -96,9 +96,11 @@ class GeodesicCosts:
                     continue
                 others = tuple(coarse_box[a] for a in range(3) if a != axis)
                 cost = self._costs[axis][(slice(coarse_box[axis].start, coarse_box[axis].stop - 1),) + others]
-                moved = np.ascontiguousarray(np.moveaxis(distance, axis, 0))
+                view = np.moveaxis(distance, axis, 0)
+                moved = np.ascontiguousarray(view)
                 _sweep(moved, cost)
-                np.moveaxis(distance, axis, 0)[...] = moved
+                if moved is not view:  # a copy (not the first axis): write it back
+                    view[...] = moved
         return distance
 
     def values_at(self, distance, coordinates, box=None):
