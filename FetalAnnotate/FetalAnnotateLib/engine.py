@@ -423,10 +423,11 @@ class AnnotationSession:
         returns ``{value: (flat indices, distance on the working grid)}``.
         """
         values = self._strokes.reshape(-1)[added]
-        return {
-            int(value): (added[values == value], self._costs.distance(np.unravel_index(added[values == value], self.shape)))
-            for value in np.unique(values)
-        }
+        distances = {}
+        for value in np.unique(values):
+            index = added[values == value]
+            distances[int(value)] = (index, self._costs.distance(np.unravel_index(index, self.shape)))
+        return distances
 
     def _fade_from(self, added_distances):
         """``1 - exp(-d / memory_reach_mm)`` (float16, image shape) for the geodesic distance
