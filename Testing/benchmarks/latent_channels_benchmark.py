@@ -8,6 +8,8 @@ side by side. Pretraining on the very stacks that are segmented is what a user d
 module (self-supervised, no expert mask is seen); ``--holdout`` trains one encoder per stack on
 the other stacks instead. ``--seeds N`` repeats the robot rounds with the engine's forest at
 random states 0..N-1 and reports the mean gain and the gain per random state.
+``--random-weights`` replaces the encoder by the same architecture with random weights (seeded
+by ``--seed``): the control that shows what pretraining adds over random convolutions.
 
     .venv/bin/python Testing/benchmarks/latent_channels_benchmark.py --epochs 6
     .venv/bin/python Testing/benchmarks/latent_channels_benchmark.py --checkpoint runs/x/model.pt
@@ -74,9 +76,13 @@ def main(argv=None):
     parser.add_argument("--outline", action="store_true", help="run the engine in outline mode")
     parser.add_argument("--seed", type=int, default=0, help="pretraining seed")
     parser.add_argument("--seeds", type=int, default=1, help="random states 0..N-1 of the engine's forest")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="use the encoder's architecture with random weights (the control for pretraining)")
     args = parser.parse_args(argv)
 
+    import torch
     from FetalInpaintLib.features import encode_volume
+    from FetalInpaintLib.model import build_model
     from FetalInpaintLib.training import load_checkpoint
 
     root = Path(args.manifest).parent
@@ -100,6 +106,14 @@ def main(argv=None):
             model, metadata, seconds = pretrain(volumes, args.epochs, args.patches_per_epoch, Path(scratch) / "all", args.seed)
             encoders = {name: (model, metadata) for name in cases}
             print(f"encoder: pretrained on {sorted(volumes)} ({args.epochs} epochs) in {seconds:.0f} s")
+    if args.random_weights:
+        torch.manual_seed(args.seed)
+        random_models = {}
+        for name, (model, metadata) in encoders.items():
+            if id(model) not in random_models:
+                random_models[id(model)] = build_model(metadata["architecture"]).eval()
+            encoders[name] = (random_models[id(model)], metadata)
+        print(f"encoder weights replaced by random ones (torch seed {args.seed})")
 
     print(f"\n{'case':22s} {'seed':>4s} {'variant':16s} {'Dice r0':>8s} {'Dice r5':>8s} {'s/round':>8s} {'encode s':>9s}")
     table = {"filter bank": [], "+ encoder": []}  # one row of Dice per (case, seed)
