@@ -355,6 +355,25 @@ def test_erasing_a_stroke_starts_afresh():
     np.testing.assert_array_equal(session.update(strokes).probabilities, fresh.probabilities)
 
 
+def test_repainting_a_stroke_keeps_the_memory_away_from_it():
+    # Repainting voxels with another class is a correction: the memory fades in from the
+    # repainted voxels as from added ones, instead of starting afresh as erasing does.
+    image, inside = two_tissue_phantom()
+    strokes = phantom_strokes(inside)
+    session = AnnotationSession(image, (2.0, 1.0, 1.0), memory=0.5)
+    session.update(strokes)
+    strokes[2, 20:28, 20:26] = 1
+    session.update(strokes)
+    strokes[2, 20:28, 20:23] = 2  # part of the correction painted over with the other class
+    repainted = session.update(strokes)
+    weights = session.memory_weights
+    assert weights is not None
+    assert weights[2, 20:28, 20:23].max() == 0
+    assert weights.max() > 0.45
+    fresh = AnnotationSession(image, (2.0, 1.0, 1.0), memory=0.5).update(strokes)
+    assert not np.allclose(repainted.probabilities, fresh.probabilities, atol=1e-3)
+
+
 def test_enclosed_pseudo_labels_follow_closed_outlines():
     strokes = np.zeros((1, 60, 90), np.uint8)
     strokes[0, 5:35, 5] = strokes[0, 5:35, 34] = strokes[0, 5, 5:35] = strokes[0, 34, 5:35] = 1  # closed

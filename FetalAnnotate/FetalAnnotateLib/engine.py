@@ -199,7 +199,7 @@ class AnnotationSession:
         to their own class's strokes for training (see ``_context_features``).
     memory : float in [0, 1)
         While an update only adds strokes to those of the previous whole-image update (same
-        classes, nothing erased or repainted), its probabilities are the normalised weighted
+        classes, nothing erased), its probabilities are the normalised weighted
         geometric mean ``P_new^(1 - w) * P_previous^w`` of the new forest's and the previous
         round's, with the weight ``w = memory * (1 - exp(-d / memory_reach_mm))`` growing with
         the geodesic distance ``d`` (mm) from the strokes added since that round: the new
@@ -208,7 +208,8 @@ class AnnotationSession:
         stroke then cannot flip a large confident region it was not drawn in (on thick-slice
         stacks a foreground stroke on the last brain slice otherwise turned the neighbouring
         maternal tissue into brain, and a stroke on the top slices turned brain slices far
-        below it into background). Erasing strokes or changing the classes starts afresh. 0
+        below it into background). Voxels painted over with another class count as added
+        strokes (a correction); erasing strokes or changing the classes starts afresh. 0
         uses each new forest alone. A single-plane image (2D, or a volume one voxel thick) is
         never blended: the memory guards the slices the user is not looking at, and a single
         plane has none (on the ultrasound heads it only delayed corrections). Default
@@ -394,15 +395,16 @@ class AnnotationSession:
         indices of the strokes added since the round they come from; (None, None) if none.
 
         When the strokes add to those of the last whole-image update (same classes, no painted
-        voxel erased or repainted), that update's probabilities and the added voxels; when they
-        equal them, that update's own prior and added voxels, so repeating an update gives the
-        same result. None for a single-plane image (see ``memory``).
+        voxel erased; voxels painted over with another class count as added), that update's
+        probabilities and the added voxels; when they equal them, that update's own prior and
+        added voxels, so repeating an update gives the same result. None for a single-plane
+        image (see ``memory``).
         """
         if self._last_round is None or min(self.shape) == 1:
             return None, None
         before, before_classes, probabilities, prior, added = self._last_round
         changed = strokes != before
-        if classes != before_classes or np.any(changed & (before != 0)):
+        if classes != before_classes or np.any(changed & (strokes == 0)):
             return None, None
         if changed.any():
             return probabilities, np.flatnonzero(changed)

@@ -236,8 +236,9 @@ class FetalAnnotateLogic:
             Weight of the graph-cut boundary term (``AnnotationSession(smoothness=...)``; 0: none);
             ``FetalAnnotateLib.SMOOTHNESS`` when omitted. A setting of each call, not cached.
         memory : float, optional
-            Share of the previous round's probabilities in a round that only adds strokes, away
-            from the new strokes (``AnnotationSession(memory=...)``: it fades in over
+            Share of the previous round's probabilities in a round that only adds strokes (or
+            paints over some with another class), away from the new strokes
+            (``AnnotationSession(memory=...)``: it fades in over
             ``FetalAnnotateLib.MEMORY_REACH_MM`` of geodesic distance from them; 0: each round
             starts afresh; a single-slice volume is never blended); ``FetalAnnotateLib.MEMORY``
             when omitted. A setting of each call, not cached.
