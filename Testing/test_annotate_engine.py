@@ -343,13 +343,19 @@ def test_memory_reach_that_is_not_positive_is_refused(reach):
         AnnotationSession(image, memory_reach_mm=reach)
 
 
-def test_erasing_a_stroke_starts_afresh():
+def session_after_a_correction():
+    """A session with memory whose second round added a background stroke on slice 2."""
     image, inside = two_tissue_phantom()
     strokes = phantom_strokes(inside)
     session = AnnotationSession(image, (2.0, 1.0, 1.0), memory=0.5)
     session.update(strokes)
     strokes[2, 20:28, 20:26] = 1
     session.update(strokes)
+    return image, strokes, session
+
+
+def test_erasing_a_stroke_starts_afresh():
+    image, strokes, session = session_after_a_correction()
     strokes[2, 20:28, 20:26] = 0  # undo the correction
     fresh = AnnotationSession(image, (2.0, 1.0, 1.0), memory=0.5).update(strokes)
     np.testing.assert_array_equal(session.update(strokes).probabilities, fresh.probabilities)
@@ -358,12 +364,7 @@ def test_erasing_a_stroke_starts_afresh():
 def test_repainting_a_stroke_keeps_the_memory_away_from_it():
     # Repainting voxels with another class is a correction: the memory fades in from the
     # repainted voxels as from added ones, instead of starting afresh as erasing does.
-    image, inside = two_tissue_phantom()
-    strokes = phantom_strokes(inside)
-    session = AnnotationSession(image, (2.0, 1.0, 1.0), memory=0.5)
-    session.update(strokes)
-    strokes[2, 20:28, 20:26] = 1
-    session.update(strokes)
+    image, strokes, session = session_after_a_correction()
     strokes[2, 20:28, 20:23] = 2  # part of the correction painted over with the other class
     repainted = session.update(strokes)
     weights = session.memory_weights
