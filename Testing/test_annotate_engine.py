@@ -23,6 +23,7 @@ from FetalAnnotateLib.engine import (
     stroke_consistent_labels,
 )
 from FetalAnnotateLib.features import feature_settings_for
+from FetalAnnotateLib.geodesic import GeodesicCosts
 
 
 def two_tissue_phantom(shape=(12, 48, 48), seed=0):
@@ -92,6 +93,16 @@ def test_feature_scales_are_in_millimetres():
     def width(profile):
         return (profile > profile.max() / 2).sum()
     assert abs(width(fine_profile) - 2 * width(coarse_profile)) <= 2
+
+
+def test_scaled_geodesic_costs_charge_more_along_their_axis():
+    costs = GeodesicCosts(np.zeros((6, 5, 5), np.float32), (3.0, 1.0, 1.0))
+    seed = np.zeros((6, 5, 5), bool)
+    seed[0, 2, 2] = True
+    plain, dearer = costs.distance(seed), costs.scaled(0, 2.0).distance(seed)
+    np.testing.assert_allclose(dearer[:, 2, 2], 2.0 * plain[:, 2, 2])
+    np.testing.assert_allclose(dearer[0], plain[0])  # in-plane steps unchanged
+    np.testing.assert_allclose(costs.distance(seed), plain)  # the original is untouched
 
 
 def test_presets_have_json_settings():
@@ -383,7 +394,7 @@ def test_enclosed_pseudo_labels_follow_closed_outlines():
     strokes[0, 15, 55:65] = 2
     strokes[0, 25, 55:65] = 3  # two classes inside: ambiguous, nothing labelled
     strokes[0, 45, 5:80] = 1  # an open line encloses nothing
-    index, labels = enclosed_pseudo_labels(strokes, (1.0, 1.0, 1.0), 3.0, 10**6, np.random.default_rng(0))
+    index, labels = enclosed_pseudo_labels(strokes, (1.0, 1.0, 1.0), 3.0)
     found = np.zeros(strokes.size, np.uint8)
     found[index] = labels
     found = found.reshape(strokes.shape)[0]
@@ -392,8 +403,43 @@ def test_enclosed_pseudo_labels_follow_closed_outlines():
     inner &= strokes[0] == 0
     np.testing.assert_array_equal(found != 0, inner)
     assert set(np.unique(found[inner])) == {2}
-    few, _ = enclosed_pseudo_labels(strokes, (1.0, 1.0, 1.0), 3.0, 50, np.random.default_rng(0))
-    assert few.size == 50 and np.isin(few, index).all()
+
+
+def outlined_strokes(inside, plane):
+    """A closed background frame around a foreground line, on one slice."""
+    strokes = np.zeros(inside.shape, np.uint8)
+    strokes[plane, 2, 2:-2] = strokes[plane, -3, 2:-2] = strokes[plane, 2:-2, 2] = strokes[plane, 2:-2, -3] = 1
+    z, y, x = np.nonzero(inside[plane : plane + 1])
+    strokes[plane, int(y.mean()), x.min() + 2 : x.max() - 1] = 2
+    return strokes
+
+
+def test_class_outlined_on_one_slice_gets_dearer_cross_slice_distances():
+    image, inside = two_tissue_phantom()
+    thick = (3.0, 1.0, 1.0)
+    strokes = outlined_strokes(inside, 6)
+
+    def session(spacing=thick, **kwargs):
+        return AnnotationSession(image, spacing, memory=0.0, **kwargs)
+
+    dearer = session(enclosure_margin_mm=2.0, single_slice_cross_cost=2.0)
+    plain = session(enclosure_margin_mm=2.0, single_slice_cross_cost=1.0)
+    assert not np.allclose(dearer.update(strokes).probabilities, plain.update(strokes).probabilities, atol=1e-3)
+    # Once the enclosed class is painted on a second slice its distances are plain again.
+    strokes[4, 24, 20:28] = 2
+    np.testing.assert_array_equal(
+        dearer.update(strokes).probabilities,
+        session(enclosure_margin_mm=2.0, single_slice_cross_cost=1.0).update(strokes).probabilities,
+    )
+    # Only outline mode on thick slices: default mode and isotropic volumes keep plain distances.
+    one_slice = outlined_strokes(inside, 6)
+    for kwargs in ({"spacing": thick}, {"spacing": (1.0, 1.0, 1.0), "enclosure_margin_mm": 2.0}):
+        np.testing.assert_array_equal(
+            session(single_slice_cross_cost=2.0, **kwargs).update(one_slice).probabilities,
+            session(single_slice_cross_cost=1.0, **kwargs).update(one_slice).probabilities,
+        )
+    with pytest.raises(FetalAnnotateError, match="single_slice_cross_cost"):
+        session(single_slice_cross_cost=0.5)
 
 
 def test_outline_around_object_that_looks_like_its_surroundings():

@@ -46,6 +46,12 @@ DEFAULT_FOREST = {
 #: robot-user benchmark (docs/engine.md).
 OUTLINE_MARGIN_MM = 4.0
 
+#: Outline mode on thick-slice stacks: while an enclosed class is painted on one slice, each
+#: cross-slice step of its stroke distances costs this many times the plain step
+#: (``AnnotationSession(single_slice_cross_cost=...)``), chosen on the robot-user benchmark
+#: (docs/engine.md).
+SINGLE_SLICE_CROSS_COST = 1.25
+
 #: Weight of the boundary term of the graph-cut label refinement (``AnnotationSession(smoothness=...)``),
 #: chosen on the robot-user benchmark (docs/engine.md).
 SMOOTHNESS = 3.0
@@ -240,6 +246,14 @@ class AnnotationSession:
         :func:`enclosed_pseudo_labels`). Off by default because a background scribble that
         happens to loop around a target far from it would teach the whole loop's inside as
         target.
+    single_slice_cross_cost : float >= 1
+        Outline mode on a thick-slice stack: while a class that a closed outline encloses is
+        painted on a single slice, each step across slices in its stroke distances costs this
+        many times the plain step; 1 leaves the distances plain. One painted slice tells
+        nothing of how far the object reaches across slices, and tissue in line with it on
+        the other slices (the fetal trunk below the head) is otherwise as near to its strokes
+        as to the outline's. Default :data:`SINGLE_SLICE_CROSS_COST`; below 1 raises
+        :class:`FetalAnnotateError`.
     """
 
     def __init__(
@@ -268,11 +282,13 @@ class AnnotationSession:
         pseudo_weight=0.3,
         smoothness=SMOOTHNESS,
         enclosure_margin_mm=None,
+        single_slice_cross_cost=SINGLE_SLICE_CROSS_COST,
     ):
         self._input_shape = np.shape(image)
         volume = check_image(image)
         self.spacing = check_spacing(spacing, len(self._input_shape))
         self.feature_settings = feature_settings_for(preset)
+        self._anisotropy_ratio = self.feature_settings.get("anisotropy_ratio", 1.5)
         self.shape = volume.shape
         self.random_state = random_state
         self.spatial_context = bool(spatial_context)
@@ -288,6 +304,11 @@ class AnnotationSession:
         self.pseudo_weight = float(pseudo_weight)
         self.smoothness = float(smoothness)
         self.enclosure_margin_mm = None if enclosure_margin_mm is None else float(enclosure_margin_mm)
+        if not float(single_slice_cross_cost) >= 1.0:
+            raise FetalAnnotateError(
+                f"single_slice_cross_cost must be at least 1 (1: plain distances), got {single_slice_cross_cost}"
+            )
+        self.single_slice_cross_cost = float(single_slice_cross_cost)
         self.coarse_to_fine_voxels = int(coarse_to_fine_voxels)
         self.coarse_voxels = int(coarse_voxels)
         self.progress = progress
@@ -307,8 +328,10 @@ class AnnotationSession:
             contrast=geodesic_contrast,
             stride=self._reduced_stride(geodesic_voxels),
         )
+        self._single_slice_costs = None
         self._distance_cache = {}
         self._fold_cache = {}
+        self._enclosed = None
         self._forest = None
         self._classes = None
         self._strokes = None
@@ -376,6 +399,9 @@ class AnnotationSession:
             added_distances = self._distances_from_added(added)
         self._distances, training = None, None
         if self.spatial_context:
+            self._enclosed = None if self.enclosure_margin_mm is None else enclosed_pseudo_labels(
+                self._strokes, self.spacing, self.enclosure_margin_mm, self._anisotropy_ratio
+            )
             self._distances, training = self._context_features(self._strokes, classes, added_distances)
         report_progress(progress, 0.2, "training the forest")
         self._forest = self._fit(self._strokes, training)
@@ -487,51 +513,73 @@ class AnnotationSession:
         painted = np.flatnonzero(flat_strokes)
         indices = [painted[flat_strokes[painted] == value] for value in classes]
         added_distances = added_distances or {}
+        costs = [self._class_costs(value, index) for value, index in zip(classes, indices)]
         distances = [
-            self._cached_distance(value, index, added_distances.get(value)) for value, index in zip(classes, indices)
+            self._cached_distance(value, index, c, added_distances.get(value))
+            for value, index, c in zip(classes, indices, costs)
         ]
         training = {}
         for k, (value, index) in enumerate(zip(classes, indices)):
             coordinates = np.unravel_index(index, self.shape)
             at_voxels = [self._costs.values_at(d, coordinates) for d in distances]
-            at_voxels[k] = self._cached_fold_distance(value, index, coordinates)
+            at_voxels[k] = self._cached_fold_distance(value, index, coordinates, costs[k])
             training[value] = (index, distance_features(at_voxels))
         return distances, training
 
-    def _cached_fold_distance(self, value, index, coordinates):
+    def _class_costs(self, value, index):
+        """Step costs of class ``value``'s stroke distances (``index``: its painted voxels, flat).
+
+        The plain costs, except in outline mode on a thick-slice stack for a class that an
+        outline encloses and that is painted on a single slice: there cross-slice steps cost
+        ``single_slice_cross_cost`` times more (see the class docstring).
+        """
+        thick = slice_axis(self.spacing, self.shape, self._anisotropy_ratio)
+        if (self._enclosed is None or thick is None or self.single_slice_cross_cost == 1.0
+                or not np.any(self._enclosed[1] == value)):
+            return self._costs
+        if np.unique(np.unravel_index(index, self.shape)[thick]).size > 1:
+            return self._costs
+        if self._single_slice_costs is None or self._single_slice_costs[0] != self.single_slice_cross_cost:
+            factor = self.single_slice_cross_cost
+            self._single_slice_costs = (factor, self._costs.scaled(thick, factor))
+        return self._single_slice_costs[1]
+
+    def _cached_fold_distance(self, value, index, coordinates, costs):
         """Distance of each painted voxel of a class to the other checkerboard fold of that class.
 
         Paths stay within ``3 * fold_mm`` of the strokes and one round of sweeps suffices at
-        that range; cached until the class's strokes change.
+        that range; cached until the class's strokes or step ``costs`` change.
         """
         cached = self._fold_cache.get(value)
-        if cached is not None and np.array_equal(cached[0], index):
-            return cached[1]
+        if cached is not None and cached[1] is costs and np.array_equal(cached[0], index):
+            return cached[2]
         fold = _checkerboard_fold(coordinates, self.spacing, self.fold_mm)
         box = _grown_box(coordinates, self.shape, self.spacing, 3 * self.fold_mm)
         own = np.empty(index.size, np.float32)
         for part in (0, 1):
             seeds = tuple(c[fold != part] for c in coordinates)
-            inside = self._costs.distance(seeds, n_rounds=1, box=box)
-            own[fold == part] = self._costs.values_at(inside, tuple(c[fold == part] for c in coordinates), box)
-        self._fold_cache[value] = (index, own)
+            inside = costs.distance(seeds, n_rounds=1, box=box)
+            own[fold == part] = costs.values_at(inside, tuple(c[fold == part] for c in coordinates), box)
+        self._fold_cache[value] = (index, costs, own)
         return own
 
-    def _cached_distance(self, value, index, added=None):
-        """Geodesic distance to voxels ``index`` (flat), recomputed only when that class's strokes changed.
+    def _cached_distance(self, value, index, costs, added=None):
+        """Geodesic distance to voxels ``index`` (flat) with step ``costs``, recomputed only
+        when that class's strokes or costs changed.
 
-        When the cached voxels plus ``added`` (flat indices and their distance map) are exactly
-        ``index``, the map is the minimum of the cached one and the added one: the distance
-        from a union of seeds.
+        When the cached voxels plus ``added`` (flat indices and their distance map with the
+        plain costs) are exactly ``index``, the map is the minimum of the cached one and the
+        added one: the distance from a union of seeds.
         """
         cached = self._distance_cache.get(value)
-        if cached is not None and np.array_equal(cached[0], index):
-            return cached[1]
-        if cached is not None and added is not None and np.array_equal(np.union1d(cached[0], added[0]), index):
-            distance = np.minimum(cached[1], added[1])
+        if cached is not None and cached[1] is costs and np.array_equal(cached[0], index):
+            return cached[2]
+        if (cached is not None and added is not None and costs is self._costs and cached[1] is costs
+                and np.array_equal(np.union1d(cached[0], added[0]), index)):
+            distance = np.minimum(cached[2], added[1])
         else:
-            distance = self._costs.distance(np.unravel_index(index, self.shape))
-        self._distance_cache[value] = (index, distance)
+            distance = costs.distance(np.unravel_index(index, self.shape))
+        self._distance_cache[value] = (index, costs, distance)
         return distance
 
     def _rows(self, distances):
@@ -559,10 +607,9 @@ class AnnotationSession:
                 index, context_rows = np.flatnonzero(flat == value), None
             else:
                 index, context_rows = training_context[value]
-            if index.size > self.max_training_voxels:
-                keep = np.sort(rng.choice(index.size, self.max_training_voxels, replace=False))
-                index = index[keep]
-                context_rows = None if context_rows is None else context_rows[keep]
+            keep = _random_subset(index.size, self.max_training_voxels, rng)
+            index = index[keep]
+            context_rows = None if context_rows is None else context_rows[keep]
             table = _take_rows(image_rows, index)
             if context_rows is not None:
                 table = np.concatenate([table, context_rows], axis=1)
@@ -573,11 +620,10 @@ class AnnotationSession:
             pseudo = []
             if self.pseudo_labels > 0:
                 pseudo.append(self._geodesic_pseudo_labels(rng))
-            if self.enclosure_margin_mm is not None:
-                pseudo.append(enclosed_pseudo_labels(
-                    strokes, self.spacing, self.enclosure_margin_mm, self.pseudo_labels, rng,
-                    anisotropy_ratio=self.feature_settings.get("anisotropy_ratio", 1.5),
-                ))
+            if self._enclosed is not None:
+                index, label = self._enclosed
+                keep = _random_subset(index.size, self.pseudo_labels, rng)
+                pseudo.append((index[keep], label[keep]))
             rows = self._rows(None if training_context is None else self._distances)
             for index, label in pseudo:
                 tables.append(rows(index))
@@ -669,7 +715,7 @@ class AnnotationSession:
         Only filtered axes are subsampled; thick slices are too far apart to stand for each
         other.
         """
-        axes = filter_axes(self.spacing, self.shape, self.feature_settings.get("anisotropy_ratio", 1.5))
+        axes = filter_axes(self.spacing, self.shape, self._anisotropy_ratio)
         ratio = np.prod(self.shape) / target_voxels
         step = int(np.clip(np.ceil(ratio ** (1.0 / max(len(axes), 1))), smallest, largest))
         return tuple(step if axis in axes else 1 for axis in range(3))
@@ -815,7 +861,7 @@ def distance_features(distances):
     return np.stack(columns, axis=1).astype(np.float32, copy=False)
 
 
-def enclosed_pseudo_labels(strokes, spacing, margin_mm, max_voxels, rng, anisotropy_ratio=1.5):
+def enclosed_pseudo_labels(strokes, spacing, margin_mm, anisotropy_ratio=1.5):
     """Voxels inside a closed stroke outline, labelled with the class scribbled inside it.
 
     In every painted 2D plane (a 2D image; the slices of a thick-slice stack; the planes along
@@ -835,9 +881,6 @@ def enclosed_pseudo_labels(strokes, spacing, margin_mm, max_voxels, rng, anisotr
         Voxel spacing in mm.
     margin_mm : float
         Minimum in-plane distance from the outline.
-    max_voxels : int
-        At most this many voxels are returned (random subsample).
-    rng : numpy.random.Generator
     anisotropy_ratio : float
         A volume is a stack of slices when its largest spacing exceeds this times the smallest
         (:func:`~FetalAnnotateLib.features.slice_axis`).
@@ -876,9 +919,14 @@ def enclosed_pseudo_labels(strokes, spacing, margin_mm, max_voxels, rng, anisotr
                 keep &= ndi.distance_transform_edt(~outline, sampling=plane_spacing) > margin_mm
                 np.moveaxis(found, axis, 0)[position][keep] = inside[keep]
     index = np.flatnonzero(found)
-    if index.size > max_voxels:
-        index = np.sort(rng.choice(index, max_voxels, replace=False))
     return index, found.reshape(-1)[index]
+
+
+def _random_subset(n_items, max_items, rng):
+    """Sorted random positions of at most ``max_items`` of ``n_items`` items (all: ``slice(None)``)."""
+    if n_items <= max_items:
+        return slice(None)
+    return np.sort(rng.choice(n_items, max_items, replace=False))
 
 
 def _checkerboard_fold(coordinates, spacing, block_mm):

@@ -9,6 +9,8 @@ paths that bend around obstacles. Seconds-per-round matters more than exact path
 maps are classifier features, not measurements.
 """
 
+import copy
+
 import numpy as np
 
 
@@ -50,6 +52,17 @@ class GeodesicCosts:
                 total = step if total is None else np.add(total, step, out=total)
             total += np.float32(coarse_spacing[axis] ** 2)
             self._costs[axis] = np.ascontiguousarray(np.sqrt(total, out=total))
+
+    def scaled(self, axis, factor):
+        """The same costs with every step along ``axis`` costing ``factor`` times more.
+
+        Returns a new :class:`GeodesicCosts` sharing the other axes' step costs.
+        """
+        scaled = copy.copy(self)
+        scaled._costs = dict(self._costs)
+        if axis in scaled._costs:
+            scaled._costs[axis] = self._costs[axis] * np.float32(factor)
+        return scaled
 
     def coarse_box(self, box=None):
         """The cells (slices of the working grid) covering a full-resolution ``box``."""
