@@ -278,8 +278,9 @@ def test_three_classes_and_rethreshold_without_retraining(phantom_scene):
     assert dice(masks[1], phantom.label_map == 2) > 0.5
     probabilities_before = [slicer.util.arrayFromVolume(n).copy() for n in result.probabilityVolumeNodes]
 
-    # A new logic has no trained forest and no features: re-thresholding can only use the stored maps.
+    # Without the trained forest and the features, re-thresholding can only use the stored maps.
     fresh = FetalAnnotateLogic.FetalAnnotateLogic()
+    fresh.releaseSession(volume)
     loose = fresh.rethreshold(volume, segmentation, {"fetus": 0.2})
     fetus_loose = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, loose.resultSegmentIds[1], volume) > 0
     strict = fresh.rethreshold(volume, segmentation, {"fetus": 0.8})

@@ -1,5 +1,16 @@
 """GUI-free logic of the FetalAnnotate Slicer module (imports slicer and vtk, never qt or ctk)."""
 
-from .logic import AUTO_SUFFIX, PROBABILITY_SUFFIX, FetalAnnotateLogic, Masking, SegmentResult, classMasks
+from .logic import (
+    AUTO_SUFFIX,
+    EDITED_SUFFIX,
+    PROBABILITY_SUFFIX,
+    FetalAnnotateLogic,
+    Masking,
+    SegmentResult,
+    SessionCache,
+    classMasks,
+    sessionCacheOf,
+)
 
-__all__ = ["FetalAnnotateLogic", "Masking", "SegmentResult", "AUTO_SUFFIX", "PROBABILITY_SUFFIX", "classMasks"]
+__all__ = ["FetalAnnotateLogic", "Masking", "SegmentResult", "SessionCache", "sessionCacheOf", "AUTO_SUFFIX",
+           "EDITED_SUFFIX", "PROBABILITY_SUFFIX", "classMasks"]

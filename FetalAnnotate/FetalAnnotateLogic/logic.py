@@ -13,13 +13,25 @@ Usable from Slicer's Python interactor and from tests against a headless MRML sc
     logic.saveClassifier(volume, "/tmp/fetus.skops")
 
 Painted segments are only ever read: results go to segments named ``"<class> (auto)"`` and to
-one probability volume per class, in the source volume's geometry.
+one probability volume per class, in the source volume's geometry. A result segment edited by hand
+since it was written is never overwritten: it is kept as ``"<class> (edited)"`` (see
+:meth:`FetalAnnotateLogic.writeResultSegments`).
+
+Image features are computed once per volume and shared by every ``FetalAnnotateLogic`` of a scene
+(:class:`SessionCache`, found with :func:`sessionCacheOf`), e.g. by the module panel and the Segment
+Editor effect; they are freed when the volume is removed from the scene or the scene is closed.
+
+``FetalAnnotateLogic`` is a plain class, not a ``ScriptedLoadableModuleLogic``: that base lives in
+``slicer/ScriptedLoadableModule.py``, which imports ``qt`` and ``ctk`` (absent in pip's slicer-core,
+so the logic could not run headless in tests and batch jobs), and its ``getParameterNode()`` uses the
+global ``slicer.mrmlScene`` instead of the logic's scene; parameters live in the module widget.
 
 FetalAnnotateLib (which needs scikit-learn) is imported on first use, not when this module is
 imported, so Slicer can load the module and offer to install scikit-learn before it is needed.
 Errors are ``FetalAnnotateLib.FetalAnnotateError`` subclasses with a message that says what to do.
 """
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,12 +41,17 @@ from vtk.util import numpy_support
 import slicer
 
 AUTO_SUFFIX = " (auto)"
+#: Name suffix of a result segment edited by hand, kept when a new result is written.
+EDITED_SUFFIX = " (edited)"
 PROBABILITY_SUFFIX = " probability"
+#: Segment tags (saved with the segmentation): RESULT_TAG is "auto" on a result segment as written,
+#: "edited" on one kept after a hand edit; FINGERPRINT_TAG holds a digest of the voxels written.
+RESULT_TAG = "FetalAnnotate.Result"
+FINGERPRINT_TAG = "FetalAnnotate.ResultFingerprint"
 #: Attributes and reference role that tie a probability volume to its class and source volume.
 CLASS_NAME_ATTRIBUTE = "FetalAnnotate.ClassName"
 CLASS_INDEX_ATTRIBUTE = "FetalAnnotate.ClassIndex"
 SOURCE_VOLUME_ROLE = "FetalAnnotateSourceVolume"
-_BINARY_LABELMAP = "Binary labelmap"  # vtkSegmentationConverter's binary labelmap representation name
 _DEFAULT_COLOR = (0.9, 0.62, 0.0)
 # RAS (Slicer) <-> LPS (ITK files) flips the first two axes.
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
@@ -101,31 +118,119 @@ class _VolumeSession:
         self.classNames = None
 
 
+class SessionCache:
+    """The AnnotationSessions of one scene's volumes, shared by every FetalAnnotateLogic of that scene.
+
+    A session holds a volume's image features (tens of times the volume's memory), so they are
+    computed once per volume and scene, whether the module panel or the Segment Editor effect asks
+    first. Get the cache of a scene with :func:`sessionCacheOf`; every :class:`FetalAnnotateLogic`
+    does (``logic.sessionCache``). It observes the scene: a volume's session is freed when the
+    volume node is removed from the scene (``vtkMRMLScene::NodeRemovedEvent``), all sessions when
+    the scene is closed (``vtkMRMLScene::EndCloseEvent``, also fired by ``scene.Clear()``).
+    """
+
+    def __init__(self, scene):
+        self._sessions = {}  # volume node ID -> _VolumeSession
+        # The observers hold this cache, not the other way round: the cache lives as long as the scene.
+        scene.AddObserver(slicer.vtkMRMLScene.NodeRemovedEvent, self._onNodeRemoved)
+        scene.AddObserver(slicer.vtkMRMLScene.EndCloseEvent, self._onSceneClosed)
+
+    def get(self, volumeNodeId):
+        """The cached ``_VolumeSession`` of a volume node ID, or None."""
+        return self._sessions.get(volumeNodeId)
+
+    def put(self, volumeNodeId, volumeSession):
+        """Cache ``volumeSession`` for a volume node ID, replacing any previous one."""
+        self._sessions[volumeNodeId] = volumeSession
+
+    def release(self, volumeNodeId):
+        """Forget a volume's session (frees its features)."""
+        self._sessions.pop(volumeNodeId, None)
+
+    def clear(self):
+        """Forget every session."""
+        self._sessions.clear()
+
+    def volumeNodeIds(self):
+        """IDs of the volume nodes that have a cached session."""
+        return list(self._sessions)
+
+    def _onNodeRemoved(self, scene, event, node):
+        self.release(node.GetID())
+
+    _onNodeRemoved.CallDataType = vtk.VTK_OBJECT  # the removed node comes as call data
+
+    def _onSceneClosed(self, scene, event):
+        self.clear()  # node IDs are reused after a close: no session may outlive it
+
+
+_SESSION_CACHES = {}  # scene address -> SessionCache; an entry leaves when its scene is deleted
+
+
+def sessionCacheOf(scene):
+    """The :class:`SessionCache` of ``scene``, created on first use; the same object for every caller.
+
+    Parameters
+    ----------
+    scene : vtkMRMLScene
+
+    Returns
+    -------
+    SessionCache
+    """
+    key = scene.__this__  # the C++ object's address: stable while the scene exists, whatever Python wraps it
+    cache = _SESSION_CACHES.get(key)
+    if cache is None:
+        cache = SessionCache(scene)
+        _SESSION_CACHES[key] = cache
+        scene.AddObserver(vtk.vtkCommand.DeleteEvent, lambda caller, event: _SESSION_CACHES.pop(key, None))
+    return cache
+
+
 class FetalAnnotateLogic:
     """Train a random forest on painted segments and write the segmentation back to the scene.
 
     One :class:`FetalAnnotateLib.AnnotationSession` is kept per source volume, so image features
     are computed once and reused across rounds; it is rebuilt when the volume's voxels, spacing,
     feature preset, forest settings or extra feature volumes (which ones, or their voxels) change.
+    The sessions are the scene's (:class:`SessionCache`): every logic of a scene shares them.
 
     Parameters
     ----------
     scene : vtkMRMLScene, optional
         Scene of the nodes; ``slicer.mrmlScene`` when omitted.
+
+    Attributes
+    ----------
+    scene : vtkMRMLScene
+    sessionCache : SessionCache
+        The scene's sessions, ``sessionCacheOf(scene)``.
     """
 
     def __init__(self, scene=None):
         self.scene = scene if scene is not None else slicer.mrmlScene
-        self._sessions = {}
+        self.sessionCache = sessionCacheOf(self.scene)
 
     # ------------------------------------------------------------------ reading strokes
     @staticmethod
     def classSegmentIds(segmentationNode):
-        """IDs of the segments that are classes: every segment not named ``"... (auto)"``, in table order."""
-        segmentation = segmentationNode.GetSegmentation()
-        ids = [segmentation.GetNthSegmentID(index) for index in range(segmentation.GetNumberOfSegments())]
-        return [segmentId for segmentId in ids
-                if not segmentation.GetSegment(segmentId).GetName().endswith(AUTO_SUFFIX)]
+        """IDs of the segments that are classes: every segment but the result segments, in table order.
+
+        See :meth:`isResultSegment`.
+        """
+        _checkSegmentation(segmentationNode)
+        return [segmentId for segmentId in _segmentIds(segmentationNode)
+                if not FetalAnnotateLogic.isResultSegment(segmentationNode, segmentId)]
+
+    @staticmethod
+    def isResultSegment(segmentationNode, segmentId):
+        """True for a result segment, which is never a class (nor restricts the editable area).
+
+        Result segments are those named ``"<class> (auto)"`` and those tagged as written by
+        :meth:`writeResultSegments`, including hand-edited results it kept as ``"<class> (edited)"``.
+        """
+        segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
+        return segment.HasTag(RESULT_TAG) or segment.GetName().endswith(AUTO_SUFFIX)
 
     def segmentArray(self, volumeNode, segmentationNode, segmentId):
         """A segment as a boolean array (z, y, x) on the volume's voxel grid.
@@ -169,6 +274,8 @@ class FetalAnnotateLogic:
         classNames : list of str
             The segments' names.
         """
+        _checkSourceVolume(volumeNode)
+        _checkSegmentation(segmentationNode)
         segmentIds = list(segmentIds) if segmentIds is not None else self.classSegmentIds(segmentationNode)
         if len(segmentIds) > 255:
             raise _lib().StrokeError("at most 255 class segments are supported")
@@ -178,36 +285,81 @@ class FetalAnnotateLogic:
         segmentation = segmentationNode.GetSegmentation()
         return labels, [segmentation.GetSegment(segmentId).GetName() for segmentId in segmentIds]
 
-    def editableArea(self, volumeNode, segmentationNode, masking):
+    def editableArea(self, volumeNode, segmentationNode, masking, classSegmentIds=None):
         """Boolean array (z, y, x) of the voxels results may be written to, or None for everywhere.
+
+        The editable-area modes are those of the Segment Editor, with one difference: results of
+        all classes are written at once, so in the inside/outside all/visible segments modes the
+        class segments and the result segments (:meth:`isResultSegment`) do not count; only the
+        other segments, e.g. a region of interest, define the area. (The editor exempts just the
+        segment being edited, so the previous round's results, which cover the volume, would
+        leave nothing editable.)
 
         Parameters
         ----------
+        volumeNode : vtkMRMLScalarVolumeNode
+            Defines the voxel grid of the returned array.
+        segmentationNode : vtkMRMLSegmentationNode
+            Holds the segments the area is defined by.
         masking : Masking
             Editable area and intensity range, e.g. ``Masking.fromSegmentEditorNode(editorNode)``.
+        classSegmentIds : sequence of str, optional
+            The class segments of this round; :meth:`classSegmentIds` when omitted.
+
+        Raises
+        ------
+        FetalAnnotateError
+            The mode needs segments that are not there (no mask segment, or inside all/visible
+            segments with none but classes and results).
         """
         if masking is None:
             return None
         editable = None
         if masking.maskMode != slicer.vtkMRMLSegmentationNode.EditAllowedEverywhere:
-            transform = _transformBetween(volumeNode, segmentationNode)
-            if transform is not None and not slicer.vtkOrientedImageDataResample.IsTransformLinear(transform):
-                raise _lib().FetalAnnotateError("masking by segments needs a linear transform between the volume "
-                                                "and the segmentation; harden the non-linear transform first")
-            reference = _volumeGeometry(volumeNode)
-            if transform is not None:
-                slicer.vtkOrientedImageDataResample.TransformOrientedImage(reference, transform, True)
-            mask = slicer.vtkOrientedImageData()
-            if not segmentationNode.GenerateEditMask(mask, masking.maskMode, reference, "", masking.maskSegmentId):
-                raise _lib().FetalAnnotateError("could not build the editable area; "
-                                                "check the mask segment in the Segment Editor")
-            editable = _orientedImageArray(mask) == 0  # the edit mask is non-zero where editing is NOT allowed
+            inside = masking.maskMode in (slicer.vtkMRMLSegmentationNode.EditAllowedInsideSingleSegment,
+                                          slicer.vtkMRMLSegmentationNode.EditAllowedInsideAllSegments,
+                                          slicer.vtkMRMLSegmentationNode.EditAllowedInsideVisibleSegments)
+            areaIds = self._maskSegmentIds(segmentationNode, masking, classSegmentIds)
+            if inside and not areaIds:
+                raise _lib().FetalAnnotateError(
+                    "the editable area is inside segments, but there is no segment to define it besides the "
+                    "classes and the results; paint one where results may go, or change the editable area")
+            area = np.zeros(_volumeShape(volumeNode), bool)
+            for segmentId in areaIds:
+                area |= self.segmentArray(volumeNode, segmentationNode, segmentId)
+            editable = area if inside else ~area
         if masking.intensityRange is not None:
             low, high = masking.intensityRange
             image = slicer.util.arrayFromVolume(volumeNode)
             inRange = (image >= low) & (image <= high)
             editable = inRange if editable is None else editable & inRange
         return editable
+
+    def _maskSegmentIds(self, segmentationNode, masking, classSegmentIds):
+        """The segments whose union is the inside of a (non-"everywhere") editable area.
+
+        As in ``vtkMRMLSegmentationNode::GenerateEditMask`` (the one chosen segment, all segments,
+        or the visible ones), minus the class and result segments except a chosen mask segment.
+        """
+        modes = slicer.vtkMRMLSegmentationNode
+        if masking.maskMode == modes.EditAllowedInsideSingleSegment:
+            if not masking.maskSegmentId:
+                raise _lib().FetalAnnotateError("the editable area is inside a single segment, but none is chosen; "
+                                                "choose the mask segment in the Segment Editor")
+            if segmentationNode.GetSegmentation().GetSegment(masking.maskSegmentId) is None:
+                raise _lib().FetalAnnotateError(f"the mask segment {masking.maskSegmentId!r} is not in segmentation "
+                                                f"{segmentationNode.GetName()!r}; choose it again in the Segment Editor")
+            return [masking.maskSegmentId]
+        segmentIds = _segmentIds(segmentationNode)
+        if masking.maskMode in (modes.EditAllowedInsideVisibleSegments, modes.EditAllowedOutsideVisibleSegments):
+            displayNode = segmentationNode.GetDisplayNode()
+            if displayNode is None:
+                raise _lib().FetalAnnotateError(f"segmentation {segmentationNode.GetName()!r} is not displayed, so "
+                                                "no segment is visible; show it, or change the editable area")
+            segmentIds = [segmentId for segmentId in segmentIds if displayNode.GetSegmentVisibility(segmentId)]
+        classes = set(self.classSegmentIds(segmentationNode) if classSegmentIds is None else classSegmentIds)
+        return [segmentId for segmentId in segmentIds
+                if segmentId not in classes and not self.isResultSegment(segmentationNode, segmentId)]
 
     # ------------------------------------------------------------------ training and results
     def session(self, volumeNode, preset="default", forestSettings=None, progress=None, extraFeatureNodes=None,
@@ -244,14 +396,15 @@ class FetalAnnotateLogic:
             when omitted. A setting of each call, not cached.
         """
         key = self._sessionKey(volumeNode, preset, forestSettings, extraFeatureNodes)
-        cached = self._sessions.get(volumeNode.GetID())
+        cached = self.sessionCache.get(volumeNode.GetID())
         if cached is None or cached.key != key:
-            self._sessions.pop(volumeNode.GetID(), None)  # free the old features before computing new ones
+            self.sessionCache.release(volumeNode.GetID())  # free the old features before computing new ones
             session = _lib().AnnotationSession(slicer.util.arrayFromVolume(volumeNode).astype(np.float32),
                                                _volumeSpacing(volumeNode), preset=preset,
                                                extra_features=self.extraFeatureArray(volumeNode, extraFeatureNodes),
                                                forest=forestSettings, progress=progress)
-            cached = self._sessions[volumeNode.GetID()] = _VolumeSession(session, key)
+            cached = _VolumeSession(session, key)
+            self.sessionCache.put(volumeNode.GetID(), cached)
         cached.session.progress = progress
         cached.session.enclosure_margin_mm = _lib().OUTLINE_MARGIN_MM if outlineMode else None
         cached.session.smoothness = _lib().SMOOTHNESS if smoothness is None else float(smoothness)
@@ -260,7 +413,7 @@ class FetalAnnotateLogic:
 
     def hasSession(self, volumeNode, preset="default", forestSettings=None, extraFeatureNodes=None):
         """True when the features of ``volumeNode`` for these settings are already computed."""
-        cached = self._sessions.get(volumeNode.GetID())
+        cached = self.sessionCache.get(volumeNode.GetID())
         return cached is not None and cached.key == self._sessionKey(volumeNode, preset, forestSettings,
                                                                      extraFeatureNodes)
 
@@ -271,17 +424,12 @@ class FetalAnnotateLogic:
         Checks the extra feature volumes' grids on every call (cheap: no voxels are read), so a
         volume moved after its features were computed is refused even when the session is cached.
         """
-        imageData = volumeNode.GetImageData() if volumeNode is not None else None
-        if imageData is None or imageData.GetNumberOfPoints() == 0:
-            raise _lib().FetalAnnotateError("select a source volume that has voxels")
-        if imageData.GetNumberOfScalarComponents() != 1:
-            raise _lib().FetalAnnotateError(f"volume {volumeNode.GetName()!r} has several components per voxel; "
-                                     "convert it to a scalar volume (e.g. with Vector to Scalar Volume)")
+        _checkSourceVolume(volumeNode)
         extraKey = []
         for featureNode in extraFeatureNodes or ():
             _checkSameGrid(volumeNode, featureNode)
             extraKey.append((featureNode.GetID(), featureNode.GetImageData().GetMTime()))
-        return (imageData.GetMTime(), volumeNode.GetSpacing(), preset, repr(sorted((forestSettings or {}).items())),
+        return (volumeNode.GetImageData().GetMTime(), volumeNode.GetSpacing(), preset, repr(sorted((forestSettings or {}).items())),
                 tuple(extraKey))
 
     @staticmethod
@@ -321,8 +469,8 @@ class FetalAnnotateLogic:
         return features
 
     def releaseSession(self, volumeNode):
-        """Forget the cached features of a volume (frees memory)."""
-        self._sessions.pop(volumeNode.GetID(), None)
+        """Forget the cached features of a volume (frees memory; also done when the volume leaves the scene)."""
+        self.sessionCache.release(volumeNode.GetID())
 
     def segment(self, volumeNode, segmentationNode, segmentIds=None, *, outputSegmentationNode=None,
                 thresholds=None, masking=None, preset="default", forestSettings=None, progress=None,
@@ -353,6 +501,9 @@ class FetalAnnotateLogic:
         -------
         SegmentResult
         """
+        _checkSourceVolume(volumeNode)
+        _checkSegmentation(segmentationNode)
+        segmentIds = list(segmentIds) if segmentIds is not None else self.classSegmentIds(segmentationNode)
         strokes, classNames = self.strokeLabels(volumeNode, segmentationNode, segmentIds)
         painted = [name for value, name in enumerate(classNames, start=1) if (strokes == value).any()]
         if len(painted) < 2:
@@ -368,11 +519,11 @@ class FetalAnnotateLogic:
         session.progress = _scaled(progress, 0.6, 1.0) if computeFeatures else progress
         result = session.update(strokes)
         classNames = [classNames[value - 1] for value in result.classes]
-        self._sessions[volumeNode.GetID()].classNames = tuple(classNames)
+        self.sessionCache.get(volumeNode.GetID()).classNames = tuple(classNames)
         probabilityNodes = self.writeProbabilityVolumes(volumeNode, result.probabilities, classNames)
         outputSegmentationNode = outputSegmentationNode or segmentationNode
         masks = classMasks(result.probabilities, strokes, result.classes, classNames, thresholds, result.labels)
-        editable = self.editableArea(volumeNode, segmentationNode, masking)
+        editable = self.editableArea(volumeNode, segmentationNode, masking, segmentIds)
         resultIds = self.writeResultSegments(volumeNode, segmentationNode, outputSegmentationNode, classNames, masks,
                                               editable)
         return SegmentResult(tuple(classNames), tuple(resultIds), tuple(probabilityNodes), outputSegmentationNode)
@@ -400,10 +551,14 @@ class FetalAnnotateLogic:
         -------
         SegmentResult
         """
+        _checkSourceVolume(volumeNode)
         nodes = self.probabilityVolumeNodes(volumeNode)
         if not nodes:
             raise _lib().FetalAnnotateError(f"no probability volumes of {volumeNode.GetName()!r} in the scene; "
                                      "train first ('Train and segment')")
+        if not all(_sameGrid(volumeNode, node) for node in nodes.values()):
+            raise _lib().FetalAnnotateError(f"the voxel grid of volume {volumeNode.GetName()!r} changed since "
+                                            "training (e.g. cropped or resampled); train again ('Train and segment')")
         classNames = list(nodes)
         probabilities = np.stack([slicer.util.arrayFromVolume(node) for node in nodes.values()]).astype(np.float32)
         strokes, strokeNames = self.strokeLabels(volumeNode, segmentationNode)
@@ -423,9 +578,10 @@ class FetalAnnotateLogic:
     def probabilityVolumeNodes(self, volumeNode):
         """``{class name: probability volume node}`` of a source volume, in class order."""
         found = []
-        nodes = self.scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
-        for index in range(nodes.GetNumberOfItems()):
-            node = nodes.GetItemAsObject(index)
+        # Not GetNodesByClass(className): the caller must UnRegister the collection it returns, and
+        # slicer.util.getNodesByClass (which does) reads slicer.mrmlScene, not this scene.
+        for index in range(self.scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
+            node = self.scene.GetNthNodeByClass(index, "vtkMRMLScalarVolumeNode")
             name = node.GetAttribute(CLASS_NAME_ATTRIBUTE)
             if name and node.GetNodeReferenceID(SOURCE_VOLUME_ROLE) == volumeNode.GetID():
                 found.append((int(node.GetAttribute(CLASS_INDEX_ATTRIBUTE)), name, node))
@@ -443,7 +599,7 @@ class FetalAnnotateLogic:
         Path
             The written file.
         """
-        cached = self._sessions.get(volumeNode.GetID())
+        cached = self.sessionCache.get(volumeNode.GetID())
         if cached is None or cached.classNames is None:
             raise _lib().FetalAnnotateError(f"nothing trained on {volumeNode.GetName()!r} yet; "
                                             "run 'Train and segment' first")
@@ -581,7 +737,19 @@ class FetalAnnotateLogic:
 
     def writeResultSegments(self, volumeNode, strokeSegmentationNode, outputSegmentationNode, classNames, masks,
                             editable=None):
-        """Write masks on the volume's grid to ``"<class> (auto)"`` segments; no other segment is touched.
+        """Write masks on the volume's grid to ``"<class> (auto)"`` segments, keeping hand edits.
+
+        Each result segment is tagged with a digest of the voxels written (segment tags are saved
+        with the scene). Before writing, every ``"(auto)"`` segment is checked against it:
+
+        - edited since it was written (or without a digest, e.g. named so by hand): kept, renamed
+          ``"<class> (edited)"`` (``"(edited 2)"``, ... if taken) and tagged as an edited result, so
+          it is neither a class nor overwritten; the new result goes to a new ``"<class> (auto)"``;
+        - unedited, of a class in ``classNames``: overwritten with the new result;
+        - unedited, of a class not in ``classNames`` (removed or renamed class): removed, as its
+          probability volume is.
+
+        No other segment is touched.
 
         Parameters
         ----------
@@ -607,6 +775,7 @@ class FetalAnnotateLogic:
         segmentation = outputSegmentationNode.GetSegmentation()
         wasModifying = outputSegmentationNode.StartModify()
         try:
+            self._setAsideEditedResults(volumeNode, outputSegmentationNode, classNames)
             resultIds = []
             for name, mask in zip(classNames, masks):
                 if editable is not None:
@@ -620,7 +789,8 @@ class FetalAnnotateLogic:
                     segment = slicer.vtkSegment()
                     segment.SetName(segmentName)
                     segment.SetColor(self._classColor(strokeSegmentationNode, name) or _DEFAULT_COLOR)
-                    segment.AddRepresentation(_BINARY_LABELMAP, image)
+                    segment.SetTag(RESULT_TAG, "auto")
+                    segment.AddRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(), image)
                     segmentation.AddSegment(segment)
                     segmentId = segmentation.GetSegmentIdBySegment(segment)
                 else:
@@ -631,10 +801,41 @@ class FetalAnnotateLogic:
                     if not slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
                             image, outputSegmentationNode, segmentId):
                         raise _lib().FetalAnnotateError(f"could not write segment {segmentName!r}")
+                # The digest of what reading the segment back gives, so a later check compares like with like.
+                segmentation.GetSegment(segmentId).SetTag(
+                    FINGERPRINT_TAG, self._resultFingerprint(volumeNode, outputSegmentationNode, segmentId))
                 resultIds.append(segmentId)
         finally:
             outputSegmentationNode.EndModify(wasModifying)
         return resultIds
+
+    def _setAsideEditedResults(self, volumeNode, segmentationNode, classNames):
+        """Rename edited ``"(auto)"`` segments ``"<class> (edited)"``; remove unedited ones of other classes.
+
+        See :meth:`writeResultSegments`.
+        """
+        segmentation = segmentationNode.GetSegmentation()
+        for segmentId in _segmentIds(segmentationNode):
+            segment = segmentation.GetSegment(segmentId)
+            if not segment.GetName().endswith(AUTO_SUFFIX):
+                continue
+            className = segment.GetName()[:-len(AUTO_SUFFIX)]
+            written = vtk.reference("")
+            unedited = segment.GetTag(FINGERPRINT_TAG, written) and \
+                str(written) == self._resultFingerprint(volumeNode, segmentationNode, segmentId)
+            if not unedited:
+                segment.SetName(_unusedSegmentName(segmentation, f"{className}{EDITED_SUFFIX}"))
+                segment.SetTag(RESULT_TAG, "edited")
+                segment.RemoveTag(FINGERPRINT_TAG)
+            elif className not in classNames:
+                segmentation.RemoveSegment(segmentId)
+
+    def _resultFingerprint(self, volumeNode, segmentationNode, segmentId):
+        """Digest of a segment's voxels on the volume's grid (with the grid's shape)."""
+        voxels = self.segmentArray(volumeNode, segmentationNode, segmentId)
+        digest = hashlib.sha256(np.asarray(voxels.shape, np.int64).tobytes())
+        digest.update(np.packbits(voxels).tobytes())
+        return digest.hexdigest()
 
     @staticmethod
     def labelmapInSegmentationFrame(volumeNode, segmentationNode, array):
@@ -714,6 +915,43 @@ def _scaled(progress, start, stop):
     return lambda fraction, message: progress(start + (stop - start) * fraction, message)
 
 
+def _checkSourceVolume(volumeNode):
+    """Raise FetalAnnotateError unless ``volumeNode`` is a scalar volume with voxels and a usable spacing."""
+    imageData = volumeNode.GetImageData() if volumeNode is not None else None
+    if imageData is None or imageData.GetNumberOfPoints() == 0:
+        raise _lib().FetalAnnotateError("select a source volume that has voxels")
+    name = volumeNode.GetName()
+    if imageData.GetNumberOfScalarComponents() != 1:
+        raise _lib().FetalAnnotateError(f"volume {name!r} has several components per voxel; "
+                                        "convert it to a scalar volume (e.g. with Vector to Scalar Volume)")
+    spacing = volumeNode.GetSpacing()
+    if not all(np.isfinite(value) and value > 0 for value in spacing):
+        raise _lib().FetalAnnotateError(
+            f"volume {name!r} has voxel spacing {tuple(spacing)} mm; every spacing must be a positive number: "
+            "correct it in Volumes > Volume Information (Image Spacing)")
+
+
+def _checkSegmentation(segmentationNode):
+    """Raise FetalAnnotateError unless ``segmentationNode`` is a segmentation node."""
+    if segmentationNode is None or not segmentationNode.IsA("vtkMRMLSegmentationNode"):
+        raise _lib().FetalAnnotateError("select a segmentation that holds the painted class segments")
+
+
+def _segmentIds(segmentationNode):
+    """IDs of all segments of a segmentation node, in table order."""
+    segmentation = segmentationNode.GetSegmentation()
+    return [segmentation.GetNthSegmentID(index) for index in range(segmentation.GetNumberOfSegments())]
+
+
+def _unusedSegmentName(segmentation, name):
+    """``name``, or ``name`` with " 2", " 3", ... before its closing parenthesis if a segment has it."""
+    candidate, number = name, 1
+    while segmentation.GetSegmentIdBySegmentName(candidate):
+        number += 1
+        candidate = f"{name[:-1]} {number})"
+    return candidate
+
+
 def _volumeShape(volumeNode):
     """(z, y, x) array shape of a volume."""
     return tuple(reversed(volumeNode.GetImageData().GetDimensions()))
@@ -746,12 +984,7 @@ def _checkSameGrid(volumeNode, featureNode):
         raise _lib().FetalAnnotateError(
             f"feature volume {featureName!r} has {imageData.GetDimensions()} voxels (i, j, k), source volume "
             f"{name!r} has {volumeNode.GetImageData().GetDimensions()}; {advice}")
-    featureMatrix, sourceMatrix = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
-    featureNode.GetIJKToRASMatrix(featureMatrix)
-    volumeNode.GetIJKToRASMatrix(sourceMatrix)
-    tolerance = _GRID_TOLERANCE * min(volumeNode.GetSpacing())
-    if not np.allclose(slicer.util.arrayFromVTKMatrix(featureMatrix), slicer.util.arrayFromVTKMatrix(sourceMatrix),
-                       rtol=0.0, atol=tolerance):
+    if not _sameGrid(volumeNode, featureNode):
         raise _lib().FetalAnnotateError(
             f"feature volume {featureName!r} has another spacing, origin or axis directions than source volume "
             f"{name!r} (features are not resampled); {advice}")
@@ -759,6 +992,22 @@ def _checkSameGrid(volumeNode, featureNode):
         raise _lib().FetalAnnotateError(
             f"feature volume {featureName!r} is under another parent transform than source volume {name!r}; "
             f"put both under the same transform, or {advice}")
+
+
+def _sameGrid(volumeNode, otherNode):
+    """True when two volumes with voxels have the same dimensions and IJK-to-RAS matrix.
+
+    The matrices (spacing, origin, axis directions) may differ by :data:`_GRID_TOLERANCE` of the
+    smallest spacing of ``volumeNode``. Parent transforms are not compared.
+    """
+    otherImage = otherNode.GetImageData()
+    if otherImage is None or otherImage.GetDimensions() != volumeNode.GetImageData().GetDimensions():
+        return False
+    matrix, otherMatrix = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(matrix)
+    otherNode.GetIJKToRASMatrix(otherMatrix)
+    return np.allclose(slicer.util.arrayFromVTKMatrix(matrix), slicer.util.arrayFromVTKMatrix(otherMatrix), rtol=0.0,
+                       atol=_GRID_TOLERANCE * min(volumeNode.GetSpacing()))
 
 
 def _volumeGeometry(volumeNode):
@@ -790,10 +1039,23 @@ def _orientedImageArray(image):
 
 
 def _transformBetween(sourceNode, targetNode):
-    """Transform from ``sourceNode``'s coordinate frame to ``targetNode``'s, or None when they share a frame."""
+    """Transform from ``sourceNode``'s coordinate frame to ``targetNode``'s, or None when they share a frame.
+
+    A ``vtkTransform`` (one matrix) when every transform on the way is linear: Slicer's resampling
+    then maps voxel grids exactly. The ``vtkGeneralTransform`` that ``GetTransformBetweenNodes``
+    builds for two different parents holds an inverted general transform, which
+    ``vtkOrientedImageDataResample`` does not take for linear, so it would resample by nearest
+    neighbour with voxel centres off by rounding.
+    """
     sourceParent, targetParent = sourceNode.GetParentTransformNode(), targetNode.GetParentTransformNode()
     if sourceParent is targetParent:
         return None
+    if all(parent is None or parent.IsTransformToWorldLinear() for parent in (sourceParent, targetParent)):
+        matrix = vtk.vtkMatrix4x4()
+        slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(sourceParent, targetParent, matrix)
+        transform = vtk.vtkTransform()
+        transform.SetMatrix(matrix)
+        return transform
     transform = vtk.vtkGeneralTransform()
     slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(sourceParent, targetParent, transform)
     return transform
