@@ -1,4 +1,4 @@
-"""Do FetalInpaint encoder features help FetalAnnotate? Robot-user Dice with and without them (issue #5).
+"""Do FetalInpaint encoder features help FetalAnnotate? Robot-user Dice with and without them.
 
 An inpainting autoencoder is pretrained, without labels, on the MRI stacks of one dataset (or a
 given checkpoint is used); its bottleneck, upsampled to the voxel grid and reduced by PCA, is

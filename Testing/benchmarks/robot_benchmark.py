@@ -1,4 +1,4 @@
-"""Robot-user benchmark of the FetalAnnotate engine against its baselines (issue #3).
+"""Robot-user benchmark of the FetalAnnotate engine against its baselines (docs/benchmarks.md).
 
 Every method gets the same robot user (robot_user.py): round-0 strokes on one slice, then
 one correction stroke per round on the largest error blob. Each (method, dataset) pair runs

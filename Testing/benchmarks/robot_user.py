@@ -1,4 +1,4 @@
-"""The robot-user protocol of issue #3 (same rules as ../shared/bench/robot.py).
+"""The robot-user protocol of the benchmark (same rules as the reference harness ../shared/bench/robot.py).
 
 Round 0 paints ONE 2D slice: the one with the largest target area along the acquisition
 axis. Foreground = the skeleton of the target eroded by 2 voxels (dilated by 1, kept inside
