@@ -301,7 +301,7 @@ def test_background_training_progress_stop_and_resume(mrml_scene, tmp_path):
     logic.requestStop(run)
     logic.waitForTraining(run, timeout=30)
     status = logic.pollTraining(run)
-    assert status.stopped and not status.running and "resume continues" in status.message
+    assert status.stopped and not status.running and status.outcome == "stopped" and "tick Resume" in status.message
     completed = len(json.loads((output / "history.json").read_text()))
     assert 1 <= completed < 500
     losses = [r for r in run.records if "loss" in r]

@@ -8,12 +8,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+
+torch = pytest.importorskip("torch")  # the Python 3.9 check runs without torch
 
 from FetalInpaintLib.corruptors import corrupt_batch
-from FetalInpaintLib.errors import ArchitectureMismatchError, CheckpointError, FetalInpaintError, InvalidVolumeError
+from FetalInpaintLib.control import LOCK_FILE_NAME, STOP_FILE_NAME, request_stop
+from FetalInpaintLib.errors import (
+    ArchitectureMismatchError,
+    CheckpointError,
+    FetalInpaintError,
+    InvalidVolumeError,
+    TrainingLockedError,
+)
 from FetalInpaintLib.model import InpaintingAutoencoder, biharmonic_fill, push_pull_fill
 from FetalInpaintLib.training import TrainConfig, load_checkpoint, masked_l2, train
+from FetalInpaintLib.train import main as train_main
 
 LIBRARY_PARENT = Path(__file__).resolve().parents[1] / "FetalInpaint"
 TINY = dict(base_channels=4, depth=2, patch_size=16, stride=8, batch_size=16, epochs=2, device="cpu")
@@ -228,3 +237,83 @@ def test_ddp_entry_point_runs_two_gloo_processes(tmp_path):
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["steps"] == 3 and Path(summary["checkpoint"]).exists()
     assert (out / "model.json").exists() and load_checkpoint(out)[1]["architecture"]["base_channels"] == 4
+
+
+def test_stop_file_checkpoints_the_first_step_and_is_removed(tmp_path):
+    request_stop(tmp_path)  # written before the training starts: a Stop right after Start
+    result = train(tiny_volumes(2), TrainConfig(**TINY), tmp_path)
+    assert result.interrupted and result.epochs_completed == 0
+    assert (tmp_path / "resume.pt").exists()  # so "Resume" has something to continue
+    assert not (tmp_path / STOP_FILE_NAME).exists() and not (tmp_path / LOCK_FILE_NAME).exists()
+    assert train(tiny_volumes(2), TrainConfig(**TINY), tmp_path, resume=True).epochs_completed == 2
+
+
+def test_a_locked_folder_is_refused_and_a_stale_lock_taken_over(tmp_path):
+    import socket
+
+    lock = tmp_path / LOCK_FILE_NAME
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": 0}))  # a live process
+    with pytest.raises(TrainingLockedError, match=f"process {os.getpid()} .* is writing to"):
+        train(tiny_volumes(2), TrainConfig(**TINY), tmp_path)
+    assert not (tmp_path / "model.pt").exists() and lock.exists()
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    lock.write_text(json.dumps({"pid": ended.pid, "host": socket.gethostname(), "started": 0}))
+    assert train(tiny_volumes(2), TrainConfig(**TINY), tmp_path).epochs_completed == 2
+    assert not lock.exists()  # released at the end
+
+
+def _write_volume_file(path, seed=0):
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(phantom(seed=seed))
+    image.SetSpacing((1.0, 1.0, 3.0))
+    sitk.WriteImage(image, str(path))
+    return str(path)
+
+
+def _strict_json(text):
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_one_volume_training_prints_and_writes_strict_json(tmp_path, capsys):
+    volume = _write_volume_file(tmp_path / "only.nrrd")
+    code = train_main(["--volumes", volume, "--out", str(tmp_path / "run"), "--device", "cpu", "--epochs", "1",
+                       "--base-channels", "4", "--depth", "2", "--patch-size", "16", "--stride", "8",
+                       "--batch-size", "16", "--threads", "1"])
+    assert code == 0
+    records = [_strict_json(line) for line in capsys.readouterr().out.splitlines()]
+    assert records[-1]["epochs"] == 1
+    assert [record["val_loss"] for record in records if "val_loss" in record] == [None] * (len(records) - 1)
+    history = _strict_json((tmp_path / "run" / "history.json").read_text())
+    assert history[0]["val_loss"] is None and history[0]["loss"] > 0
+    assert _strict_json((tmp_path / "run" / "model.json").read_text())["val_loss"] is None
+
+
+def test_a_flipped_byte_in_the_weights_is_detected(tmp_path):
+    import zipfile
+
+    train(tiny_volumes(2), TrainConfig(**{**TINY, "epochs": 1}), tmp_path)
+    path = tmp_path / "model.pt"
+    with zipfile.ZipFile(path) as archive:
+        weights = max(archive.infolist(), key=lambda info: info.file_size)  # the largest tensor
+    data = bytearray(path.read_bytes())
+    header = weights.header_offset
+    start = header + 30 + int.from_bytes(data[header + 26:header + 28], "little") \
+        + int.from_bytes(data[header + 28:header + 30], "little")
+    data[start + weights.file_size // 2] ^= 0x10  # one bit of one weight
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="damaged"):
+        load_checkpoint(tmp_path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a computer without CUDA")
+def test_cuda_on_a_cpu_only_computer_is_not_called_a_corrupt_file(tmp_path):
+    train(tiny_volumes(2), TrainConfig(**{**TINY, "epochs": 1}), tmp_path)
+    with pytest.raises(FetalInpaintError, match="no CUDA GPU on this computer; choose device 'cpu'") as raised:
+        load_checkpoint(tmp_path, device="cuda")
+    assert not isinstance(raised.value, CheckpointError) and "corrupt" not in str(raised.value)

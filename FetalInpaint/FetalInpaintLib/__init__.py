@@ -2,6 +2,7 @@
 
 Modules
 -------
+control     : output-folder lock, stop file, process-tree kill (stdlib only).
 corruptors  : numpy and batched torch corruptions (holes, shapes, biased toss).
 data        : intensity normalisation, acquisition-axis slices, patches, split by volume.
 model       : fully convolutional inpainting autoencoder.
@@ -18,4 +19,5 @@ from .errors import (  # noqa: F401
     FetalInpaintError,
     InvalidVolumeError,
     ArchitectureMismatchError,
+    TrainingLockedError,
 )

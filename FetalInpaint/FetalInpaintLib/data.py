@@ -6,9 +6,8 @@ import json
 import numpy as np
 import torch
 
+from .config import DEFAULT_PERCENTILES
 from .errors import FetalInpaintError, InvalidVolumeError
-
-DEFAULT_PERCENTILES = (0.5, 99.5)
 
 
 def check_volume(volume, name="volume"):
@@ -71,17 +70,20 @@ def normalize_intensity(volume, percentiles=DEFAULT_PERCENTILES):
     return normalized, params
 
 
-def acquisition_axis(spacing):
-    """Index (in z, y, x order) of the axis with the largest spacing.
+def acquisition_axis(spacing, shape=None):
+    """Index (in z, y, x order) of the axis the volume is sliced along: the one with the largest spacing.
 
     Thick-slice stacks are sliced along their acquisition (thickest) axis so every 2D slice is a
     sharp in-plane image. For isotropic volumes (spacings within 1 %) the default is axis 0, the
-    first array axis (axial for the usual z, y, x arrays).
+    first array axis (axial for the usual z, y, x arrays). A single image (one axis of length 1,
+    whatever its spacing) is sliced along that axis: it is its one slice.
 
     Parameters
     ----------
     spacing : sequence of 3 float
         Voxel spacing in z, y, x order (mm).
+    shape : sequence of 3 int or None
+        Array shape (z, y, x); needed to recognise a single image.
 
     Returns
     -------
@@ -90,6 +92,8 @@ def acquisition_axis(spacing):
     spacing = np.asarray(spacing, dtype=np.float64)
     if spacing.shape != (3,) or not (spacing > 0).all():
         raise InvalidVolumeError(f"spacing must be 3 positive numbers (z, y, x), got {spacing.tolist()}.")
+    if shape is not None and list(shape).count(1) == 1:
+        return list(shape).index(1)
     if spacing.max() <= spacing.min() * 1.01:
         return 0
     return int(np.argmax(spacing))
@@ -159,7 +163,7 @@ def volume_patches(volume, spacing, patch_size=64, stride=32, percentiles=DEFAUL
         ``axis`` (slicing axis) and ``normalization`` parameters.
     """
     array = check_volume(volume)
-    axis = acquisition_axis(spacing)
+    axis = acquisition_axis(spacing, array.shape)
     normalized, params = normalize_intensity(array, percentiles)
     patches, _ = extract_patches(slices_along(normalized, axis), patch_size, stride, min_foreground)
     return patches, {"axis": axis, "normalization": params}

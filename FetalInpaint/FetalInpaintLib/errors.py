@@ -16,3 +16,7 @@ class CheckpointError(FetalInpaintError):
 class ArchitectureMismatchError(CheckpointError):
     """A checkpoint's weights do not fit the requested or declared architecture."""
 
+
+
+class TrainingLockedError(FetalInpaintError):
+    """Another live training holds the output folder's lock (see :mod:`FetalInpaintLib.control`)."""

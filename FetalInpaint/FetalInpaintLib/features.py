@@ -15,14 +15,22 @@ import torch
 import torch.nn.functional as F
 
 from .data import acquisition_axis, check_volume, extract_patches, normalize_intensity, slices_along
-from .errors import FetalInpaintError
+from .errors import FetalInpaintError, InvalidVolumeError
 
 
 def _normalized_slices(volume, spacing, metadata):
+    """Normalised slices along the training's slicing axis; refused where training would refuse them."""
     array = check_volume(volume)
+    axis = acquisition_axis(spacing, array.shape)
+    rows, cols = (size for index, size in enumerate(array.shape) if index != axis)
+    patch_size = int(metadata.get("patch_size", 1))
+    if min(rows, cols) < patch_size:
+        raise InvalidVolumeError(
+            f"the slices of the volume are {rows} x {cols} voxels, smaller than the {patch_size} x {patch_size} "
+            "patches the model was trained on: use a larger volume."
+        )
     percentiles = tuple(metadata.get("normalization", {}).get("percentiles", (0.5, 99.5)))
     normalized, _ = normalize_intensity(array, percentiles)
-    axis = acquisition_axis(spacing)
     return np.ascontiguousarray(slices_along(normalized, axis)), axis
 
 

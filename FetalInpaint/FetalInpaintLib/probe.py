@@ -46,7 +46,7 @@ def labelled_patches(volume, mask, spacing, patch_size=32, stride=8, positive_fr
     if mask.shape != array.shape:
         raise FetalInpaintError(f"mask shape {mask.shape} differs from the volume shape {array.shape}.")
     normalized, _ = normalize_intensity(array)
-    axis = acquisition_axis(spacing)
+    axis = acquisition_axis(spacing, array.shape)
     slices = np.ascontiguousarray(slices_along(normalized, axis))
     patches, positions = extract_patches(slices, patch_size, stride, min_foreground)
     mask_slices = slices_along(mask, axis).astype(np.float32)

@@ -9,6 +9,9 @@ Single process::
 Two CPU processes (gloo) or one process per GPU (nccl)::
 
     python -m torch.distributed.run --nproc_per_node 2 -m FetalInpaintLib.train --manifest cases.csv --out runs/b
+
+The same options are ``python -m FetalInpaintLib train``. torch is imported only when a training
+starts, so building the parser (``--help``) works without it.
 """
 
 import argparse
@@ -19,12 +22,8 @@ import signal
 import sys
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
+from .config import CORRUPTOR_NAMES, PREFILL_NAMES, TrainConfig
 from .errors import FetalInpaintError, InvalidVolumeError
-from .model import PREFILLS
-from .training import TrainConfig, train
 
 
 def read_volume(path):
@@ -53,28 +52,67 @@ def manifest_paths(manifest, dataset=None, column="image"):
     return [manifest.parent / row[column] for row in rows]
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(prog="python -m FetalInpaintLib.train", description=__doc__.split("\n")[0])
-    source = parser.add_argument_group("data")
-    source.add_argument("--volumes", nargs="+", default=[], help="image files (NIfTI, NRRD, ...)")
-    source.add_argument("--manifest", help="CSV with an 'image' column (e.g. cases.csv)")
-    source.add_argument("--dataset", help="only manifest rows of this 'dataset'")
-    parser.add_argument("--out", required=True, help="output folder (model.pt, model.json, loss_curve.png)")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/resume.pt")
+# TrainConfig fields set from the command line: (option type, help). The default shown is TrainConfig's.
+TRAIN_OPTIONS = {
+    "corruptor": (str, "how patches are hidden: shapes (circles, triangles, squares), holes (squares) or toss "
+                       "(each pixel with probability STRENGTH)"),
+    "strength": (float, "fraction of each patch hidden, in (0, 1)"),
+    "epochs": (int, "passes over the training patches"),
+    "batch_size": (int, "patches per optimiser step (per process under torchrun)"),
+    "lr": (float, "AdamW peak learning rate (cosine decay to 0)"),
+    "weight_decay": (float, "AdamW weight decay"),
+    "patch_size": (int, "side of the square training patches in voxels (a multiple of 2**DEPTH)"),
+    "stride": (int, "step between patches on each slice"),
+    "min_foreground": (float, "keep patches with at least this fraction of tissue"),
+    "base_channels": (int, "channels of the first encoder level (doubled at each level)"),
+    "depth": (int, "encoder levels (the features are 1/2**DEPTH of the slice size)"),
+    "in_channels": (int, "2: image and hidden-pixel mask; 1: image only"),
+    "whole_image_weight": (float, "weight of the whole-patch L2 added to the hidden-region L2"),
+    "val_fraction": (float, "fraction of volumes held out for validation"),
+    "patches_per_epoch": (int, "random subset of training patches per epoch (default: all)"),
+    "max_val_patches": (int, "validation patches evaluated after each epoch"),
+    "patience": (int, "stop after this many epochs without validation improvement (0: never)"),
+    "seed": (int, "random seed (split, order, corruptions)"),
+    "device": (str, "auto (CUDA when available), cpu, cuda or cuda:N"),
+    "max_steps": (int, "stop after this many optimiser steps (quick runs)"),
+    "log_every": (int, "optimiser steps between progress records"),
+}
+
+
+def add_train_arguments(parser):
+    """Add the options of a training (data, output folder, every TrainConfig setting) to ``parser``.
+
+    Parameters
+    ----------
+    parser : argparse.ArgumentParser
+    """
+    data = parser.add_argument_group("data")
+    data.add_argument("--volumes", nargs="+", default=[], metavar="FILE",
+                      help="training image files (NIfTI, NRRD or anything SimpleITK reads)")
+    data.add_argument("--manifest", metavar="CSV", help="CSV file with an 'image' column of image paths (relative to it)")
+    data.add_argument("--dataset", help="use only the manifest rows whose 'dataset' column has this value")
+    parser.add_argument("--out", required=True, metavar="FOLDER",
+                        help="output folder: model.pt, model.json, resume.pt, history.json, loss_curve.png")
+    parser.add_argument("--resume", action="store_true", help="continue the training saved in FOLDER/resume.pt")
     defaults = TrainConfig()
-    for name in ("corruptor", "device"):
-        parser.add_argument(f"--{name.replace('_', '-')}", default=getattr(defaults, name))
-    for name in ("strength", "lr", "weight_decay", "whole_image_weight", "val_fraction", "min_foreground"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
-    for name in ("epochs", "batch_size", "patch_size", "stride", "base_channels", "depth", "in_channels",
-                 "patience", "seed", "max_val_patches", "log_every"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
-    parser.add_argument("--patches-per-epoch", type=int, default=None)
-    parser.add_argument("--max-steps", type=int, default=None)
-    add_architecture_options(parser)
-    parser.add_argument("--no-augment", action="store_true")
-    parser.add_argument("--compile", action="store_true", help="torch.compile (needs a C++ compiler)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads per process")
+    settings = parser.add_argument_group("training settings")
+    for name, (kind, text) in TRAIN_OPTIONS.items():
+        default = getattr(defaults, name)
+        choices = CORRUPTOR_NAMES if name == "corruptor" else None
+        settings.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default, choices=choices,
+                              help=f"{text} (default: {'none' if default is None else default})")
+    add_architecture_options(settings)
+    settings.add_argument("--no-augment", action="store_true", help="no random flips and transposes of the patches")
+    settings.add_argument("--compile", action="store_true", help="torch.compile the model (needs a C++ compiler)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads per process (default: the cores divided by the processes on this computer)")
+
+
+def build_parser():
+    """The parser of ``python -m FetalInpaintLib.train``."""
+    parser = argparse.ArgumentParser(prog="python -m FetalInpaintLib.train", description=__doc__.split("\n")[0])
+    add_train_arguments(parser)
+    parser.add_argument("--verbose", action="store_true", help="show the full traceback of an error")
     return parser
 
 
@@ -84,8 +122,9 @@ def add_architecture_options(parser):
     defaults = TrainConfig()
     parser.add_argument("--skip-connections", action=argparse.BooleanOptionalAction, default=defaults.skip_connections,
                         help="U-Net skip connections")
-    parser.add_argument("--prefill", default=defaults.prefill or "none", choices=["none", *PREFILLS],
-                        help="fill the holes before the network, which predicts a correction to the fill")
+    parser.add_argument("--prefill", default=defaults.prefill or "none", choices=["none", *PREFILL_NAMES],
+                        help="fill the holes before the network, which predicts a correction to the fill "
+                             f"(default: {defaults.prefill or 'none'})")
 
 
 def architecture_options(args):
@@ -93,49 +132,75 @@ def architecture_options(args):
     return {"skip_connections": args.skip_connections, "prefill": False if args.prefill == "none" else args.prefill}
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
+def strict_json(record):
+    """One JSON line: floats rounded, NaN and infinities as null (strict JSON)."""
+    from .training import finite_or_none
+
+    return json.dumps({k: (finite_or_none(round(v, 5)) if isinstance(v, float) else v) for k, v in record.items()},
+                      allow_nan=False)
+
+
+def run_train(args):
+    """Run a training from parsed arguments (see :func:`add_train_arguments`); returns the exit code 0.
+
+    Progress records and the final summary are printed as JSON lines on standard output. A stop
+    file in the output folder, and SIGTERM, stop the training after the current step with its
+    resume point saved.
+
+    Raises
+    ------
+    FetalInpaintError
+        No volume, unreadable volume, bad settings, or a locked output folder.
+    """
     paths = [Path(p) for p in args.volumes]
     if args.manifest:
         paths += manifest_paths(args.manifest, args.dataset)
     if not paths:
-        raise SystemExit("error: no volume: give --volumes FILE ... or --manifest cases.csv")
+        raise FetalInpaintError("no volume: give --volumes FILE ... or --manifest cases.csv.")
+    options = {name: getattr(args, name) for name in TRAIN_OPTIONS}
+    options.update(architecture_options(args))
+    options.update(augment=not args.no_augment, compile=args.compile)
+    config = TrainConfig(**options)
+    config.validate()
+    volumes = {str(path): read_volume(path) for path in paths}
+
+    import torch
+    import torch.distributed as dist
+
+    from .training import train
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo"
         dist.init_process_group(backend=backend)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    threads = args.threads or max(1, (os.cpu_count() or 1) // local_world)
-    torch.set_num_threads(threads)
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // local_world))
     rank = dist.get_rank() if dist.is_initialized() else 0
-
-    options = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
-    options.update(architecture_options(args))
-    options["augment"] = not args.no_augment
-    config = TrainConfig(**options)
-    volumes = {str(path): read_volume(path) for path in paths}
 
     def report(info):
         if rank == 0:
-            print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in info.items()}), flush=True)
+            print(strict_json(info), flush=True)
 
-    # SIGTERM (e.g. the Slicer module's Stop) checkpoints the run and exits cleanly; --resume continues.
+    # SIGTERM stops like the stop file: the run is checkpointed and --resume continues it.
     terminated = []
     signal.signal(signal.SIGTERM, lambda signum, frame: terminated.append(signum))
     try:
         result = train(volumes, config, args.out, progress=report, should_stop=lambda: bool(terminated),
                        resume=args.resume)
-    except FetalInpaintError as error:
-        raise SystemExit(f"error: {error}")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    if rank == 0:
-        print(json.dumps({"checkpoint": result.checkpoint_path, "epochs": result.epochs_completed, "steps": result.steps,
-                          "best_val_loss": result.best_val_loss, "patches_per_s": round(result.patches_per_s, 2),
-                          "stopped_early": result.stopped_early, "interrupted": result.interrupted}), flush=True)
+    report({"checkpoint": result.checkpoint_path, "epochs": result.epochs_completed, "steps": result.steps,
+            "best_val_loss": result.best_val_loss, "patches_per_s": result.patches_per_s,
+            "stopped_early": result.stopped_early, "interrupted": result.interrupted})
     return 0
+
+
+def main(argv=None):
+    """``python -m FetalInpaintLib.train``: exit code 0 success, 1 failure, 2 usage error."""
+    from .__main__ import run_command
+
+    return run_command(run_train, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ import math
 import os
 import platform
 import time
-from dataclasses import dataclass, field
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,120 +24,15 @@ import torch
 import torch.distributed as dist
 
 from . import __version__
-from .corruptors import CORRUPTORS, corrupt_batch
-from .data import DEFAULT_PERCENTILES, PatchDataset, check_volume, split_by_volume, volume_patches
+from .config import TrainConfig
+from .control import TrainingLock, clear_stop_request, stop_requested
+from .corruptors import corrupt_batch
+from .data import PatchDataset, check_volume, split_by_volume, volume_patches
 from .errors import ArchitectureMismatchError, CheckpointError, FetalInpaintError, InvalidVolumeError
 from .model import build_model
 
 CHECKPOINT_FORMAT = 1
-SLICE_AXIS_RULE = "largest spacing (acquisition axis); isotropic volumes: array axis 0"
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run (stored in the checkpoint metadata).
-
-    Parameters
-    ----------
-    corruptor : {"shapes", "holes", "toss"}, default "shapes"
-    strength : float, default 0.2
-        Fraction of each patch hidden (seed paper: 20 %).
-    corruptor_params : dict
-        Extra corruptor arguments (``size``, ``kinds``).
-    epochs : int, default 20
-    batch_size : int, default 64
-        Per process under DistributedDataParallel.
-    lr : float, default 2e-3
-        AdamW peak learning rate, decayed to 0 with a cosine schedule over all steps.
-    weight_decay : float, default 1e-4
-    patch_size : int, default 48
-    stride : int, default 24
-    min_foreground : float, default 0.1
-        See :func:`FetalInpaintLib.data.extract_patches`.
-    percentiles : (float, float), default (0.5, 99.5)
-        Per-volume intensity normalisation.
-    base_channels, depth, in_channels, skip_connections, prefill
-        Architecture, see :class:`FetalInpaintLib.model.InpaintingAutoencoder`. Trained by
-        default with skip connections and the biharmonic prefill: on the benchmark the best
-        inpainter, and the only one above biharmonic inpainting (docs/inpainting.md).
-    whole_image_weight : float, default 0.0
-        Weight of the whole-patch L2 term added to the hidden-region L2 loss.
-    val_fraction : float, default 0.2
-        Fraction of volumes held out for validation (split by volume).
-    patches_per_epoch : int or None
-        Random subset of training patches per epoch (None = all).
-    max_val_patches : int, default 512
-    patience : int, default 5
-        Early stop after this many epochs without validation improvement (0 = never).
-    augment : bool, default True
-        Random flips and transposes of each patch.
-    seed : int, default 0
-    device : str, default "auto"
-        "auto" = CUDA when available, else CPU.
-    channels_last : bool, default True
-    compile : bool, default False
-        ``torch.compile`` (opt-in: slow start, needs a C++ compiler).
-    max_steps : int or None
-        Hard cap on optimiser steps (quick runs, tests).
-    log_every : int, default 10
-        Steps between progress reports.
-    """
-
-    corruptor: str = "shapes"
-    strength: float = 0.2
-    corruptor_params: dict = field(default_factory=dict)
-    epochs: int = 20
-    batch_size: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    patch_size: int = 48
-    stride: int = 24
-    min_foreground: float = 0.1
-    percentiles: tuple = DEFAULT_PERCENTILES
-    base_channels: int = 16
-    depth: int = 4
-    in_channels: int = 2
-    skip_connections: bool = True
-    prefill: object = "biharmonic"  # False, "push-pull" or "biharmonic"
-    whole_image_weight: float = 0.0
-    val_fraction: float = 0.2
-    patches_per_epoch: int | None = None
-    max_val_patches: int = 512
-    patience: int = 5
-    augment: bool = True
-    seed: int = 0
-    device: str = "auto"
-    channels_last: bool = True
-    compile: bool = False
-    max_steps: int | None = None
-    log_every: int = 10
-
-    def architecture(self):
-        """Architecture dict for :func:`FetalInpaintLib.model.build_model`."""
-        return {
-            "name": "InpaintingAutoencoder",
-            "base_channels": self.base_channels,
-            "depth": self.depth,
-            "in_channels": self.in_channels,
-            "negative_slope": 0.2,
-            "skip_connections": self.skip_connections,
-            "prefill": self.prefill,
-        }
-
-    def validate(self):
-        """Raise :class:`FetalInpaintError` on impossible settings."""
-        if self.corruptor not in CORRUPTORS:
-            raise FetalInpaintError(f"unknown corruptor {self.corruptor!r}; choose one of {sorted(CORRUPTORS)}.")
-        if not 0.0 < self.strength < 1.0:
-            raise FetalInpaintError(f"strength must be in (0, 1), got {self.strength}.")
-        if self.patch_size % 2**self.depth:
-            raise FetalInpaintError(
-                f"patch_size {self.patch_size} must be a multiple of 2**depth = {2**self.depth} "
-                "(training patches are not padded)."
-            )
-        for name in ("epochs", "batch_size", "stride", "base_channels"):
-            if getattr(self, name) < 1:
-                raise FetalInpaintError(f"{name} must be >= 1, got {getattr(self, name)}.")
+SLICE_AXIS_RULE = "the axis of length 1 of a single image; else largest spacing (acquisition axis); isotropic volumes: array axis 0"
 
 
 @dataclass
@@ -162,7 +58,10 @@ def resolve_device(device="auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     resolved = torch.device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise FetalInpaintError("device 'cuda' requested but no CUDA GPU is available; use device='cpu' or 'auto'.")
+        raise FetalInpaintError(
+            f"device {device!r} requested but PyTorch finds no CUDA GPU on this computer; choose device 'cpu' "
+            "(or 'auto')."
+        )
     return resolved
 
 
@@ -258,10 +157,15 @@ def _atomic_save(obj, path):
     os.replace(tmp, path)
 
 
+def finite_or_none(value):
+    """A float for JSON: None where it is NaN or infinite (strict JSON has neither)."""
+    return value if value is None or math.isfinite(value) else None
+
+
 def _write_json(data, path):
     tmp = f"{path}.tmp"
     with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=2)
+        json.dump(data, handle, indent=2, allow_nan=False)
     os.replace(tmp, path)
 
 
@@ -276,8 +180,9 @@ def plot_loss_curve(history, path):
     axes = figure.add_subplot()
     epochs = [h["epoch"] for h in history]
     axes.plot(epochs, [h["loss"] for h in history], "o-", label="train")
-    if any(h.get("val_loss") is not None and math.isfinite(h["val_loss"]) for h in history):
-        axes.plot(epochs, [h["val_loss"] for h in history], "s-", label="validation")
+    if any(h.get("val_loss") is not None for h in history):
+        axes.plot(epochs, [math.nan if h.get("val_loss") is None else h["val_loss"] for h in history], "s-",
+                  label="validation")
     axes.set_xlabel("epoch")
     axes.set_ylabel("hidden-region L2")
     axes.set_yscale("log")
@@ -322,13 +227,20 @@ def train(volumes, config, output_dir, progress=None, should_stop=None, resume=F
         ``step``, ``loss``, ``val_loss``, ``patches_per_s``, ``eta_s``); returning True requests a
         stop: the state is checkpointed and training returns with ``interrupted=True``.
     should_stop : callable or None
-        Polled every step; True has the same effect as progress returning True.
+        Polled every step; True has the same effect as progress returning True. A stop file in
+        ``output_dir`` (:func:`FetalInpaintLib.control.request_stop`) has the same effect too; it
+        is removed when training returns.
     resume : bool, default False
         Continue from ``output_dir/resume.pt`` when it exists (same split and architecture).
 
     Returns
     -------
     TrainResult
+
+    Raises
+    ------
+    TrainingLockedError
+        Another live training holds the lock of ``output_dir`` (see :mod:`FetalInpaintLib.control`).
     """
     config.validate()
     distributed = dist.is_available() and dist.is_initialized()
@@ -338,9 +250,22 @@ def train(volumes, config, output_dir, progress=None, should_stop=None, resume=F
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     output_dir = Path(output_dir)
-    if rank == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
 
+    def stop_wanted():
+        return stop_requested(output_dir) or bool(should_stop and should_stop())
+
+    if rank != 0:
+        return _train(volumes, config, output_dir, progress, stop_wanted, resume, device, distributed, rank, world)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with TrainingLock(output_dir):
+        try:
+            return _train(volumes, config, output_dir, progress, stop_wanted, resume, device, distributed, rank, world)
+        finally:
+            clear_stop_request(output_dir)
+
+
+def _train(volumes, config, output_dir, progress, should_stop, resume, device, distributed, rank, world):
+    """The body of :func:`train`, run while rank 0 holds the output folder's lock."""
     named = _named_volumes(volumes)
     split = split_by_volume([name for name, _, _ in named], config.val_fraction, config.seed)
     train_patches = _patches_of(named, set(split[0]), config)
@@ -485,10 +410,12 @@ def train(volumes, config, output_dir, progress=None, should_stop=None, resume=F
                 save_model(epoch, None, speed)
             break
 
-        val_loss = evaluate_loss(model, val_patches, config, device) if len(val_patches) else float("nan")
+        # None without validation volumes: history.json and model.json stay strict JSON (no NaN).
+        val_loss = finite_or_none(evaluate_loss(model, val_patches, config, device)) if len(val_patches) else None
         train_loss = epoch_loss / max(epoch_batches, 1)
-        monitored = val_loss if math.isfinite(val_loss) else train_loss
-        history.append({"epoch": epoch, "step": step, "loss": train_loss, "val_loss": val_loss, "patches_per_s": speed})
+        monitored = train_loss if val_loss is None else val_loss
+        history.append({"epoch": epoch, "step": step, "loss": finite_or_none(train_loss), "val_loss": val_loss,
+                        "patches_per_s": speed})
         if monitored < best_val:
             best_val, bad_epochs = monitored, 0
             save_model(epoch, val_loss, speed)
@@ -522,13 +449,20 @@ def train(volumes, config, output_dir, progress=None, should_stop=None, resume=F
 
 
 def _load_state(path, device):
+    corrupt = ("the file is corrupt or not a FetalInpaint checkpoint: copy it again from where it came from, or "
+               "train again (resume=False)")
+    # torch.load does not check the CRCs of the zip archive it reads: a changed byte would load as a changed weight.
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError) as error:
+        raise CheckpointError(f"cannot read {path} ({type(error).__name__}: {error}); {corrupt}.") from error
+    if damaged is not None:
+        raise CheckpointError(f"{path} is damaged (checksum error in its part {damaged!r}); {corrupt}.")
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as error:  # torch raises many types for torn or foreign files
-        raise CheckpointError(
-            f"cannot read {path} ({type(error).__name__}: {error}); the file is corrupt or not a "
-            "FetalInpaint checkpoint: delete it and train again (resume=False)."
-        ) from error
+        raise CheckpointError(f"cannot read {path} ({type(error).__name__}: {error}); {corrupt}.") from error
 
 
 def load_checkpoint(path, device="cpu", architecture=None):
@@ -539,6 +473,7 @@ def load_checkpoint(path, device="cpu", architecture=None):
     path : str or Path
         ``model.pt`` (its ``model.json`` must sit next to it) or the training output folder.
     device : str, default "cpu"
+        "cuda" needs a CUDA GPU (an error says to choose "cpu" where there is none).
     architecture : dict or None
         If given, the checkpoint must have exactly this architecture.
 
@@ -550,11 +485,14 @@ def load_checkpoint(path, device="cpu", architecture=None):
 
     Raises
     ------
+    FetalInpaintError
+        ``device`` is a CUDA device and PyTorch finds no CUDA GPU.
     CheckpointError
-        Missing, unreadable or corrupt file or metadata.
+        Missing, unreadable or corrupt file (checked against the zip archive's checksums) or metadata.
     ArchitectureMismatchError
         The weights do not fit the declared (or the requested) architecture.
     """
+    device = resolve_device(device)  # before reading: no CUDA is not a corrupt file
     path = Path(path)
     if path.is_dir():
         path = path / "model.pt"

@@ -10,6 +10,12 @@ progress record per line; its standard output goes to ``progress.jsonl`` in the 
 :meth:`FetalInpaintLogic.pollTraining` reads the lines appended since the last call (the widget
 calls it from a ``qt.QTimer``). Per-epoch losses come from the ``history.json`` the training
 rewrites after every epoch.
+
+Stopping does not rely on signals: in Slicer the child is the ``PythonSlicer`` launcher, which
+runs the real interpreter as its own child and forwards no signal. Stop writes a stop file that the
+training checks every step (it then saves its resume point and exits); a training still alive
+after a grace period is killed with its whole process tree. The training holds a lock file in its
+output folder, so no second training (a resume included) runs beside a live one.
 """
 
 import json
@@ -28,7 +34,18 @@ import slicer
 import slicer.util  # noqa: F401  (makes slicer.util available as an attribute)
 import vtk
 
-from FetalInpaintLib.errors import CheckpointError, FetalInpaintError, InvalidVolumeError
+from FetalInpaintLib.control import (
+    LOCK_FILE_NAME,
+    clear_stop_request,
+    describe_lock,
+    kill_process,
+    kill_process_tree,
+    lock_owner,
+    new_process_group_options,
+    read_lock,
+    request_stop,
+)
+from FetalInpaintLib.errors import CheckpointError, FetalInpaintError, InvalidVolumeError, TrainingLockedError
 
 MODULE_NAME = "FetalInpaint"
 
@@ -158,7 +175,7 @@ def readHistory(outputDirectory):
     -------
     list of dict
         ``epoch`` (0-based), ``step``, ``loss`` (mean training loss of the epoch), ``val_loss``
-        (NaN without validation volumes), ``patches_per_s``; empty before the first epoch ends.
+        (None without validation volumes), ``patches_per_s``; empty before the first epoch ends.
     """
     path = Path(outputDirectory) / HISTORY_FILE_NAME
     try:
@@ -189,8 +206,18 @@ class TrainingProcess:
         How many of ``records`` come from earlier runs in the same folder.
     progressOffset : int
         Bytes of ``progress.jsonl`` read so far.
+    logOffset : int
+        Size of ``training.log`` before this run: its own messages start there.
+    startedAt : float
+        ``time.time()`` when the process started (a lock taken later is this run's).
     stopRequested : bool
         :meth:`FetalInpaintLogic.requestStop` was called.
+    stopRequestedAt : float or None
+        ``time.monotonic()`` of the stop request.
+    stopGraceSeconds : float, default 30
+        How long the training may take to stop by itself before it is killed.
+    killed : bool
+        The process tree was killed.
     """
 
     process: subprocess.Popen
@@ -201,7 +228,12 @@ class TrainingProcess:
     records: list = field(default_factory=list)
     earlierRecords: int = 0
     progressOffset: int = 0
+    logOffset: int = 0
+    startedAt: float = 0.0
     stopRequested: bool = False
+    stopRequestedAt: Optional[float] = None
+    stopGraceSeconds: float = 30.0
+    killed: bool = False
 
     @property
     def progressPath(self):
@@ -222,8 +254,17 @@ class TrainingStatus:
         The child process is still alive.
     returnCode : int or None
         Exit code once finished (0 = success).
+    outcome : {"running", "stopping", "finished", "stopped", "killed", "failed"}
+        What really happened: "stopping" while a requested stop has not taken effect yet,
+        "stopped" when the training saved its state and exited on request, "killed" when it did
+        not stop within the grace period and its process tree was killed, "finished" when it ran to
+        its end (also when a stop came too late).
     stopped : bool
-        It ended because :meth:`FetalInpaintLogic.requestStop` asked it to.
+        It ended because of a stop request ("stopped" or "killed").
+    epochsCompleted : int
+        Epochs saved in ``history.json``.
+    canResume : bool
+        ``resume.pt`` exists: a training with ``resume=True`` continues after the last saved epoch.
     newRecords : list of dict
         Progress records that arrived since the previous poll.
     latest : dict or None
@@ -237,7 +278,10 @@ class TrainingStatus:
 
     running: bool
     returnCode: Optional[int]
+    outcome: str
     stopped: bool
+    epochsCompleted: int
+    canResume: bool
     newRecords: list
     latest: Optional[dict]
     fraction: float
@@ -262,6 +306,7 @@ class FetalInpaintLogic:
     def __init__(self, pythonExecutable=None):
         self.pythonExecutable = pythonExecutable
         self._loadedModel = None  # (key, model, metadata)
+        self._runs = []  # the trainings this object started, for stopAllTrainings
 
     # ------------------------------------------------------------------ parameter node
 
@@ -361,7 +406,7 @@ class FetalInpaintLogic:
         """
         from FetalInpaintLib.data import acquisition_axis
 
-        axis = acquisition_axis(data.spacing)
+        axis = acquisition_axis(data.spacing, data.array.shape)
         rows, columns = (size for index, size in enumerate(data.array.shape) if index != axis)
         if min(rows, columns) < patchSize:
             raise InvalidVolumeError(
@@ -448,6 +493,9 @@ class FetalInpaintLogic:
         ------
         InvalidVolumeError
             No volume, or a volume that is empty, not finite or smaller than a patch.
+        TrainingLockedError
+            A training still runs in ``outputDirectory`` (see :meth:`trainingLockOwner`); nothing is
+            changed in the folder.
         FetalInpaintError
             Bad parameters, no interpreter, nothing to resume, or an earlier training in the folder
             (without ``overwrite``).
@@ -466,6 +514,7 @@ class FetalInpaintLogic:
 
         outputDirectory = Path(outputDirectory).resolve()
         volumeFolder = outputDirectory / VOLUMES_FOLDER_NAME
+        self._refuseLockedFolder(outputDirectory)
         if resume and not (outputDirectory / RESUME_FILE_NAME).exists():
             raise FetalInpaintError(
                 f"nothing to resume in {outputDirectory}: a training saves its resume point at the end of each "
@@ -504,8 +553,12 @@ class FetalInpaintLogic:
         ]
         # Records of an interrupted run stay in the plot; the new process appends after them.
         earlierRecords, progressOffset = readProgress(outputDirectory / PROGRESS_FILE_NAME)
+        logPath = outputDirectory / LOG_FILE_NAME
+        logOffset = logPath.stat().st_size if logPath.exists() else 0
+        clear_stop_request(outputDirectory)  # left over from a run that was killed: it would stop this one
         logging.info(f"FetalInpaint: starting training: {' '.join(command)}")
-        with open(outputDirectory / PROGRESS_FILE_NAME, "ab") as progress, open(outputDirectory / LOG_FILE_NAME, "ab") as log:
+        startedAt = time.time()
+        with open(outputDirectory / PROGRESS_FILE_NAME, "ab") as progress, open(logPath, "ab") as log:
             process = subprocess.Popen(
                 command,
                 cwd=str(LIBRARY_PARENT),
@@ -513,15 +566,49 @@ class FetalInpaintLogic:
                 stdin=subprocess.DEVNULL,
                 stdout=progress,
                 stderr=log,
-                # PythonSlicer is a console program: without this Windows opens a console window for it.
-                creationflags=subprocess.CREATE_NO_WINDOW if os.name == "nt" else 0,
+                # Its own process group (on Windows also no console window), so that a kill reaches the
+                # interpreter that PythonSlicer starts as well.
+                **new_process_group_options(),
             )
-        return TrainingProcess(process=process, command=command, outputDirectory=outputDirectory, epochs=int(epochs),
-                               startTime=time.monotonic(), records=earlierRecords, earlierRecords=len(earlierRecords),
-                               progressOffset=progressOffset)
+        run = TrainingProcess(process=process, command=command, outputDirectory=outputDirectory, epochs=int(epochs),
+                              startTime=time.monotonic(), records=earlierRecords, earlierRecords=len(earlierRecords),
+                              progressOffset=progressOffset, logOffset=logOffset, startedAt=startedAt)
+        self._runs = [other for other in self._runs if other.process.poll() is None] + [run]
+        return run
+
+    @staticmethod
+    def trainingLockOwner(outputDirectory):
+        """The live training that writes to a folder, or None.
+
+        Parameters
+        ----------
+        outputDirectory : str or pathlib.Path
+
+        Returns
+        -------
+        dict or None
+            ``pid``, ``host`` and ``started`` (seconds since the epoch) of the process holding
+            ``training.lock``; a lock left by a process that no longer exists counts as free.
+        """
+        return lock_owner(outputDirectory)
+
+    def _refuseLockedFolder(self, outputDirectory):
+        """Raise TrainingLockedError while a training of this logic or any live process writes to the folder."""
+        for other in self._runs:
+            if other.outputDirectory == outputDirectory and other.process.poll() is None:
+                raise TrainingLockedError(
+                    f"a training started from this module still runs in {outputDirectory}: stop it or wait until "
+                    "it ends, or choose another output folder."
+                )
+        owner = lock_owner(outputDirectory)
+        if owner is not None:
+            raise TrainingLockedError(describe_lock(owner, outputDirectory))
 
     def pollTraining(self, run):
-        """Read new progress of a training and summarise its state (never blocks).
+        """Read new progress of a training and summarise its state (never blocks for long).
+
+        When a stop was requested :attr:`TrainingProcess.stopGraceSeconds` ago and the training
+        still runs, its process tree is killed here.
 
         Parameters
         ----------
@@ -532,30 +619,51 @@ class FetalInpaintLogic:
         TrainingStatus
         """
         returnCode = run.process.poll()  # before reading, so the last records of an ended run are read
+        if (returnCode is None and run.stopRequestedAt is not None
+                and time.monotonic() - run.stopRequestedAt > run.stopGraceSeconds):
+            returnCode = self._killTraining(run)
         newRecords, run.progressOffset = readProgress(run.progressPath, run.progressOffset)
         run.records.extend(newRecords)
-        latest = next((record for record in reversed(run.records[run.earlierRecords:])
-                       if record.get("loss") is not None), None)
+        ownRecords = run.records[run.earlierRecords:]
+        latest = next((record for record in reversed(ownRecords) if record.get("loss") is not None), None)
         fraction = 0.0
         if latest is not None and latest.get("eta_s") is not None:
             elapsed = time.monotonic() - run.startTime
             fraction = elapsed / max(elapsed + float(latest["eta_s"]), 1e-9)
         describe = _describeRecord(latest, run.epochs) if latest else ""
-        stopped = returnCode is not None and run.stopRequested
+        done = len(readHistory(run.outputDirectory))
+        canResume = (run.outputDirectory / RESUME_FILE_NAME).exists()
+        resumeHint = (f"tick Resume and Start to continue from epoch {done + 1}." if canResume
+                      else "nothing was saved to resume: start a new training.")
+        # The training prints a summary with "interrupted" as its last record when it ends by itself.
+        summary = next((record for record in reversed(ownRecords) if "interrupted" in record), None)
         if returnCode is None:
-            message = describe or "Starting (loading volumes and PyTorch)..."
-        elif stopped:
-            done = len(readHistory(run.outputDirectory))
-            message = f"Stopped after {done} completed epoch(s); resume continues from there."
+            outcome = "stopping" if run.stopRequested else "running"
+            message = ("Stopping: the training saves its resume point and exits..." if run.stopRequested
+                       else describe or "Starting (loading volumes and PyTorch)...")
+        elif run.killed:
+            outcome = "killed"
+            message = (f"The training did not stop within {run.stopGraceSeconds:g} s and was ended by force after "
+                       f"{done} completed epoch(s); {resumeHint}")
+        elif returnCode == 0 and summary is not None and summary["interrupted"]:
+            outcome = "stopped"
+            message = f"Stopped during epoch {done + 1}/{run.epochs} after {done} completed epoch(s); {resumeHint}"
         elif returnCode == 0:
+            outcome = "finished"
             fraction = 1.0
-            message = f"Finished. {describe}"
+            message = ("Finished before the stop took effect. " if run.stopRequested else "Finished. ") + describe
         else:
-            message = f"Training failed (exit code {returnCode}): {_logTail(run.logPath)}"
+            outcome = "failed"
+            message = f"Training failed (exit code {returnCode}): {_logTail(run.logPath, run.logOffset)}"
+        if returnCode is not None:
+            clear_stop_request(run.outputDirectory)  # served, or left by a run that was killed
         return TrainingStatus(
             running=returnCode is None,
             returnCode=returnCode,
-            stopped=stopped,
+            outcome=outcome,
+            stopped=outcome in ("stopped", "killed"),
+            epochsCompleted=done,
+            canResume=canResume,
             newRecords=newRecords,
             latest=latest,
             fraction=min(max(fraction, 0.0), 1.0),
@@ -564,44 +672,80 @@ class FetalInpaintLogic:
 
     @staticmethod
     def requestStop(run):
-        """End a training process; returns at once (poll until it has exited).
+        """Ask a training to stop; returns at once (keep polling until it has exited).
 
-        The process is sent SIGTERM (``Popen.terminate``). On Linux and macOS FetalInpaintLib
-        catches it, saves ``resume.pt`` at the current step and exits with code 0; on Windows the
-        process is ended at once and the ``resume.pt`` saved after the last completed epoch
-        remains. Either way a resume redoes the interrupted epoch from its start.
+        A stop file is written to the output folder; the training checks it every optimiser step,
+        saves ``resume.pt`` at that step and exits, and a resume redoes the interrupted epoch from
+        its start. No signal is sent: Slicer's ``PythonSlicer`` launcher would not forward it to
+        the interpreter that trains. If the training still runs ``run.stopGraceSeconds`` later,
+        :meth:`pollTraining` kills its process tree.
 
         Parameters
         ----------
         run : TrainingProcess
         """
-        if run.process.poll() is None:
+        if run.process.poll() is None and not run.stopRequested:
+            request_stop(run.outputDirectory)
             run.stopRequested = True
-            run.process.terminate()
+            run.stopRequestedAt = time.monotonic()
 
-    @classmethod
-    def stopTraining(cls, run, timeout=30.0):
-        """End a training process and wait until it has exited (see :meth:`requestStop`).
+    @staticmethod
+    def _killTraining(run):
+        """Kill the process tree of a training (and the trainer named in its lock); returns the exit code."""
+        logging.warning(f"FetalInpaint: the training in {run.outputDirectory} is killed with its process tree.")
+        run.killed = True
+        returnCode = kill_process_tree(run.process)
+        # Where the launcher's child escaped the tree (Windows), the lock it took after our start names it.
+        owner = read_lock(run.outputDirectory)
+        if owner is not None and float(owner.get("started", 0)) >= run.startedAt and owner["pid"] != run.process.pid:
+            kill_process(owner["pid"])
+        if lock_owner(run.outputDirectory) is None:
+            (run.outputDirectory / LOCK_FILE_NAME).unlink(missing_ok=True)  # stale: its owner is dead
+        return returnCode
+
+    def stopTraining(self, run, timeout=30.0):
+        """Stop a training and wait until it has exited (see :meth:`requestStop`).
 
         Parameters
         ----------
         run : TrainingProcess
         timeout : float, default 30
-            Seconds to wait before killing it.
+            Seconds the training may take to stop by itself before its process tree is killed.
 
         Returns
         -------
-        int
-            The process exit code.
+        TrainingStatus
+            What happened ("stopped", "killed", or "finished" / "failed" when it had already ended).
         """
-        cls.requestStop(run)
-        try:
-            run.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            logging.warning("FetalInpaint: the training did not exit in time and is killed.")
-            run.process.kill()
-            run.process.wait()
-        return run.process.returncode
+        return self._stopRuns([run], timeout)[0]
+
+    def stopAllTrainings(self, timeout=10.0):
+        """Stop every training this logic started that still runs, and wait (module reload, application exit).
+
+        Parameters
+        ----------
+        timeout : float, default 10
+            Seconds, in total, the trainings may take to stop by themselves before they are killed.
+
+        Returns
+        -------
+        list of TrainingStatus
+            One per training that was still running.
+        """
+        running = [run for run in self._runs if run.process.poll() is None]
+        return self._stopRuns(running, timeout)
+
+    def _stopRuns(self, runs, timeout):
+        for run in runs:
+            self.requestStop(run)
+            run.stopGraceSeconds = min(run.stopGraceSeconds, float(timeout))
+        deadline = time.monotonic() + float(timeout)
+        while any(run.process.poll() is None for run in runs) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for run in runs:
+            if run.process.poll() is None:
+                self._killTraining(run)
+        return [self.pollTraining(run) for run in runs]
 
     @staticmethod
     def waitForTraining(run, timeout=None, pollInterval=0.2):
@@ -872,6 +1016,7 @@ class FetalInpaintLogic:
         """
         data = self.volumeData(volumeNode)
         model, metadata = self.loadModel(checkpointPath, device=device)
+        self.checkVolumeFitsPatch(data, int(metadata["patch_size"]))  # sliced and refused as in training
         from FetalInpaintLib.features import encode_volume
 
         features = encode_volume(model, data.array, data.spacing, metadata,
@@ -1023,10 +1168,12 @@ def _formatDuration(seconds):
     return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
 
 
-def _logTail(logPath, lines=5):
-    """The last lines of the training log, where the error of a failed run is."""
+def _logTail(logPath, offset=0, lines=5):
+    """The last lines a run wrote to the training log (from ``offset`` on), where its error is."""
     try:
-        text = Path(logPath).read_text(errors="replace").strip().splitlines()
+        with open(logPath, "rb") as handle:
+            handle.seek(offset)
+            text = handle.read().decode(errors="replace").strip().splitlines()
     except OSError:
         return ""
     return " | ".join(text[-lines:])
