@@ -596,3 +596,239 @@ def test_logic_imports_without_scikit_learn():
     completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.strip() == "ok"
+
+
+# ---------------------------------------------------------------------- result segments across rounds
+def auto_segment(segmentation, name):
+    return segmentation.GetSegmentation().GetSegmentIdBySegmentName(name)
+
+
+def segment_names(segmentation):
+    segments = segmentation.GetSegmentation()
+    return [segments.GetNthSegment(index).GetName() for index in range(segments.GetNumberOfSegments())]
+
+
+@pytest.mark.parametrize("mode", ["OutsideAllSegments", "OutsideVisibleSegments"])
+def test_masking_outside_segments_writes_results_every_round(phantom_scene, mode):
+    """The previous round's results (covering the volume) and the classes never block the next round."""
+    import slicer
+
+    import FetalAnnotateLogic
+
+    volume, segmentation, ids, _, _ = phantom_scene
+    excluded = np.zeros(slicer.util.arrayFromVolume(volume).shape, np.uint8)
+    excluded[:, :, 40:] = 1
+    excluded_id = segmentation.GetSegmentation().AddEmptySegment("", "excluded")
+    slicer.util.updateSegmentBinaryLabelmapFromArray(excluded, segmentation, excluded_id, volume)
+    masking = FetalAnnotateLogic.Masking(getattr(slicer.vtkMRMLSegmentationNode, f"EditAllowed{mode}"))
+    logic = FetalAnnotateLogic.FetalAnnotateLogic()
+
+    rounds = []
+    for _ in range(2):
+        result = logic.segment(volume, segmentation, ids, masking=masking)
+        rounds.append([slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segment_id, volume) > 0
+                       for segment_id in result.resultSegmentIds])
+
+    for written in rounds[0]:
+        assert written.any() and not (written & (excluded > 0)).any()
+    covered = np.logical_or.reduce(rounds[0])
+    assert covered[excluded == 0].all()
+    for first, second in zip(*rounds):
+        np.testing.assert_array_equal(second, first)
+
+
+def test_hand_edited_result_is_kept_and_a_new_result_written(phantom_scene):
+    import slicer
+
+    import FetalAnnotateLogic
+
+    volume, segmentation, ids, phantom, strokes = phantom_scene
+    logic = FetalAnnotateLogic.FetalAnnotateLogic()
+    first = logic.segment(volume, segmentation)
+    fetus_id = first.resultSegmentIds[1]
+    edited = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, fetus_id, volume)
+    edited[:, 20:30, 20:30] = 1  # the user paints into the result
+    slicer.util.updateSegmentBinaryLabelmapFromArray(edited, segmentation, fetus_id, volume)
+    count = segmentation.GetSegmentation().GetNumberOfSegments()
+
+    second = logic.segment(volume, segmentation)
+
+    kept = segmentation.GetSegmentation().GetSegment(fetus_id)
+    assert kept.GetName() == "fetus (edited)"
+    np.testing.assert_array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, fetus_id, volume) > 0,
+                                  edited > 0)
+    from FetalAnnotateLogic.logic import RESULT_TAG
+
+    tag = vtk_string()
+    assert kept.GetTag(RESULT_TAG, tag) and str(tag) == "edited"
+    assert second.resultSegmentIds[1] != fetus_id
+    assert auto_segment(segmentation, "fetus (auto)") == second.resultSegmentIds[1]
+    assert segmentation.GetSegmentation().GetNumberOfSegments() == count + 1
+    assert logic.classSegmentIds(segmentation) == ids  # the kept segment is not a class
+    new_fetus = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, second.resultSegmentIds[1], volume) > 0
+    assert dice(new_fetus, phantom.label_map == 2) > 0.5
+
+    # Unedited results are updated in place, round after round and by re-thresholding.
+    logic.segment(volume, segmentation)
+    logic.rethreshold(volume, segmentation, {"fetus": 0.4})
+    assert segmentation.GetSegmentation().GetNumberOfSegments() == count + 1
+    # A second edit is kept too, next to the first.
+    slicer.util.updateSegmentBinaryLabelmapFromArray(np.zeros_like(edited), segmentation, second.resultSegmentIds[1],
+                                                     volume)
+    logic.rethreshold(volume, segmentation)
+    names = segment_names(segmentation)
+    assert [name for name in names if name.startswith("fetus")] == ["fetus", "fetus (edited)", "fetus (edited 2)",
+                                                                    "fetus (auto)"]
+    assert len(names) == count + 2
+
+
+def vtk_string():
+    import vtk
+
+    return vtk.reference("")
+
+
+def test_unedited_results_stay_unedited_after_saving_the_segmentation(phantom_scene, tmp_path):
+    """The digest of a written result is a segment tag: it survives a .seg.nrrd save and load."""
+    import slicer
+
+    import FetalAnnotateLogic
+
+    volume, segmentation, _, _, _ = phantom_scene
+    logic = FetalAnnotateLogic.FetalAnnotateLogic()
+    logic.segment(volume, segmentation)
+    scene = volume.GetScene()
+    writer = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    writer.SetFileName(str(tmp_path / "strokes.seg.nrrd"))
+    assert writer.WriteData(segmentation)
+    loaded = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "loaded")
+    reader = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    reader.SetFileName(str(tmp_path / "strokes.seg.nrrd"))
+    assert reader.ReadData(loaded)
+    names = segment_names(loaded)
+
+    logic.rethreshold(volume, loaded, {"fetus": 0.5})
+
+    assert segment_names(loaded) == names
+    assert not any(name.endswith("(edited)") for name in names)
+
+
+def test_renamed_class_replaces_its_unedited_result_and_keeps_an_edited_one(phantom_scene):
+    import slicer
+
+    import FetalAnnotateLogic
+
+    volume, segmentation, ids, _, _ = phantom_scene
+    logic = FetalAnnotateLogic.FetalAnnotateLogic()
+    first = logic.segment(volume, segmentation)
+    placenta_id = first.resultSegmentIds[2]
+    edited = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, placenta_id, volume)
+    edited[:, :5, :5] = 1
+    slicer.util.updateSegmentBinaryLabelmapFromArray(edited, segmentation, placenta_id, volume)
+    segmentation.GetSegmentation().GetSegment(ids[1]).SetName("baby")
+    segmentation.GetSegmentation().GetSegment(ids[2]).SetName("uterus")
+
+    result = logic.segment(volume, segmentation)
+
+    names = segment_names(segmentation)
+    assert "fetus (auto)" not in names  # unedited result of a class that is gone, as its probability map
+    assert "fetus probability" not in [node.GetName() for node in logic.probabilityVolumeNodes(volume).values()]
+    assert segmentation.GetSegmentation().GetSegment(placenta_id).GetName() == "placenta (edited)"
+    np.testing.assert_array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, placenta_id, volume),
+                                  edited)
+    assert [segmentation.GetSegmentation().GetSegment(i).GetName() for i in result.resultSegmentIds] == \
+        ["background (auto)", "baby (auto)", "uterus (auto)"]
+
+
+# ---------------------------------------------------------------------- session cache
+def test_logics_of_a_scene_share_one_session_cache(phantom_scene):
+    import slicer
+
+    import FetalAnnotateLogic
+
+    volume, segmentation, _, _, _ = phantom_scene
+    scene = volume.GetScene()
+    panel, effect = FetalAnnotateLogic.FetalAnnotateLogic(scene), FetalAnnotateLogic.FetalAnnotateLogic()
+
+    panel.segment(volume, segmentation)
+    assert effect.hasSession(volume)
+    assert effect.session(volume) is panel.session(volume)
+    assert panel.sessionCache is effect.sessionCache is FetalAnnotateLogic.sessionCacheOf(scene)
+    assert FetalAnnotateLogic.sessionCacheOf(slicer.vtkMRMLScene()) is not panel.sessionCache
+
+    scene.RemoveNode(volume)
+    assert not panel.hasSession(volume)
+    assert panel.sessionCache.volumeNodeIds() == []
+
+
+def test_scene_close_frees_the_sessions(phantom_scene):
+    import FetalAnnotateLogic
+
+    volume, _, _, _, _ = phantom_scene
+    scene = volume.GetScene()
+    logic = FetalAnnotateLogic.FetalAnnotateLogic(scene)
+    logic.session(volume)
+    assert logic.hasSession(volume)
+
+    scene.Clear(False)
+
+    assert not logic.hasSession(volume)
+    assert logic.sessionCache.volumeNodeIds() == []
+
+
+def test_listing_probability_volumes_holds_no_reference(phantom_scene):
+    import FetalAnnotateLogic
+
+    volume, segmentation, _, _, _ = phantom_scene
+    logic = FetalAnnotateLogic.FetalAnnotateLogic()
+    nodes = list(logic.segment(volume, segmentation).probabilityVolumeNodes)
+    counts = [node.GetReferenceCount() for node in [volume] + nodes]
+
+    for _ in range(3):
+        assert list(logic.probabilityVolumeNodes(volume).values()) == nodes
+
+    assert [node.GetReferenceCount() for node in [volume] + nodes] == counts
+
+
+# ---------------------------------------------------------------------- bad input
+def test_missing_nodes_and_voxels_are_reported(phantom_scene):
+    import FetalAnnotateLogic
+    from FetalAnnotateLib import FetalAnnotateError
+
+    volume, segmentation, _, _, _ = phantom_scene
+    logic = FetalAnnotateLogic.FetalAnnotateLogic()
+    empty = volume.GetScene().AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
+
+    for arguments in ((None, None), (empty, segmentation)):
+        with pytest.raises(FetalAnnotateError, match="select a source volume that has voxels"):
+            logic.segment(*arguments)
+    with pytest.raises(FetalAnnotateError, match="select a segmentation"):
+        logic.segment(volume, None)
+
+
+def test_zero_spacing_is_reported_as_such(phantom_scene):
+    import FetalAnnotateLogic
+    from FetalAnnotateLib import FetalAnnotateError
+
+    volume, segmentation, _, _, _ = phantom_scene
+    volume.SetSpacing(1.0, 0.0, 1.0)
+
+    with pytest.raises(FetalAnnotateError, match=r"spacing \(1.0, 0.0, 1.0\) mm; every spacing must be a positive"):
+        FetalAnnotateLogic.FetalAnnotateLogic().segment(volume, segmentation)
+
+
+def test_rethreshold_after_the_volume_was_cropped_asks_to_train_again(phantom_scene):
+    import slicer
+
+    import FetalAnnotateLogic
+    from FetalAnnotateLib import FetalAnnotateError
+
+    volume, segmentation, _, _, _ = phantom_scene
+    logic = FetalAnnotateLogic.FetalAnnotateLogic()
+    logic.segment(volume, segmentation)
+    names = segment_names(segmentation)
+    slicer.util.updateVolumeFromArray(volume, slicer.util.arrayFromVolume(volume)[:, 4:, :].copy())
+
+    with pytest.raises(FetalAnnotateError, match="changed since training.*train again"):
+        logic.rethreshold(volume, segmentation, {"fetus": 0.5})
+    assert segment_names(segmentation) == names
