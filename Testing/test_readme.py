@@ -27,3 +27,11 @@ def test_readme_links_and_figures_exist():
     targets = re.findall(r"\]\(([^)#]+)\)", text) + re.findall(r"`((?:Testing|docs)/[\w/.-]+\.\w+)`", text)
     missing = [target for target in targets if not target.startswith("http") and not (ROOT / target).exists()]
     assert targets and missing == []
+
+
+def test_readme_points_to_the_method_the_figures_and_the_changelog():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    for section in ("## Install in 3D Slicer", "## Install with pip", "## Run it on a fresh Linux machine"):
+        assert section in text
+    for document in ("docs/user-guide.md", "docs/engine.md", "docs/benchmarks.md", "CHANGELOG.md"):
+        assert f"]({document})" in text

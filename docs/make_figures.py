@@ -2,6 +2,9 @@
 
     .venv/bin/python docs/make_figures.py            # needs ../shared/data (the real fetal MRI stacks)
 
+It needs matplotlib, which the test install (``pip install ".[torch,test]"``) has and the plain
+``pip install .`` does not.
+
 The robot user of the benchmark (Testing/benchmarks/robot_user.py) paints round-0 strokes on one
 slice and one correction stroke per round; the engine that the module and the "Random forest"
 effect run (FetalAnnotateLib.AnnotationSession, features computed once) segments after each
@@ -133,7 +136,11 @@ def figure_dice(curves, path):
 
 
 def main():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit('docs/make_figures.py needs matplotlib: pip install matplotlib '
+                         '(the test install, pip install ".[torch,test]", has it)') from None
 
     matplotlib.use("Agg")
     if not (DATA / "cases.csv").exists():
