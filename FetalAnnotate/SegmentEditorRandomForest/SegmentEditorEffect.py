@@ -3,9 +3,13 @@
 Works like "Grow from seeds": paint each class (e.g. "fetus", "background") with Paint or Draw,
 click Initialize, correct with more strokes (the preview updates by itself), then Apply. Apply
 writes the result to segments named "<class> (auto)"; the painted segments are never changed.
+The image features, forest, boundary smoothness, round memory, outline mode and extra feature
+volumes are the FetalAnnotate module's settings (one source for the panel and the effect), and
+the features computed for a volume are shared with the panel (one cache per scene).
 All computation is in FetalAnnotateLogic; this file only connects it to the editor.
 """
 
+import logging
 import os
 
 import ctk
@@ -13,6 +17,7 @@ import qt
 import vtk
 
 import slicer
+from slicer.i18n import tr as _
 from SegmentEditorEffects import AbstractScriptedSegmentEditorAutoCompleteEffect
 
 MOST_PROBABLE = "(most probable class)"
@@ -24,7 +29,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorAutoCompleteEffect):
     def __init__(self, scriptedEffect):
         AbstractScriptedSegmentEditorAutoCompleteEffect.__init__(self, scriptedEffect)
         scriptedEffect.name = "Random forest"  # not translated: modules find effects by name
-        scriptedEffect.title = "Random forest"
+        scriptedEffect.title = _("Random forest")
         self.minimumNumberOfSegments = 2
         self.minimumNumberOfSegmentsWithEditableArea = 2  # a classifier always needs two painted classes
         self.clippedMasterImageDataRequired = False  # the logic reads the whole source volume itself
@@ -45,26 +50,33 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorAutoCompleteEffect):
         return qt.QIcon(iconPath) if os.path.exists(iconPath) else qt.QIcon()
 
     def helpText(self):
-        return """<html>Complete a segmentation from a few paint strokes with a random forest.<p>
+        return _("""<html>Complete a segmentation from a few paint strokes with a random forest.<p>
 <ul style="margin: 0">
 <li>Create one segment per class (e.g. <i>fetus</i>, <i>placenta</i>, <i>background</i>) and paint a few
 strokes of each with Paint or Draw, on one slice is enough to start.</li>
 <li>Click <dfn>Initialize</dfn>. The first run computes image features (seconds to a minute); later
-updates reuse them.</li>
+updates, and the FetalAnnotate module on the same volume, reuse them.</li>
 <li>Paint corrections where the preview is wrong: it updates by itself a moment later.</li>
 <li>Outlined the target with a closed background stroke a few mm outside it? Tick
 <dfn>Closed outlines enclose their class</dfn>: what the outline encloses is then taught as the target.</li>
 <li>Pick a class and move <dfn>Threshold</dfn> to grow or shrink it without retraining.</li>
 <li>Click <dfn>Apply</dfn>: results go to segments "&lt;class&gt; (auto)"; painted segments stay as painted.</li>
-</ul><p>Segments named "... (auto)" and hidden segments are not used as classes.</html>"""
+</ul><p>Segments named "... (auto)" and hidden segments are not used as classes. Feature preset, forest,
+boundary smoothness, round memory, outline mode and extra feature volumes are the FetalAnnotate module's
+settings (its <i>Advanced</i> section).<p>
+Apply writes only the "&lt;class&gt; (auto)" segments, on the source volume's voxel grid and only inside
+the <i>Editable area</i> and <i>Editable intensity range</i>. It never changes other segments, whatever
+<i>Modify other segments</i> says: the painted classes must stay as painted to train the next round. An
+"(auto)" segment you edited by hand is kept as "&lt;class&gt; (edited)" and the new result gets a fresh
+"(auto)" segment. Undo reverts Apply.</html>""")
 
     # ------------------------------------------------------------------ options
     def setupOptionsFrame(self):
         AbstractScriptedSegmentEditorAutoCompleteEffect.setupOptionsFrame(self)
 
         self.thresholdClassComboBox = qt.QComboBox()
-        self.thresholdClassComboBox.setToolTip("Class whose probability threshold the slider sets; "
-                                               "other classes take the voxels where they are most probable.")
+        self.thresholdClassComboBox.setToolTip(_("Class whose probability threshold the slider sets; "
+                                                 "other classes take the voxels where they are most probable."))
         self.thresholdSlider = ctk.ctkSliderWidget()
         self.thresholdSlider.minimum = 0.0
         self.thresholdSlider.maximum = 1.0
@@ -72,23 +84,28 @@ updates reuse them.</li>
         self.thresholdSlider.decimals = 2
         self.thresholdSlider.value = 0.5
         self.thresholdSlider.tracking = False  # re-threshold when the slider is released, not on every step
-        self.thresholdSlider.setToolTip("Voxels whose probability of the chosen class is at least this value "
-                                        "(and that connect to its strokes) belong to it. No retraining.")
+        self.thresholdSlider.setToolTip(_("Voxels whose probability of the chosen class is at least this value "
+                                          "(and that connect to its strokes) belong to it. No retraining."))
         thresholdRow = qt.QHBoxLayout()
         thresholdRow.addWidget(self.thresholdClassComboBox)
         thresholdRow.addWidget(self.thresholdSlider)
-        self.scriptedEffect.addLabeledOptionsWidget("Threshold:", thresholdRow)
+        self.scriptedEffect.addLabeledOptionsWidget(_("Threshold:"), thresholdRow)
 
-        self.showProbabilitiesCheckBox = qt.QCheckBox("Show probabilities")
-        self.showProbabilitiesCheckBox.setToolTip("Show the chosen class's probability map over the slice views.")
+        self.showProbabilitiesCheckBox = qt.QCheckBox(_("Show probabilities"))
+        self.showProbabilitiesCheckBox.setToolTip(_("Show the chosen class's probability map over the slice views."))
         self.scriptedEffect.addOptionsWidget(self.showProbabilitiesCheckBox)
 
-        self.outlineModeCheckBox = qt.QCheckBox("Closed outlines enclose their class")
-        self.outlineModeCheckBox.setToolTip(
+        self.outlineModeCheckBox = qt.QCheckBox(_("Closed outlines enclose their class"))
+        self.outlineModeCheckBox.setToolTip(_(
             "Outline mode: where a segment's strokes form a closed outline around strokes of one other "
             "segment on a slice, teach what the outline encloses (except its outer 4 mm) as that segment. "
-            "Draw the outline a few mm outside the target.")
+            "Draw the outline a few mm outside the target. The same setting as in the FetalAnnotate module."))
         self.scriptedEffect.addOptionsWidget(self.outlineModeCheckBox)
+
+        self.settingsLabel = qt.QLabel()
+        self.settingsLabel.wordWrap = True
+        self.settingsLabel.setToolTip(_("Change these in the FetalAnnotate module, section Advanced."))
+        self.scriptedEffect.addOptionsWidget(self.settingsLabel)
 
         self.thresholdClassComboBox.connect("currentIndexChanged(int)", self.onThresholdChanged)
         self.thresholdSlider.connect("valueChanged(double)", self.onThresholdChanged)
@@ -97,16 +114,23 @@ updates reuse them.</li>
 
     def setMRMLDefaults(self):
         AbstractScriptedSegmentEditorAutoCompleteEffect.setMRMLDefaults(self)
-        self.scriptedEffect.setParameterDefault("ThresholdClass", "")
+        # No default for "ThresholdClass": an empty value is not stored (setCommonParameter), read it
+        # with thresholdClass().
         self.scriptedEffect.setParameterDefault("Threshold", 0.5)
         self.scriptedEffect.setParameterDefault("ShowProbabilities", 0)
-        self.scriptedEffect.setParameterDefault("OutlineMode", 0)
+
+    def thresholdClass(self):
+        """The class the threshold applies to; "" for "most probable class" (also when never set)."""
+        if not self.scriptedEffect.parameterDefined("ThresholdClass"):
+            return ""
+        return self.scriptedEffect.parameter("ThresholdClass")
 
     def updateGUIFromMRML(self):
         AbstractScriptedSegmentEditorAutoCompleteEffect.updateGUIFromMRML(self)
+        import FetalAnnotate
+
         classNames = list(self.lastRound[0]) if self.lastRound else []
-        thresholdClass = self.scriptedEffect.parameter("ThresholdClass") if self.scriptedEffect.parameterDefined(
-            "ThresholdClass") else ""
+        thresholdClass = self.thresholdClass()
         wasBlocked = self.thresholdClassComboBox.blockSignals(True)
         self.thresholdClassComboBox.clear()
         self.thresholdClassComboBox.addItems([MOST_PROBABLE] + classNames)
@@ -119,9 +143,18 @@ updates reuse them.</li>
         wasBlocked = self.showProbabilitiesCheckBox.blockSignals(True)
         self.showProbabilitiesCheckBox.checked = self.scriptedEffect.integerParameter("ShowProbabilities") != 0
         self.showProbabilitiesCheckBox.blockSignals(wasBlocked)
+
+        parameters = FetalAnnotate.getParameterNode()
         wasBlocked = self.outlineModeCheckBox.blockSignals(True)
-        self.outlineModeCheckBox.checked = self.scriptedEffect.integerParameter("OutlineMode") != 0
+        self.outlineModeCheckBox.checked = parameters.outlineMode
         self.outlineModeCheckBox.blockSignals(wasBlocked)
+        extraVolumes = ", ".join(node.GetName() for node in parameters.extraFeatureVolumes) or _("none")
+        self.settingsLabel.text = _(
+            "FetalAnnotate module settings: features '{preset}', {trees} trees of depth {depth} (leaf {leaf}), "
+            "boundary smoothness {smoothness:g}, round memory {memory:g}, extra feature volumes: {extra}.").format(
+            preset=parameters.featurePreset, trees=parameters.numberOfTrees, depth=parameters.maxDepth,
+            leaf=parameters.minSamplesLeaf, smoothness=parameters.smoothness, memory=parameters.memory,
+            extra=extraVolumes)
 
     def updateMRMLFromGUI(self):
         AbstractScriptedSegmentEditorAutoCompleteEffect.updateMRMLFromGUI(self)
@@ -129,7 +162,6 @@ updates reuse them.</li>
         self.scriptedEffect.setParameter("ThresholdClass", "" if thresholdClass == MOST_PROBABLE else thresholdClass)
         self.scriptedEffect.setParameter("Threshold", self.thresholdSlider.value)
         self.scriptedEffect.setParameter("ShowProbabilities", 1 if self.showProbabilitiesCheckBox.checked else 0)
-        self.scriptedEffect.setParameter("OutlineMode", 1 if self.outlineModeCheckBox.checked else 0)
 
     def onThresholdChanged(self, *unused):
         self.updateMRMLFromGUI()
@@ -143,19 +175,24 @@ updates reuse them.</li>
         self.showProbabilities()
 
     def onOutlineModeToggled(self, checked):
-        self.updateMRMLFromGUI()
+        import FetalAnnotate
+
+        FetalAnnotate.getParameterNode().outlineMode = checked
         if self.getPreviewNode():
             self.onPreview()  # retrain: the outline changes what the forest is taught
 
     # ------------------------------------------------------------------ computation
     def getLogic(self):
-        """The module logic, created on first use after offering to install missing Python packages."""
+        """The module logic, created on first use after offering to install missing Python packages.
+
+        Every logic of a scene shares its cached image features (the module panel's too).
+        """
         if self.logic is None:
             import FetalAnnotate
 
-            if not FetalAnnotate.ensureDependencies():
-                raise RuntimeError("The Random forest effect needs scikit-learn, scikit-image and skops; "
-                                   "install them when asked, or from the FetalAnnotate module.")
+            status = FetalAnnotate.ensureDependencies()
+            if not status.ok:
+                raise RuntimeError(status.message)  # shown by the auto-complete base's error display
             from FetalAnnotateLogic import FetalAnnotateLogic
 
             self.logic = FetalAnnotateLogic()
@@ -163,46 +200,64 @@ updates reuse them.</li>
 
     def preview(self):
         # Result segments of earlier rounds are outputs, never classes: leave them out of the inputs.
-        from FetalAnnotateLogic import AUTO_SUFFIX
+        from FetalAnnotateLogic import FetalAnnotateLogic
 
         segmentationNode = self.scriptedEffect.parameterSetNode().GetSegmentationNode()
         if self.selectedSegmentIds is None and segmentationNode is not None:
             visibleIds = vtk.vtkStringArray()
             segmentationNode.GetDisplayNode().GetVisibleSegmentIDs(visibleIds)
             self.selectedSegmentIds = vtk.vtkStringArray()
-            segmentation = segmentationNode.GetSegmentation()
             for index in range(visibleIds.GetNumberOfValues()):
                 segmentId = visibleIds.GetValue(index)
-                if not segmentation.GetSegment(segmentId).GetName().endswith(AUTO_SUFFIX):
+                if not FetalAnnotateLogic.isResultSegment(segmentationNode, segmentId):
                     self.selectedSegmentIds.InsertNextValue(segmentId)
         AbstractScriptedSegmentEditorAutoCompleteEffect.preview(self)
+
+    def onPreview(self):
+        """The base's preview, which shows an error in a dialog and re-raises it; a Qt slot must not raise."""
+        try:
+            AbstractScriptedSegmentEditorAutoCompleteEffect.onPreview(self)
+        except Exception:
+            logging.exception("Random forest: the preview failed")
+
+    def selectedClassSegmentIds(self):
+        """IDs of the class segments of this preview, in label order."""
+        selected = self.selectedSegmentIds
+        return [selected.GetValue(index) for index in range(selected.GetNumberOfValues())]
+
+    def editableArea(self, volumeNode, segmentationNode):
+        """The Segment Editor's editable area and intensity range on the volume's grid (None: everywhere)."""
+        from FetalAnnotateLogic import Masking
+
+        masking = Masking.fromSegmentEditorNode(self.scriptedEffect.parameterSetNode())
+        return self.getLogic().editableArea(volumeNode, segmentationNode, masking,
+                                            classSegmentIds=self.selectedClassSegmentIds())
 
     def computePreviewLabelmap(self, mergedImage, outputLabelmap):
         import numpy as np
 
-        from FetalAnnotateLogic import Masking, classMasks
+        import FetalAnnotate
+        from FetalAnnotateLogic import classMasks
 
         logic = self.getLogic()
         parameterSetNode = self.scriptedEffect.parameterSetNode()
         volumeNode = parameterSetNode.GetSourceVolumeNode()
         segmentationNode = parameterSetNode.GetSegmentationNode()
         if not (self.thresholdOnly and self.lastRound):
-            selected = self.selectedSegmentIds
-            segmentIds = [selected.GetValue(index) for index in range(selected.GetNumberOfValues())]
-            strokes, names = logic.strokeLabels(volumeNode, segmentationNode, segmentIds)
-            outlineMode = self.scriptedEffect.integerParameter("OutlineMode") != 0
-            result = logic.session(volumeNode, progress=self.reportProgress, outlineMode=outlineMode).update(strokes)
+            strokes, names = logic.strokeLabels(volumeNode, segmentationNode, self.selectedClassSegmentIds())
+            settings = FetalAnnotate.trainingSettings(FetalAnnotate.getParameterNode())
+            result = logic.session(volumeNode, progress=self.reportProgress, **settings).update(strokes)
             # Label value k of the preview is the k-th selected segment, as the auto-complete base expects.
             self.lastRound = ([names[value - 1] for value in result.classes], result.probabilities, strokes,
                               result.classes, result.labels)
         self.thresholdOnly = False
         classNames, probabilities, strokes, classes, engineLabels = self.lastRound
-        thresholdClass = self.scriptedEffect.parameter("ThresholdClass")
+        thresholdClass = self.thresholdClass()
         masks = classMasks(probabilities, strokes, classes, classNames, self.thresholds(classNames), engineLabels)
-        editable = logic.editableArea(volumeNode, segmentationNode, Masking.fromSegmentEditorNode(parameterSetNode))
+        editable = self.editableArea(volumeNode, segmentationNode)
         labels = np.zeros(strokes.shape, np.uint8)
         # The thresholded class is written last, so what the slider does is what one sees.
-        for value, _, mask in sorted(zip(classes, classNames, masks), key=lambda item: item[1] == thresholdClass):
+        for value, _name, mask in sorted(zip(classes, classNames, masks), key=lambda item: item[1] == thresholdClass):
             labels[mask] = value
         if editable is not None:
             labels[~editable] = 0
@@ -211,13 +266,14 @@ updates reuse them.</li>
 
     def thresholds(self, classNames):
         """``{class: threshold}`` for the class chosen in the threshold row, or {} for "most probable"."""
-        thresholdClass = self.scriptedEffect.parameter("ThresholdClass")
+        thresholdClass = self.thresholdClass()
         if thresholdClass not in classNames:
             return {}
         return {thresholdClass: self.scriptedEffect.doubleParameter("Threshold")}
 
     def reportProgress(self, fraction, message):
-        slicer.util.showStatusMessage(f"Random forest: {message} ({100 * fraction:.0f}%)")
+        slicer.util.showStatusMessage(_("Random forest: {message} ({percent:.0f}%)").format(
+            message=message, percent=100 * fraction))
         slicer.app.processEvents(qt.QEventLoop.ExcludeUserInputEvents)
         return False
 
@@ -234,13 +290,20 @@ updates reuse them.</li>
                     sliceCompositeNode.SetForegroundVolumeID(None)
             return
         nodes = self.logic.writeProbabilityVolumes(volumeNode, probabilities, classNames)
-        thresholdClass = self.scriptedEffect.parameter("ThresholdClass")
+        thresholdClass = self.thresholdClass()
         node = nodes[classNames.index(thresholdClass)] if thresholdClass in classNames else nodes[-1]
         slicer.util.setSliceViewerLayers(foreground=node, foregroundOpacity=0.5)
 
     def onApply(self):
-        """Write the previewed classes to "<class> (auto)" segments (undoable); painted segments stay as they are."""
-        from FetalAnnotateLogic import Masking, classMasks
+        """Write the previewed classes to "<class> (auto)" segments (undoable); no other segment is modified.
+
+        Unlike the auto-complete base, which writes each preview segment into its input segment with
+        ``modifySegmentByLabelmap`` (so the editor's overwrite mode would erase painted strokes), the
+        results go through ``FetalAnnotateLogic.writeResultSegments``: painted classes are never
+        modified and a hand-edited "(auto)" segment is kept. The editable area and intensity range
+        are applied by :meth:`editableArea`.
+        """
+        from FetalAnnotateLogic import classMasks
 
         if not self.lastRound:
             return
@@ -250,16 +313,22 @@ updates reuse them.</li>
         volumeNode = parameterSetNode.GetSourceVolumeNode()
         segmentationNode = parameterSetNode.GetSegmentationNode()
         classNames, probabilities, strokes, classes, engineLabels = self.lastRound
-        masks = classMasks(probabilities, strokes, classes, classNames, self.thresholds(classNames), engineLabels)
-        masking = Masking.fromSegmentEditorNode(parameterSetNode)
-        editable = self.logic.editableArea(volumeNode, segmentationNode, masking)
-        self.scriptedEffect.saveStateForUndo()
-        with slicer.util.tryWithErrorDisplay("Random forest: could not write the result segments.", waitCursor=True):
-            self.logic.writeResultSegments(volumeNode, segmentationNode, segmentationNode, classNames, masks, editable)
+        try:
+            with slicer.util.tryWithErrorDisplay(_("Random forest: could not write the result segments."),
+                                                 waitCursor=True):
+                masks = classMasks(probabilities, strokes, classes, classNames, self.thresholds(classNames),
+                                   engineLabels)
+                editable = self.editableArea(volumeNode, segmentationNode)
+                self.scriptedEffect.saveStateForUndo()
+                self.logic.writeResultSegments(volumeNode, segmentationNode, segmentationNode, classNames, masks,
+                                               editable)
+        except Exception:  # shown to the user by tryWithErrorDisplay; keep the preview to try again
+            self.observeSegmentation(self.autoUpdateCheckBox.isChecked())
+            return
         self.reset()
 
     def reset(self):
-        # The logic (and its cached image features) is kept: the next Initialize is fast.
+        # The logic (and the scene's cached image features) is kept: the next Initialize is fast.
         self.lastRound = None
         self.thresholdOnly = False
         AbstractScriptedSegmentEditorAutoCompleteEffect.reset(self)
