@@ -16,6 +16,8 @@ import vtk
 
 import slicer
 from slicer import vtkMRMLScalarVolumeNode
+from slicer.i18n import tr as _
+from slicer.i18n import translate
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
@@ -24,16 +26,29 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from FetalAnnotate import ensureDependencies, missingRequirements
+from FetalAnnotateDependencies import (
+    ensureRequirements,
+    ensureTorch,
+    missingRequirements,
+    readRequirements,
+    torchInstalled,
+)
 from FetalInpaintLogic import FetalInpaintLogic
 
 CORRUPTOR_NAMES = ["shapes", "holes", "toss"]
 DEVICE_NAMES = ["cpu", "cuda"]
 POLL_INTERVAL_MS = 1000
-#: Packages FetalInpaintLib needs besides torch that Slicer does not bundle (pip requirement -> import name;
-#: installed on first use, with consent): scikit-learn for PCA, scikit-image for the biharmonic baseline,
-#: matplotlib for the training's loss-curve PNG.
-PYTHON_REQUIREMENTS = {"scikit-learn>=1.3": "sklearn", "scikit-image>=0.21": "skimage", "matplotlib>=3.6": "matplotlib"}
+#: Packages FetalInpaintLib needs besides torch that Slicer does not bundle, installed on first use with consent.
+REQUIREMENTS_FILE = Path(__file__).parent / "Resources" / "FetalInpaint-requirements.txt"
+
+
+def ensureDependencies():
+    """Offer to install the packages of :data:`REQUIREMENTS_FILE` and PyTorch (asking before any download).
+
+    Returns a ``DependencyStatus``; when it is ok, ``import torch`` works. Never raises.
+    """
+    status = ensureRequirements(REQUIREMENTS_FILE, requester="FetalInpaint")
+    return ensureTorch(requester="FetalInpaint") if status.ok else status
 
 
 #
@@ -46,11 +61,11 @@ class FetalInpaint(ScriptedLoadableModule):
 
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "Fetal Inpaint"
-        self.parent.categories = ["Segmentation"]
-        self.parent.dependencies = ["FetalAnnotate"]  # its dependency installer
-        self.parent.contributors = ["FetalAnnotate developers"]
-        self.parent.helpText = """
+        self.parent.title = _("Fetal Inpaint")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = ["FetalAnnotate"]  # its folder holds the shared install helper
+        self.parent.contributors = ["FetalAnnotate developers (FetalAnnotate project)"]
+        self.parent.helpText = _("""
 Learns fetal anatomy from unlabeled MRI volumes by self-supervised inpainting: parts of each slice
 are hidden (random shapes, square holes or single pixels) and an encoder-decoder network learns to
 fill them in. The encoder's per-voxel features can then be exported as volumes and used by the
@@ -67,12 +82,13 @@ the geometry of the selected volume.</li>
 PyTorch is provided by the PyTorch extension and installed, after confirmation, on first use.
 See <a href="https://github.com/fetalannotate/SlicerFetalAnnotate/blob/main/docs/inpainting-module.md">the
 module documentation</a>.
-"""
-        self.parent.acknowledgementText = """
-Based on the self-supervised inpainting pretraining for fetal MRI described in the seed paper of the
-FetalAnnotate project. Uses PyTorch through the SlicerPyTorch extension (Fernando Perez-Garcia,
-Andras Lasso) and scikit-image's biharmonic inpainting as a baseline.
-"""
+""")
+        self.parent.acknowledgementText = _("""
+Based on the self-supervised inpainting pretraining for pregnancy MRI of J. L&eacute;vy, C. Godard and
+J.-B. Masson (Institut Pasteur), <i>Towards robust fetus segmentation from MRI imaging: Accelerating
+annotations and diving into high semantic features</i>. Uses PyTorch through the SlicerPyTorch
+extension (Fernando Perez-Garcia, Andras Lasso) and scikit-image's biharmonic inpainting as a baseline.
+""")
 
 
 #
@@ -160,14 +176,11 @@ class FetalInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportFeaturesButton.clicked.connect(self.onExportFeatures)
 
         self.initializeParameterNode()
-        self._updateDeviceLabel(self._installedTorch())
 
     def cleanup(self) -> None:
-        """Called when the application closes and the module widget is destroyed."""
+        """Called on module reload and application exit: no training may outlive the panel."""
         self._pollTimer.stop()
-        if self._trainingRun is not None and self._trainingRun.process.poll() is None:
-            # Do not leave an orphan training behind; it has saved its last epoch checkpoint.
-            self.logic.stopTraining(self._trainingRun, timeout=5.0)
+        self.logic.stopAllTrainings(timeout=10.0)  # stop file first, then the process tree is killed
         self.removeObservers()
 
     def enter(self) -> None:
@@ -217,8 +230,7 @@ class FetalInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _onParameterNodeModified(self, caller=None, event=None) -> None:
         self._updateButtonStates()
-        if "torch" in sys.modules:  # only describe the device once torch is loaded: never import it here
-            self._updateDeviceLabel(sys.modules["torch"])
+        self._updateDeviceLabel()
 
     def _trainingIsRunning(self):
         return self._trainingRun is not None and self._trainingRun.process.poll() is None
@@ -229,61 +241,44 @@ class FetalInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         canTrain = bool(parameters and parameters.trainingVolumes and _isSet(parameters.outputFolder))
         self.ui.startTrainingButton.enabled = canTrain and not running
         self.ui.startTrainingButton.toolTip = (
-            "Training is running." if running else
-            "Start training in a background process." if canTrain else
-            "Tick at least one training volume and choose an output folder."
+            _("Training is running.") if running else
+            _("Start training in a background process.") if canTrain else
+            _("Tick at least one training volume and choose an output folder.")
         )
-        self.ui.stopTrainingButton.enabled = running
+        self.ui.stopTrainingButton.enabled = running and not self._trainingRun.stopRequested
         haveModel = bool(parameters and _isSet(parameters.checkpointPath) and parameters.evaluationVolume)
         self.ui.evaluateButton.enabled = haveModel
         self.ui.exportFeaturesButton.enabled = haveModel
 
-    # -------------------------------------------------------------- PyTorch
-
-    @staticmethod
-    def _installedTorch():
-        """The torch module if the PyTorch extension has installed it already, else None (installs nothing)."""
-        try:
-            import PyTorchUtils
-        except ModuleNotFoundError:
-            return None
-        if not PyTorchUtils.PyTorchUtilsLogic.torchInstalled():
-            return None
-        return PyTorchUtils.PyTorchUtilsLogic().torch
+    def _updateDeviceLabel(self) -> None:
+        """Describe the device; torch is never imported here (opening the module must stay fast and safe)."""
+        if "torch" in sys.modules and self._parameterNode:
+            self.ui.deviceLabel.text = self.logic.deviceDescription(self._parameterNode.device, sys.modules["torch"])
+        elif torchInstalled():
+            self.ui.deviceLabel.text = _("PyTorch installed (loaded on first use)")
+        else:
+            self.ui.deviceLabel.text = _("PyTorch not installed yet (asked for on first use)")
 
     def _ensureDependencies(self):
-        """The torch module once PyTorch and :data:`PYTHON_REQUIREMENTS` are installed (after the user
-        confirms each); None if declined or failed."""
-        if not ensureDependencies(PYTHON_REQUIREMENTS, requester="FetalInpaint"):
+        """The torch module once every package is installed and loads; else None, with the reason in the status line."""
+        status = ensureDependencies()
+        if not status.ok:
+            self.ui.statusLabel.text = status.message
             return None
-        try:
-            import PyTorchUtils
-        except ModuleNotFoundError:
-            slicer.util.errorDisplay(
-                "FetalInpaint needs the PyTorch extension: install 'PyTorch' from the Extensions Manager, "
-                "restart Slicer and try again."
-            )
-            return None
-        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-        if not torchLogic.torchInstalled():
-            if not slicer.util.confirmOkCancelDisplay(
-                "FetalInpaint needs PyTorch, which is not installed yet. Download and install it now? "
-                "This can take several minutes and a few gigabytes of disk space.",
-                windowTitle="Install PyTorch",
-            ):
-                return None
-            with slicer.util.tryWithErrorDisplay("Failed to install PyTorch.", waitCursor=True):
-                if torchLogic.installTorch(askConfirmation=False) is None:
-                    return None
-        torch = torchLogic.torch
-        self._updateDeviceLabel(torch)
+        import torch
+
+        self._updateDeviceLabel()
         return torch
 
-    def _updateDeviceLabel(self, torch) -> None:
-        if torch is None:
-            self.ui.deviceLabel.text = "PyTorch not installed yet (asked for on first use)"
-        elif self._parameterNode:
-            self.ui.deviceLabel.text = self.logic.deviceDescription(self._parameterNode.device, torch)
+    def _run(self, failureMessage, function):
+        """``function()``, or None when it raised: the error is shown in a dialog and the status line,
+        never raised into the Qt event loop."""
+        try:
+            with slicer.util.tryWithErrorDisplay(failureMessage, waitCursor=True):
+                return function()
+        except Exception as error:  # already shown by tryWithErrorDisplay
+            self.ui.statusLabel.text = f"{failureMessage} {error}"
+            return None
 
     # -------------------------------------------------------------- training
 
@@ -293,58 +288,70 @@ class FetalInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         parameters = self._parameterNode
         if parameters.device == "cuda" and not torch.cuda.is_available():
-            slicer.util.errorDisplay("No CUDA GPU is available to PyTorch: choose the cpu device.")
+            self.ui.statusLabel.text = _("No CUDA GPU is available to PyTorch: choose the cpu device.")
+            return
+        owner = self.logic.trainingLockOwner(parameters.outputFolder)
+        if owner is not None:
+            self.ui.statusLabel.text = _(
+                "A training (process {pid} on {host}) is still writing to {folder}: stop it, wait until it ends, "
+                "or choose another output folder.").format(pid=owner["pid"], host=owner["host"],
+                                                           folder=parameters.outputFolder)
             return
         overwrite = False
         if not parameters.resume and self.logic.hasTrainingOutputs(parameters.outputFolder):
             overwrite = slicer.util.confirmOkCancelDisplay(
-                f"{parameters.outputFolder} holds an earlier training. Replace it with a new one?\n\n"
-                "Cancel, then tick 'Resume' to continue it instead, or choose another output folder.",
-                windowTitle="FetalInpaint: replace training?",
+                _("{folder} holds an earlier training. Replace it with a new one?\n\n"
+                  "Cancel, then tick 'Resume' to continue it instead, or choose another output folder.").format(
+                    folder=parameters.outputFolder),
+                windowTitle=_("FetalInpaint: replace training?"),
             )
             if not overwrite:
                 return
-        with slicer.util.tryWithErrorDisplay("Failed to start the training.", waitCursor=True):
-            self._trainingRun = self.logic.startTraining(
-                parameters.trainingVolumes,
-                parameters.outputFolder,
-                corruptor=parameters.corruptor,
-                corruptorStrength=parameters.corruptorStrength,
-                epochs=parameters.epochs,
-                device=parameters.device,
-                resume=parameters.resume,
-                overwrite=overwrite,
-            )
-            self._lossChartNode = self.logic.updateLossPlot(self._trainingRun, self._lossChartNode)
+        run = self._run(_("Failed to start the training."), lambda: self.logic.startTraining(
+            parameters.trainingVolumes,
+            parameters.outputFolder,
+            corruptor=parameters.corruptor,
+            corruptorStrength=parameters.corruptorStrength,
+            epochs=parameters.epochs,
+            device=parameters.device,
+            resume=parameters.resume,
+            overwrite=overwrite,
+        ))
+        if run is not None:
+            self._trainingRun = run
+            self._lossChartNode = self.logic.updateLossPlot(run, self._lossChartNode)
             slicer.modules.plots.logic().ShowChartInLayout(self._lossChartNode)
             self.ui.trainingProgressBar.value = 0
-            self.ui.trainingStatusLabel.text = "Starting (loading volumes and PyTorch)..."
+            self.ui.trainingStatusLabel.text = _("Starting (loading volumes and PyTorch)...")
+            self.ui.statusLabel.text = ""
             self._pollTimer.start()
         self._updateButtonStates()
 
     def onStopTraining(self) -> None:
         if self._trainingIsRunning():
+            # The trainer saves a checkpoint and exits; pollTraining kills the process tree if it does not.
             self.logic.requestStop(self._trainingRun)
-            self.ui.stopTrainingButton.enabled = False
-            self.ui.trainingStatusLabel.text = "Stopping..."
+            self.ui.trainingStatusLabel.text = _("Stopping (saving a checkpoint)...")
+        self._updateButtonStates()
 
     def onPollTraining(self) -> None:
-        status = self.logic.pollTraining(self._trainingRun)
+        run = self._trainingRun
+        status = self.logic.pollTraining(run)
         if status.newRecords:
-            self._lossChartNode = self.logic.updateLossPlot(self._trainingRun, self._lossChartNode)
+            self._lossChartNode = self.logic.updateLossPlot(run, self._lossChartNode)
         self.ui.trainingProgressBar.value = int(round(100 * status.fraction))
         self.ui.trainingStatusLabel.text = status.message
         if status.running:
             return
         self._pollTimer.stop()
-        self._lossChartNode = self.logic.updateLossPlot(self._trainingRun, self._lossChartNode)  # last validation point
-        checkpoint = self.logic.findCheckpoint(self._trainingRun.outputDirectory)
+        self._lossChartNode = self.logic.updateLossPlot(run, self._lossChartNode)  # last validation point
+        checkpoint = self.logic.findCheckpoint(run.outputDirectory)
         if checkpoint is not None:
-            self._parameterNode.checkpointPath = checkpoint
-        if status.returnCode != 0 and not status.stopped:
-            slicer.util.errorDisplay(
-                status.message, detailedText=f"Full log: {self._trainingRun.logPath}"
-            )
+            # Through the scene's parameter node, not the panel's: the module may not be shown (the
+            # panel then holds none) and the scene may have been closed since the training started.
+            FetalInpaintParameterNode(self.logic.getParameterNode()).checkpointPath = checkpoint
+        if status.outcome == "failed":
+            slicer.util.errorDisplay(status.message, detailedText=_("Full log: {path}").format(path=run.logPath))
         self._updateButtonStates()
 
     # -------------------------------------------------------------- evaluation and export
@@ -353,7 +360,8 @@ class FetalInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._ensureDependencies() is None:
             return
         parameters = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("Evaluation failed.", waitCursor=True):
+
+        def evaluate():
             self._evaluationTableNode = self.logic.evaluate(
                 parameters.checkpointPath,
                 [parameters.evaluationVolume],
@@ -363,23 +371,28 @@ class FetalInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 tableNode=self._evaluationTableNode,
             )
             self.ui.evaluationTableView.setMRMLTableNode(self._evaluationTableNode)
+            return self._evaluationTableNode
+
+        if self._run(_("Evaluation failed."), evaluate) is not None:
+            self.ui.statusLabel.text = _("Evaluated on {volume}: see the table.").format(
+                volume=parameters.evaluationVolume.GetName())
 
     def onExportFeatures(self) -> None:
         if self._ensureDependencies() is None:
             return
         parameters = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("Feature export failed.", waitCursor=True):
-            nodes = self.logic.exportFeatures(
-                parameters.evaluationVolume,
-                parameters.checkpointPath,
-                pcaComponents=parameters.pcaComponents,
-                asVectorVolume=parameters.exportAsVectorVolume,
-                device=parameters.device,
-            )
+        nodes = self._run(_("Feature export failed."), lambda: self.logic.exportFeatures(
+            parameters.evaluationVolume,
+            parameters.checkpointPath,
+            pcaComponents=parameters.pcaComponents,
+            asVectorVolume=parameters.exportAsVectorVolume,
+            device=parameters.device,
+        ))
+        if nodes is not None:
             slicer.util.setSliceViewerLayers(
                 background=parameters.evaluationVolume, foreground=nodes[0], foregroundOpacity=0.5
             )
-            slicer.util.showStatusMessage(f"Exported {len(nodes)} feature volume(s).", 5000)
+            self.ui.statusLabel.text = _("Exported {count} feature volume(s).").format(count=len(nodes))
 
 
 #
@@ -388,12 +401,22 @@ class FetalInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class FetalInpaintTest(ScriptedLoadableModuleTest):
-    """Self-test run by 'Reload and Test': tiny background training on synthetic volumes, then export."""
+    """Self-test run by 'Reload and Test': tiny background training on synthetic volumes, then export.
+
+    It skips, downloading nothing, when PyTorch or a package of :data:`REQUIREMENTS_FILE` is
+    missing, as under ctest (``--testing``, which runs the ``test_*`` methods directly); "Reload
+    and Test" (:meth:`runTest`) first offers to install them.
+    """
 
     def setUp(self):
+        missing = missingRequirements(readRequirements(REQUIREMENTS_FILE)) + ([] if torchInstalled() else ["torch"])
+        if missing:
+            self.skipTest(f"FetalInpaint's self-test needs {', '.join(missing)}: click 'Start' in the module panel "
+                          "to install them, then run the test again.")
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        ensureDependencies()  # asks the user (never in testing mode); setUp skips what still cannot run
         self.setUp()
         self.test_TrainInBackgroundAndExportFeatures()
 
@@ -412,13 +435,6 @@ class FetalInpaintTest(ScriptedLoadableModuleTest):
 
     def test_TrainInBackgroundAndExportFeatures(self):
         self.delayDisplay("Starting the test")
-        import PyTorchUtils
-
-        torch = PyTorchUtils.PyTorchUtilsLogic().torch  # installs PyTorch if needed (no confirmation in testing mode)
-        self.assertIsNotNone(torch, "PyTorch is needed: install it from the PyTorch Utils module")
-        self.assertTrue(ensureDependencies(PYTHON_REQUIREMENTS, "FetalInpaint", askConfirmation=False),
-                        f"could not install {missingRequirements(PYTHON_REQUIREMENTS)}")
-
         volumes = [self._syntheticVolume(f"synthetic{seed}", seed) for seed in range(3)]
         outputFolder = Path(slicer.app.temporaryPath) / "FetalInpaintSelfTest"
         shutil.rmtree(outputFolder, ignore_errors=True)
