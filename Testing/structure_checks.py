@@ -183,6 +183,97 @@ def _literal_assignments(python_file):
     return values
 
 
+def check_python_grammar(root):
+    """Every Python file of the extension parses as Python 3.9 (Slicer 5.6 and 5.8) and compiles."""
+    problems = []
+    for python_file in sorted(Path(root).glob("Fetal*/**/*.py")):
+        source = python_file.read_text(encoding="utf-8")
+        try:
+            compile(ast.parse(source, filename=str(python_file), feature_version=(3, 9)), str(python_file), "exec")
+        except SyntaxError as error:
+            problems.append(f"{python_file.relative_to(root)}:{error.lineno}: {error.msg}")
+    return problems
+
+
+def bound_widget_names(ui_file):
+    """Names of the widgets of a ``.ui`` that the parameter node wrapper writes (``SlicerParameterName``)."""
+    tree = ElementTree.parse(ui_file)
+    return {widget.get("name") for widget in tree.iter("widget")
+            if any(prop.get("name") == "SlicerParameterName" for prop in widget.findall("property"))}
+
+
+_UI_CONNECTION = re.compile(r"\bui\.([A-Za-z_]\w*)\.(?:connect\(|[A-Za-z_]\w*\.connect\()")
+
+
+def check_bound_widgets_not_connected(root):
+    """No slot is connected by hand to a widget the parameter node wrapper writes.
+
+    The wrapper sets such a widget's value when a scene is loaded or the module is opened, which
+    emits its change signal: a slot that does work would then run without any user action.
+    """
+    problems = []
+    for module in MODULES:
+        module_dir = Path(root) / module
+        bound = bound_widget_names(module_dir / "Resources" / "UI" / f"{module}.ui")
+        source = module_dir / f"{module}.py"
+        for name in sorted(set(_UI_CONNECTION.findall(source.read_text(encoding="utf-8"))) & bound):
+            problems.append(f"{source.relative_to(root)} connects a slot to ui.{name}, which the parameter node "
+                            "wrapper writes (SlicerParameterName)")
+    return problems
+
+
+def check_shared_install_folder(root):
+    """The modules' scripts and resources have distinct paths: Slicer installs both into one folder."""
+    owners = {}
+    for module in MODULES:
+        for name in listed_module_files(Path(root) / module):
+            owners.setdefault(name, []).append(module)
+    return [f"{name} is shipped by {' and '.join(modules)}, which install into one folder"
+            for name, modules in sorted(owners.items()) if len(modules) > 1]
+
+
+_CONTRIBUTOR = re.compile(r"^[^()]+ \([^()]+\)$")
+
+
+def _module_description(source):
+    """``{attribute: value node}`` of the ``self.parent.<attribute> = ...`` assignments of a module class."""
+    tree = ast.parse(Path(source).read_text(encoding="utf-8"))
+    module_class = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == Path(source).stem)
+    assignments = {}
+    for node in ast.walk(module_class):
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Attribute) and \
+                ast.unparse(node.targets[0].value) == "self.parent":
+            assignments[node.targets[0].attr] = node.value
+    return assignments
+
+
+def _is_call_of(node, function_name):
+    return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == function_name
+
+
+def check_module_descriptions(root):
+    """Title, help and acknowledgement are translatable (``_()``), categories use ``translate()``, and
+    contributors are "Name (Organisation)", as in Slicer's module template."""
+    problems = []
+    for module in MODULES:
+        source = Path(root) / module / f"{module}.py"
+        description = _module_description(source)
+        where = source.relative_to(root)
+        for attribute in ("title", "helpText", "acknowledgementText"):
+            if not _is_call_of(description.get(attribute), "_"):
+                problems.append(f"{where}: parent.{attribute} is not wrapped in _()")
+        categories = description.get("categories")
+        if not (isinstance(categories, ast.List) and categories.elts and
+                all(_is_call_of(element, "translate") for element in categories.elts)):
+            problems.append(f"{where}: parent.categories are not translate(\"qSlicerAbstractCoreModule\", ...)")
+        contributors = description.get("contributors")
+        names = [element.value for element in getattr(contributors, "elts", [])
+                 if isinstance(element, ast.Constant) and isinstance(element.value, str)]
+        if not names or any(not _CONTRIBUTOR.match(name) for name in names):
+            problems.append(f"{where}: parent.contributors {names} are not all \"Name (Organisation)\"")
+    return problems
+
+
 #: FetalAnnotate panel parameter -> DEFAULT_FOREST key it mirrors.
 PANEL_FOREST_PARAMETERS = {"numberOfTrees": "n_estimators", "maxDepth": "max_depth", "minSamplesLeaf": "min_samples_leaf"}
 
@@ -208,4 +299,5 @@ def check_panel_defaults(root):
 
 
 ALL_CHECKS = (check_cmake_lists, check_extension_cmake, check_catalog_entry, check_ui_names, check_lib_imports,
-              check_module_classes, check_panel_defaults)
+              check_module_classes, check_panel_defaults, check_python_grammar, check_bound_widgets_not_connected,
+              check_shared_install_folder, check_module_descriptions)
