@@ -5,11 +5,13 @@ transform on both, and two different ones (rotations with translations, so no vo
 axis-aligned with another). Expected voxels are computed here with numpy from the matrices the
 test set, independently of Slicer's transform and resampling code:
 
-- ``transformBetween``: ``vtkMRMLTransformNode.GetMatrixTransformBetweenNodes`` / ``GetTransformBetweenNodes``;
+- ``_transformBetween``: ``vtkMRMLTransformNode.GetMatrixTransformBetweenNodes`` (``GetTransformBetweenNodes``
+  for non-linear ones);
 - ``segmentArray``: ``vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage``;
 - ``labelmapInSegmentationFrame``: ``vtkOrientedImageDataResample.TransformOrientedImage``;
-- ``writeResultSegments``: ``vtkSegment.AddRepresentation``, ``vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment``,
-  ``SetReferenceImageGeometryParameterFromVolumeNode``, segment tags;
+- ``writeResultSegments``: ``vtkSegment.AddRepresentation``,
+  ``vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment``,
+  ``SetReferenceImageGeometryParameterFromVolumeNode``;
 - ``editableArea``: the ``vtkMRMLSegmentationNode.EditAllowed*`` modes and segment visibility.
 """
 
@@ -214,7 +216,7 @@ def test_new_output_segmentation_takes_the_volume_geometry(transformed_scene):
 @pytest.mark.parametrize("mode", ["InsideSingleSegment", "InsideAllSegments", "InsideVisibleSegments",
                                   "OutsideAllSegments", "OutsideVisibleSegments"])
 def test_editable_area_modes(transformed_scene, mode):
-    """Each EditAllowed* mode: only the region segments count, not the classes nor the results; with an intensity range."""
+    """Each EditAllowed* mode: only region segments count, not classes nor results; with an intensity range."""
     import slicer
 
     import FetalAnnotateLogic

@@ -24,7 +24,8 @@ Editor effect; they are freed when the volume is removed from the scene or the s
 ``FetalAnnotateLogic`` is a plain class, not a ``ScriptedLoadableModuleLogic``: that base lives in
 ``slicer/ScriptedLoadableModule.py``, which imports ``qt`` and ``ctk`` (absent in pip's slicer-core,
 so the logic could not run headless in tests and batch jobs), and its ``getParameterNode()`` uses the
-global ``slicer.mrmlScene`` instead of the logic's scene; parameters live in the module widget.
+global ``slicer.mrmlScene`` instead of the logic's scene. The module's parameter node belongs to the
+Qt layer (``FetalAnnotate.getParameterNode()``); the logic takes its settings as arguments.
 
 FetalAnnotateLib (which needs scikit-learn) is imported on first use, not when this module is
 imported, so Slicer can load the module and offer to install scikit-learn before it is needed.
@@ -347,8 +348,9 @@ class FetalAnnotateLogic:
                 raise _lib().FetalAnnotateError("the editable area is inside a single segment, but none is chosen; "
                                                 "choose the mask segment in the Segment Editor")
             if segmentationNode.GetSegmentation().GetSegment(masking.maskSegmentId) is None:
-                raise _lib().FetalAnnotateError(f"the mask segment {masking.maskSegmentId!r} is not in segmentation "
-                                                f"{segmentationNode.GetName()!r}; choose it again in the Segment Editor")
+                raise _lib().FetalAnnotateError(
+                    f"the mask segment {masking.maskSegmentId!r} is not in segmentation "
+                    f"{segmentationNode.GetName()!r}; choose it again in the Segment Editor")
             return [masking.maskSegmentId]
         segmentIds = _segmentIds(segmentationNode)
         if masking.maskMode in (modes.EditAllowedInsideVisibleSegments, modes.EditAllowedOutsideVisibleSegments):
@@ -429,8 +431,8 @@ class FetalAnnotateLogic:
         for featureNode in extraFeatureNodes or ():
             _checkSameGrid(volumeNode, featureNode)
             extraKey.append((featureNode.GetID(), featureNode.GetImageData().GetMTime()))
-        return (volumeNode.GetImageData().GetMTime(), volumeNode.GetSpacing(), preset, repr(sorted((forestSettings or {}).items())),
-                tuple(extraKey))
+        return (volumeNode.GetImageData().GetMTime(), volumeNode.GetSpacing(), preset,
+                repr(sorted((forestSettings or {}).items())), tuple(extraKey))
 
     @staticmethod
     def extraFeatureArray(volumeNode, extraFeatureNodes):
@@ -790,7 +792,8 @@ class FetalAnnotateLogic:
                     segment.SetName(segmentName)
                     segment.SetColor(self._classColor(strokeSegmentationNode, name) or _DEFAULT_COLOR)
                     segment.SetTag(RESULT_TAG, "auto")
-                    segment.AddRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(), image)
+                    binaryLabelmap = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+                    segment.AddRepresentation(binaryLabelmap, image)
                     segmentation.AddSegment(segment)
                     segmentId = segmentation.GetSegmentIdBySegment(segment)
                 else:
