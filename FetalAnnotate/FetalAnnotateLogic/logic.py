@@ -744,7 +744,8 @@ class FetalAnnotateLogic:
         Each result segment is tagged with a digest of the voxels written (segment tags are saved
         with the scene). Before writing, every ``"(auto)"`` segment is checked against it:
 
-        - edited since it was written (or without a digest, e.g. named so by hand): kept, renamed
+        - edited since it was written (or not matching a digest on this volume's grid: named so by
+          hand, or written for another volume): kept, renamed
           ``"<class> (edited)"`` (``"(edited 2)"``, ... if taken) and tagged as an edited result, so
           it is neither a class nor overwritten; the new result goes to a new ``"<class> (auto)"``;
         - unedited, of a class in ``classNames``: overwritten with the new result;
