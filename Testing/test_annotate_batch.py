@@ -1,5 +1,10 @@
 """Headless file I/O of FetalAnnotateLib: volumes (NIfTI/NRRD/DICOM), .seg.nrrd, classifier files, batch."""
 
+import csv
+import hashlib
+import json
+import sys
+
 import numpy as np
 import pytest
 
@@ -136,8 +141,13 @@ def test_seg_nrrd_opens_in_slicers_segmentation_reader(tmp_path, mrml_scene):
     np.testing.assert_array_equal(fetus > 0, labels == 1)
 
 
-def test_batch_applies_a_saved_classifier_to_a_folder(trained, tmp_path):
+def labels_of(path):
     import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def test_batch_applies_a_saved_classifier_to_a_folder(trained, tmp_path):
     import slicerio
 
     from FetalAnnotateLib.batch import apply_classifier_to_files
@@ -147,40 +157,424 @@ def test_batch_applies_a_saved_classifier_to_a_folder(trained, tmp_path):
     inputs.mkdir()
     written = write_image(inputs / "case1.nii.gz", second.image, second.spacing)
     write_image(inputs / "case2.nrrd", second.image[::-1].copy(), second.spacing)
-    (inputs / "notes.txt").write_text("not a volume: ignored")
+    (inputs / "notes.txt").write_text("not a volume: skipped")
     (inputs / "broken.nii.gz").write_bytes(b"corrupted")
-    messages = []
+    messages, lines = [], []
 
-    items = apply_classifier_to_files(path, inputs, tmp_path / "out",
-                                      progress=lambda fraction, message: messages.append((fraction, message)))
+    result = apply_classifier_to_files(path, inputs, tmp_path / "out", log=lines.append,
+                                       progress=lambda fraction, message: messages.append((fraction, message)))
 
+    items = result.items
     assert [item.source.name for item in items] == ["broken.nii.gz", "case1.nii.gz", "case2.nrrd"]
-    assert items[0].output is None and "cannot read" in items[0].error
+    assert items[0].status == "failed" and items[0].output is None and "cannot read" in items[0].error
     assert [item.output.name for item in items[1:]] == ["case1.seg.nrrd", "case2.seg.nrrd"]
-    assert all(item.error is None for item in items[1:])
+    assert [item.status for item in items[1:]] == ["segmented", "segmented"]
+    assert result.failed == [items[0]]
+    assert [(path.name, reason) for path, reason in result.ignored] == [("notes.txt", "not a volume file "
+                                                                        "(.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd)")]
     read = slicerio.read_segmentation(str(items[1].output))
     assert [segment["name"] for segment in read["segments"]] == ["background", "fetus", "placenta"]
     expected = np.argmax(classifier.predict_proba(second.image, second.spacing), axis=0) + 1
-    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(items[1].output)))
-    np.testing.assert_array_equal(labels, expected)
+    np.testing.assert_array_equal(labels_of(items[1].output), expected)
+    import SimpleITK as sitk
+
     output = sitk.ReadImage(str(items[1].output))
     np.testing.assert_allclose(output.GetOrigin(), written.GetOrigin(), atol=1e-5)
     np.testing.assert_allclose(output.GetDirection(), written.GetDirection(), atol=1e-6)
     assert messages[-1][0] == 1.0
     assert all(0.0 <= fraction <= 1.0 for fraction, _ in messages)
+    assert lines[0] == f"skipped {inputs / 'notes.txt'}: {result.ignored[0][1]}"
+    assert lines[1].startswith("memory budget ")
 
 
-def test_batch_cancel_and_bad_classifier(trained, tmp_path):
-    from FetalAnnotateLib import OperationCancelled
+def test_folder_inputs_skip_segmentations_probability_maps_and_feature_volumes(trained, tmp_path):
+    """The engine's own outputs in an input folder are listed as skipped, not segmented."""
+    import SimpleITK as sitk
+
     from FetalAnnotateLib.batch import apply_classifier_to_files
-    from FetalAnnotateLib.classifier_io import ClassifierFileError
+    from FetalAnnotateLib.segio import write_segmentation
 
     path, _, second = trained
     write_image(tmp_path / "case.nrrd", second.image, second.spacing)
+    write_image(tmp_path / "case_fetus_probability.nrrd", np.zeros(second.image.shape, np.float32), second.spacing)
+    write_image(tmp_path / "fetus probability.nii.gz", np.ones(second.image.shape, np.float32), second.spacing)
+    write_segmentation(tmp_path / "old.seg.nrrd", second.label_map, ["a", "b", "c"])
+    write_segmentation(tmp_path / "slicer-export.seg.nrrd", second.label_map, ["a", "b", "c"])
+    (tmp_path / "slicer-export.seg.nrrd").rename(tmp_path / "segmentation.nrrd")
+    features = sitk.GetImageFromArray(np.stack([second.image, second.image], axis=-1), isVector=True)
+    sitk.WriteImage(features, str(tmp_path / "case_features.nrrd"))
+    before = (tmp_path / "old.seg.nrrd").read_bytes()
 
-    with pytest.raises(OperationCancelled):
-        apply_classifier_to_files(path, tmp_path / "case.nrrd", tmp_path / "out", progress=lambda f, m: True)
-    assert not (tmp_path / "out" / "case.seg.nrrd").exists()
-    (tmp_path / "fake.skops").write_bytes(b"PK\x03\x04 not really a zip")
-    with pytest.raises(ClassifierFileError, match="not a FetalAnnotate classifier"):
-        apply_classifier_to_files(tmp_path / "fake.skops", tmp_path / "case.nrrd", tmp_path / "out")
+    result = apply_classifier_to_files(path, tmp_path, tmp_path)
+
+    assert [item.source.name for item in result.items] == ["case.nrrd"]
+    reasons = {path.name: reason for path, reason in result.ignored}
+    assert reasons == {
+        "case_features.nrrd": "a volume of 2 components per voxel (e.g. exported features)",
+        "case_fetus_probability.nrrd": "a probability map",
+        "fetus probability.nii.gz": "a probability map",
+        "old.seg.nrrd": "a segmentation (.seg.nrrd)",
+        "segmentation.nrrd": "a segmentation (Slicer segmentation header)",
+    }
+    assert (tmp_path / "old.seg.nrrd").read_bytes() == before
+    report = json.loads(result.report_json.read_text())
+    assert {entry["reason"] for entry in report["skipped"]} == set(reasons.values())
+
+
+def test_a_segmentation_given_as_input_is_never_overwritten(trained, tmp_path):
+    from FetalAnnotateLib import FetalAnnotateError
+    from FetalAnnotateLib.batch import apply_classifier_to_files
+    from FetalAnnotateLib.segio import write_segmentation
+
+    path, _, second = trained
+    segmentation = write_segmentation(tmp_path / "case.seg.nrrd", second.label_map, ["hand", "edited", "work"])
+    before = segmentation.read_bytes()
+
+    with pytest.raises(FetalAnnotateError, match="no image volume to segment"):
+        apply_classifier_to_files(path, segmentation, tmp_path)
+
+    assert segmentation.read_bytes() == before
+    assert sorted(child.name for child in tmp_path.iterdir()) == ["case.seg.nrrd"]
+
+
+def test_inputs_with_the_same_name_are_refused_before_any_work(trained, tmp_path):
+    from FetalAnnotateLib import FetalAnnotateError
+    from FetalAnnotateLib.batch import apply_classifier_to_files
+
+    path, _, second = trained
+    for folder, name in (("a", "phantom.nrrd"), ("b", "phantom.nii.gz")):
+        (tmp_path / folder).mkdir()
+        write_image(tmp_path / folder / name, second.image, second.spacing)
+
+    with pytest.raises(FetalAnnotateError, match="2 inputs would write the same output .*a/phantom.nrrd and "
+                                                 ".*b/phantom.nii.gz"):
+        apply_classifier_to_files(path, [tmp_path / "a", tmp_path / "b"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_and_corrupt_files_fail_their_item_with_a_clear_message(trained, tmp_path):
+    from FetalAnnotateLib.batch import apply_classifier_to_files
+    from FetalAnnotateLib.segio import VolumeFileError, check_volume_file, read_volume
+
+    path, _, second = trained
+    noisy = second.image + np.random.default_rng(0).normal(0, 5, second.image.shape).astype(np.float32)
+    write_image(tmp_path / "whole.nii.gz", noisy, second.spacing)
+    complete = (tmp_path / "whole.nii.gz").read_bytes()
+    (tmp_path / "cut.nii.gz").write_bytes(complete[: len(complete) * 2 // 3])
+    flipped = bytearray(complete)
+    flipped[len(flipped) // 2] ^= 0xFF
+    (tmp_path / "flipped.nii.gz").write_bytes(bytes(flipped))
+    for name in ("raw.nii", "plain.nrrd", "zipped.mha"):
+        write_image(tmp_path / name, noisy, second.spacing)
+        data = (tmp_path / name).read_bytes()
+        (tmp_path / name).write_bytes(data[:-100])
+        with pytest.raises(VolumeFileError, match="truncated"):
+            check_volume_file(tmp_path / name)
+    with pytest.raises(VolumeFileError, match="cut.nii.gz is truncated: its compressed data ends early"):
+        read_volume(tmp_path / "cut.nii.gz")
+
+    result = apply_classifier_to_files(path, tmp_path, tmp_path / "out")
+
+    status = {item.source.name: (item.status, item.error) for item in result.items}
+    assert status["whole.nii.gz"] == ("segmented", None)
+    assert "truncated" in status["cut.nii.gz"][1]
+    assert "corrupt" in status["flipped.nii.gz"][1] or "truncated" in status["flipped.nii.gz"][1]
+    assert all(status[name][0] == "failed" for name in status if name != "whole.nii.gz")
+    assert sorted(child.name for child in (tmp_path / "out").iterdir() if child.name.endswith(".seg.nrrd")) == \
+        ["whole.seg.nrrd"]
+
+
+def test_nothing_to_do_and_a_file_named_output_are_errors(trained, tmp_path):
+    from FetalAnnotateLib import FetalAnnotateError
+    from FetalAnnotateLib.batch import apply_classifier_to_files
+
+    path, _, second = trained
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FetalAnnotateError, match="no image volume to segment"):
+        apply_classifier_to_files(path, tmp_path / "empty", tmp_path / "out")
+    write_image(tmp_path / "case.nrrd", second.image, second.spacing)
+    with pytest.raises(FetalAnnotateError, match="looks like a file name; give a folder"):
+        apply_classifier_to_files(path, tmp_path / "case.nrrd", tmp_path / "result.nii.gz")
+    assert not (tmp_path / "result.nii.gz").exists()
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(FetalAnnotateError, match="is a file; give a folder"):
+        apply_classifier_to_files(path, tmp_path / "case.nrrd", tmp_path / "taken")
+
+
+def test_existing_outputs_are_kept_reported_and_overwritten_only_on_request(trained, tmp_path):
+    from FetalAnnotateLib.batch import apply_classifier_to_files
+
+    path, _, second = trained
+    write_image(tmp_path / "case.nrrd", second.image, second.spacing)
+    first = apply_classifier_to_files(path, tmp_path / "case.nrrd", tmp_path / "out").items[0]
+    first.output.write_bytes(first.output.read_bytes())  # same content, new modification time
+    stamp = first.output.stat().st_mtime_ns
+
+    again = apply_classifier_to_files(path, tmp_path / "case.nrrd", tmp_path / "out").items[0]
+
+    assert again.status == "existing" and first.output.stat().st_mtime_ns == stamp
+    assert again.voxels == first.voxels and again.voxel_ml == pytest.approx(first.voxel_ml)
+    redone = apply_classifier_to_files(path, tmp_path / "case.nrrd", tmp_path / "out", overwrite=True).items[0]
+    assert redone.status == "segmented" and first.output.stat().st_mtime_ns != stamp
+
+
+def test_an_interrupted_write_leaves_no_file_and_a_cancelled_batch_resumes(trained, tmp_path, monkeypatch):
+    import SimpleITK as sitk
+
+    from FetalAnnotateLib.batch import BatchCancelled, apply_classifier_to_files
+    from FetalAnnotateLib.segio import write_segmentation
+
+    path, _, second = trained
+    real_write = sitk.WriteImage
+
+    def write_half_then_fail(image, name, *args, **kwargs):
+        with open(name, "wb") as stream:
+            stream.write(b"NRRD0004\n half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sitk, "WriteImage", write_half_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        write_segmentation(tmp_path / "x.seg.nrrd", second.label_map, ["a", "b", "c"])
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(sitk, "WriteImage", real_write)
+
+    for index in range(3):
+        write_image(tmp_path / f"case{index}.nrrd", second.image, second.spacing)
+    seen = []
+
+    def cancel_in_the_second_volume(fraction, message):
+        seen.append(message)
+        return message.startswith("case1.nrrd: predicting")
+
+    with pytest.raises(BatchCancelled, match="1 of 3 volumes segmented") as cancelled:
+        apply_classifier_to_files(path, tmp_path, tmp_path / "out", progress=cancel_in_the_second_volume)
+
+    assert [(item.source.name, item.status) for item in cancelled.value.result.items] == [("case0.nrrd", "segmented")]
+    assert sorted(child.name for child in (tmp_path / "out").iterdir()) == [
+        "case0.seg.nrrd", "fetalannotate-report.csv", "fetalannotate-report.json"]
+    resumed = apply_classifier_to_files(path, tmp_path, tmp_path / "out")
+    assert [item.status for item in resumed.items] == ["existing", "segmented", "segmented"]
+
+
+def test_shards_partition_the_inputs():
+    from FetalAnnotateLib import FetalAnnotateError
+    from FetalAnnotateLib.batch import shard_of
+
+    volumes = [f"case{index:02d}" for index in range(11)]
+    shards = [shard_of(volumes, (index, 3)) for index in (1, 2, 3)]
+    assert sorted(sum(shards, [])) == volumes
+    assert [len(shard) for shard in shards] == [4, 4, 3]
+    assert shard_of(volumes, None) == volumes
+    with pytest.raises(FetalAnnotateError, match="shard 4/3 does not exist"):
+        shard_of(volumes, (4, 3))
+
+
+def test_workers_and_shards_give_the_same_outputs_and_a_true_report(trained, tmp_path):
+    import SimpleITK as sitk
+
+    from FetalAnnotateLib.batch import apply_classifier_to_files
+
+    path, _, second = trained
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for index in range(4):
+        write_image(inputs / f"case{index}.nii.gz", np.roll(second.image, 3 * index, axis=2),
+                    (second.spacing[0], second.spacing[1] * (1 + index / 10), second.spacing[2]))
+    single = apply_classifier_to_files(path, inputs, tmp_path / "single")
+    lines = []
+    parallel = apply_classifier_to_files(path, inputs, tmp_path / "parallel", jobs=2, memory_budget=2**40,
+                                         log=lines.append)
+    shards = [apply_classifier_to_files(path, inputs, tmp_path / "sharded", shard=(index, 3)) for index in (1, 2, 3)]
+
+    names = sorted(child.name for child in (tmp_path / "single").glob("*.seg.nrrd"))
+    assert names == [f"case{index}.seg.nrrd" for index in range(4)]
+    for name in names:
+        np.testing.assert_array_equal(labels_of(tmp_path / "parallel" / name), labels_of(tmp_path / "single" / name))
+        np.testing.assert_array_equal(labels_of(tmp_path / "sharded" / name), labels_of(tmp_path / "single" / name))
+    assert sorted(item.source.name for shard in shards for item in shard.items) == \
+        sorted(item.source.name for item in single.items)
+    assert shards[1].report_csv.name == "fetalannotate-report-shard-2-of-3.csv"
+    assert "2 of --jobs 2 at once" in lines[0]
+    assert [item.voxels for item in parallel.items] == [item.voxels for item in single.items]
+
+    with open(single.report_csv, newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    report = json.loads(single.report_json.read_text())
+    assert report["classifier_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert {"python", "fetalannotate", "numpy", "scikit-learn", "SimpleITK"} <= set(report["versions"])
+    assert len(rows) == len(report["items"]) == 4
+    for row, entry in zip(rows, report["items"]):
+        image = sitk.ReadImage(row["output"])
+        labels = sitk.GetArrayFromImage(image)
+        voxel_ml = np.prod(image.GetSpacing()) / 1000
+        for value, name in enumerate(report["class_names"], start=1):
+            count = int(np.count_nonzero(labels == value))
+            assert int(row[f"{name}_voxels"]) == entry["classes"][name]["voxels"] == count
+            assert float(row[f"{name}_ml"]) == pytest.approx(count * voxel_ml)
+            assert entry["classes"][name]["ml"] == pytest.approx(count * voxel_ml)
+        assert row["status"] == entry["status"] == "segmented"
+
+
+def test_worker_processes_are_refused_inside_the_slicer_application(trained, tmp_path, monkeypatch):
+    """Spawned workers run sys.executable, which in Slicer is the application (slicer/__init__.py)."""
+    from FetalAnnotateLib import FetalAnnotateError
+    from FetalAnnotateLib.batch import apply_classifier_to_files
+
+    path, _, second = trained
+    write_image(tmp_path / "case.nrrd", second.image, second.spacing)
+    monkeypatch.setattr(sys, "executable", "/opt/Slicer-5.8.1/bin/SlicerApp-real")
+    with pytest.raises(FetalAnnotateError, match="inside Slicer use jobs=1"):
+        apply_classifier_to_files(path, tmp_path / "case.nrrd", tmp_path / "out", jobs=2)
+    assert not (tmp_path / "out").exists()
+
+
+def test_hand_edited_classifier_settings_are_refused_at_load(trained, tmp_path):
+    from FetalAnnotateLib import PixelClassifier
+    from FetalAnnotateLib.batch import apply_classifier_to_files
+    from FetalAnnotateLib.classifier_io import ClassifierFileError, load_classifier, save_classifier
+
+    path, classifier, second = trained
+    write_image(tmp_path / "case.nrrd", second.image, second.spacing)
+    good = dict(classifier.feature_settings)
+    missing = {key: value for key, value in good.items() if key != "scales_mm"}
+    edits = [
+        (missing, "'scales_mm' is missing"),
+        (dict(good, scales_mm="1, 2, 4, 8"), "'scales_mm' is '1, 2, 4, 8', not a non-empty list"),
+        (dict(good, filters=["gaussian", "sobel"]), "unknown filter 'sobel'"),
+        (dict(good, intensity="yes"), "'intensity' is 'yes', not true or false"),
+        (dict(good, scales_mm=[1.0, 2.0]), "they give 9 features per voxel but the forest was trained on 17"),
+        (dict(good, preset="fast"), "preset 'fast' is not one of"),
+        (dict(good, scale_mm=[1.0]), r"unknown keys \['scale_mm'\]"),
+    ]
+    for index, (settings, message) in enumerate(edits):
+        edited = save_classifier(tmp_path / f"edited{index}.skops",
+                                 PixelClassifier(settings, classifier.forest, classifier.classes), ["a", "b", "c"])
+        with pytest.raises(ClassifierFileError, match=f"invalid feature settings: {message}"):
+            load_classifier(edited)
+        with pytest.raises(ClassifierFileError, match="save the classifier again"):
+            apply_classifier_to_files(edited, tmp_path / "case.nrrd", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert load_classifier(path).classifier.feature_settings == good
+
+
+def test_a_classifier_with_extra_feature_channels_gets_them_per_volume(tmp_path):
+    import SimpleITK as sitk
+
+    from FetalAnnotateLib import AnnotationSession, FetalAnnotateError
+    from FetalAnnotateLib.batch import apply_classifier_to_files
+    from FetalAnnotateLib.classifier_io import save_classifier
+    from FetalAnnotateLib.phantom import example_strokes, make_phantom
+
+    def channels(image):
+        return np.stack([np.sqrt(np.abs(image)), image[:, ::-1].copy()])
+
+    def write_features(path, array, spacing):
+        features = sitk.GetImageFromArray(np.moveaxis(array, 0, -1).astype(np.float32), isVector=True)
+        features.SetSpacing([float(s) for s in spacing[::-1]])
+        sitk.WriteImage(features, str(path))
+
+    first = make_phantom(shape=(8, 40, 40), seed=2)
+    session = AnnotationSession(first.image, first.spacing, extra_features=channels(first.image))
+    session.update(example_strokes(first.label_map))
+    classifier = session.pixel_classifier()
+    path = save_classifier(tmp_path / "extra.skops", classifier, ["background", "fetus", "placenta"])
+    second = make_phantom(shape=(8, 40, 40), seed=3)
+    (tmp_path / "volumes").mkdir()
+    (tmp_path / "features").mkdir()
+    write_image(tmp_path / "volumes" / "case.nrrd", second.image, second.spacing)
+    write_image(tmp_path / "volumes" / "other.nrrd", second.image, second.spacing)
+    write_features(tmp_path / "features" / "case_features.nrrd", channels(second.image), second.spacing)
+
+    with pytest.raises(FetalAnnotateError, match="trained with 2 extra feature channels; give each volume's "
+                                                 "feature volume .* with --extra-features"):
+        apply_classifier_to_files(path, tmp_path / "volumes", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+    result = apply_classifier_to_files(path, tmp_path / "volumes", tmp_path / "out",
+                                       extra_features=str(tmp_path / "features" / "{name}_features.nrrd"))
+
+    case, other = result.items
+    expected = np.argmax(classifier.predict_proba(second.image, second.spacing,
+                                                  extra_features=channels(second.image)), axis=0) + 1
+    np.testing.assert_array_equal(labels_of(case.output), expected)
+    assert other.status == "failed" and "other_features.nrrd does not exist" in other.error
+
+
+def test_file_list_inputs_are_relative_to_the_list(tmp_path):
+    from FetalAnnotateLib.batch import read_file_list
+
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "cases.txt").write_text("# cases of site A\n../a.nii.gz\n\n  /data/b.nrrd  \n")
+    assert read_file_list(tmp_path / "lists" / "cases.txt") == [tmp_path / "lists" / "../a.nii.gz",
+                                                                 tmp_path / "lists" / "/data/b.nrrd"]
+
+
+def test_feature_volume_reader_and_atomic_path(tmp_path):
+    from FetalAnnotateLib.segio import atomic_path, read_feature_volume
+
+    with pytest.raises(RuntimeError):
+        with atomic_path(tmp_path / "report.csv") as temporary:
+            assert temporary.endswith(".partial.csv")
+            open(temporary, "w").write("half")
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+    write_image(tmp_path / "one.nrrd", np.ones((3, 4, 5), np.float32), (2.0, 1.0, 1.0))
+    assert read_feature_volume(tmp_path / "one.nrrd").array.shape == (1, 3, 4, 5)
+
+
+def test_command_line_exit_codes_messages_and_file_list(trained, tmp_path, capsys):
+    from FetalAnnotateLib.__main__ import main
+
+    path, _, second = trained
+    (tmp_path / "inputs").mkdir()
+    write_image(tmp_path / "inputs" / "case.nrrd", second.image, second.spacing)
+    (tmp_path / "empty").mkdir()
+    apply = ["apply", "--classifier", str(path), "--output"]
+
+    assert main(apply + [str(tmp_path / "out"), str(tmp_path / "inputs")]) == 0
+    assert main(apply + [str(tmp_path / "out"), str(tmp_path / "empty")]) == 2
+    assert main(apply + [str(tmp_path / "result.nii.gz"), str(tmp_path / "inputs")]) == 2
+    assert not (tmp_path / "result.nii.gz").exists()
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    assert "error: no image volume to segment in" in captured.err
+    assert "looks like a file name; give a folder" in captured.err
+    assert "memory budget" in captured.err and "1 of 1 volumes done (0 kept from before), 0 failed" in captured.err
+
+    (tmp_path / "inputs" / "broken.nii.gz").write_bytes(b"\x1f\x8b\x08 not gzip")
+    (tmp_path / "list.txt").write_text("inputs/case.nrrd\ninputs/broken.nii.gz\n")
+    assert main(apply + [str(tmp_path / "out"), "--file-list", str(tmp_path / "list.txt")]) == 1
+    captured = capsys.readouterr()
+    assert "FAILED" in captured.err and "kept existing" in captured.err and "Traceback" not in captured.err
+    assert main(apply + [str(tmp_path / "out2"), str(tmp_path / "empty"), "--verbose"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+    assert main(["apply", "--classifier", str(path), "--output", str(tmp_path / "out3")]) == 2
+    assert "error: give input volumes or folders, or --file-list" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:
+        main(apply + [str(tmp_path / "out3"), str(tmp_path / "inputs"), "--shard", "4/3"])
+    assert usage.value.code == 2 and "shard 4/3 does not exist" in capsys.readouterr().err
+
+
+def test_progress_is_a_bar_with_eta_on_a_terminal_and_plain_lines_when_piped():
+    import io
+
+    from FetalAnnotateLib.__main__ import ProgressDisplay
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    piped = io.StringIO()
+    display = ProgressDisplay(piped)
+    display.progress(0.0, "case1: features")
+    display.log("segmented case1")
+    display.progress(1.0, "done")
+    assert piped.getvalue() == "segmented case1\n"
+
+    terminal = Terminal()
+    display = ProgressDisplay(terminal)
+    display.progress(0.0, "case1: features")
+    display.progress(0.5, "case2: predicting")
+    display.progress(1.0, "done")
+    display.close()
+    assert "\r\x1b[K[########################] 100% ETA 00:00  done" in terminal.getvalue()

@@ -1,6 +1,7 @@
 """The README's main job: the phantom demo writes files that Slicer opens, with a usable result."""
 
 import numpy as np
+import pytest
 
 
 def test_demo_writes_slicer_files_and_segments_the_phantom(tmp_path):
@@ -19,8 +20,51 @@ def test_demo_writes_slicer_files_and_segments_the_phantom(tmp_path):
     for name in ("phantom.nrrd", "phantom_fetus_probability.nrrd", "phantom_classifier.skops"):
         assert (tmp_path / name).stat().st_size > 0
 
-    # The saved classifier segments another volume through the batch command.
-    assert main(["apply", "--classifier", str(tmp_path / "phantom_classifier.skops"),
-                 str(tmp_path / "phantom.nrrd"), "--output", str(tmp_path / "batch")]) == 0
-    applied = slicerio.read_segmentation(str(tmp_path / "batch" / "phantom.seg.nrrd"))
+    # The saved classifier segments the demo folder's volume (and only it) through the batch command.
+    assert main(["apply", "--classifier", str(tmp_path / "phantom_classifier.skops"), str(tmp_path),
+                 "--output", str(tmp_path)]) == 0
+    applied = slicerio.read_segmentation(str(tmp_path / "phantom.seg.nrrd"))
     assert [segment["name"] for segment in applied["segments"]] == ["background", "fetus", "placenta"]
+    assert sorted(path.name for path in tmp_path.glob("*.seg.nrrd")) == [
+        "phantom.seg.nrrd", "phantom_auto.seg.nrrd", "phantom_strokes.seg.nrrd"]
+
+
+def test_help_names_the_program_as_typed_and_every_option_has_help(monkeypatch, capsys):
+    import argparse
+    import sys
+
+    from FetalAnnotateLib.__main__ import build_parser, main
+
+    for script, prog in (("/home/lab/.venv/bin/fetalannotate", "fetalannotate"),
+                         ("/repo/FetalAnnotate/FetalAnnotateLib/__main__.py", "python -m FetalAnnotateLib")):
+        monkeypatch.setattr(sys, "argv", [script])
+        with pytest.raises(SystemExit) as shown:
+            main(["apply", "--help"])
+        assert shown.value.code == 0
+        assert capsys.readouterr().out.startswith(f"usage: {prog} apply ")
+
+    def parsers(parser):
+        yield parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for child in action.choices.values():
+                    yield from parsers(child)
+
+    every = list(parsers(build_parser("fetalannotate")))
+    assert {parser.prog for parser in every} >= {"fetalannotate demo", "fetalannotate apply",
+                                                 "fetalannotate inpaint train", "fetalannotate inpaint export"}
+    undocumented = [f"{parser.prog} {action.dest}" for parser in every for action in parser._actions
+                    if not action.help and not isinstance(action, argparse._SubParsersAction)]
+    assert undocumented == []
+
+
+def test_demo_into_a_file_is_a_message_not_a_traceback(tmp_path, capsys):
+    from FetalAnnotateLib.__main__ import main
+
+    (tmp_path / "README.md").write_text("# my notes\n")
+
+    assert main(["demo", "--output", str(tmp_path / "README.md")]) == 2
+
+    error = capsys.readouterr().err
+    assert "README.md is a file; give a folder for the demo files" in error and "Traceback" not in error
+    assert (tmp_path / "README.md").read_text() == "# my notes\n"

@@ -8,6 +8,7 @@ trusted list, or that was written by an incompatible FetalAnnotate or scikit-lea
 """
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,6 +167,10 @@ def load_classifier(path):
     if [int(value) for value in getattr(forest, "classes_", [])] != list(classes):
         raise ClassifierFileError(f"{path} is inconsistent: its forest predicts classes "
                                   f"{list(getattr(forest, 'classes_', []))}, not {list(classes)}; save it again")
+    problem = feature_settings_problem(settings, getattr(forest, "n_features_in_", None))
+    if problem:
+        raise ClassifierFileError(f"{path} has invalid feature settings: {problem}. The file was edited or damaged; "
+                                  "save the classifier again from FetalAnnotate")
     return SavedClassifier(
         classifier=PixelClassifier(settings, forest, classes),
         class_names=names,
@@ -173,6 +178,93 @@ def load_classifier(path):
         format_version=format_version,
         metadata=metadata,
     )
+
+
+def feature_settings_problem(settings, n_forest_features=None):
+    """What is wrong with a classifier's feature settings, or None when they are usable.
+
+    The settings must name a preset of :data:`~FetalAnnotateLib.features.FEATURE_PRESETS`, hold
+    only its keys (plus ``n_extra_features``) with values of the preset's types, compute features
+    on a small test volume, and give the number of features the forest was trained on.
+
+    Parameters
+    ----------
+    settings : object
+        The settings read from a classifier file.
+    n_forest_features : int, optional
+        The forest's ``n_features_in_``.
+
+    Returns
+    -------
+    str or None
+    """
+    import numpy as np
+
+    from .features import FEATURE_PRESETS, compute_features
+
+    if not isinstance(settings, dict) or settings.get("preset") not in FEATURE_PRESETS:
+        preset = settings.get("preset") if isinstance(settings, dict) else settings
+        return f"preset {preset!r} is not one of {sorted(FEATURE_PRESETS)}"
+    reference = FEATURE_PRESETS[settings["preset"]]
+    unknown = sorted(set(settings) - set(reference) - {"n_extra_features"})
+    if unknown:
+        return f"unknown keys {unknown}"
+    for key, value in settings.items():
+        problem = _setting_problem(key, value, reference[key]) if key in reference else None
+        if problem:
+            return problem
+    n_extra = settings.get("n_extra_features", 0)
+    if not _is_int(n_extra) or n_extra < 0:
+        return f"'n_extra_features' is {n_extra!r}, not a count"
+    try:  # what the engine does with the settings, on 64 voxels
+        features = compute_features(np.arange(64, dtype=np.float32).reshape(4, 4, 4), (1.0, 1.0, 1.0), settings)
+    except KeyError as error:
+        return f"{error} is missing"
+    except (TypeError, ValueError, IndexError) as error:
+        return str(error)
+    n_features = features.shape[-1] + n_extra
+    if n_forest_features is not None and int(n_forest_features) != n_features:
+        return f"they give {n_features} features per voxel but the forest was trained on {n_forest_features}"
+    return None
+
+
+def _setting_problem(key, value, expected):
+    """What is wrong with one setting, judged by the preset's value for it, or None.
+
+    Sizes and scales above 1000 (mm or voxels) are refused: no fetal image needs them and their
+    filter kernels would not fit in memory.
+    """
+    if isinstance(expected, bool):
+        return None if isinstance(value, bool) else f"{key!r} is {value!r}, not true or false"
+    if isinstance(expected, (int, float)):
+        return None if _is_size(value) else f"{key!r} is {value!r}, not a number in (0, 1000]"
+    if isinstance(expected, list):
+        if not isinstance(value, list) or not value:
+            return f"{key!r} is {value!r}, not a non-empty list"
+        if key == "filters":
+            return None if all(isinstance(name, str) for name in value) else f"{key!r} is {value!r}, not filter names"
+        if key == "normalize_percentiles":
+            valid = len(value) == 2 and all(_is_number(v) for v in value) and 0 <= value[0] < value[1] <= 100
+            return None if valid else f"{key!r} is {value!r}, not two increasing percentiles in [0, 100]"
+        integers = all(_is_int(v) for v in expected)
+        valid = all(_is_size(v) and (_is_int(v) or not integers) for v in value)
+        return None if valid else f"{key!r} is {value!r}, not {'whole ' if integers else ''}numbers in (0, 1000]"
+    return None if value == expected else f"{key!r} is {value!r}, not {expected!r}"
+
+
+def _is_size(value):
+    """True for a number in (0, 1000]."""
+    return _is_number(value) and 0 < value <= 1000
+
+
+def _is_number(value):
+    """True for a finite int or float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value):
+    """True for an int that is not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _major_minor(version):

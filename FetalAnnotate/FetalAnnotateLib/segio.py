@@ -11,6 +11,11 @@ color, label value, layer, extent), so Slicer loads it as a segmentation node wi
 segments.
 """
 
+import contextlib
+import os
+import struct
+import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,11 +76,161 @@ def is_volume_file(path):
     return Path(path).is_file() and name.endswith(VOLUME_SUFFIXES) and not name.endswith(".seg.nrrd")
 
 
+def not_an_image_volume(path):
+    """Why ``path`` is not an image volume to segment, or None when it is one.
+
+    Only the file name and header are read. Refused: files without a volume extension,
+    segmentations (``.seg.nrrd`` or a header with Slicer's segmentation keys), probability maps
+    (names ending in ``probability``, as FetalAnnotate names them) and multi-component volumes
+    (e.g. exported feature volumes). A file whose header cannot be read counts as a volume, so
+    that reading it reports the damage.
+
+    Parameters
+    ----------
+    path : str or Path
+        A file or folder.
+
+    Returns
+    -------
+    str or None
+    """
+    import SimpleITK as sitk
+
+    path = Path(path)
+    if path.is_dir():
+        return None if is_dicom_folder(path) else "a folder without a DICOM series"
+    if path.name.lower().endswith(".seg.nrrd"):
+        return "a segmentation (.seg.nrrd)"
+    if not is_volume_file(path):
+        return "not a volume file (" + ", ".join(VOLUME_SUFFIXES) + ")"
+    if volume_name(path).lower().endswith("probability"):
+        return "a probability map"
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None
+    if "Segmentation_MasterRepresentation" in reader.GetMetaDataKeys():
+        return "a segmentation (Slicer segmentation header)"
+    if reader.GetNumberOfComponents() != 1:
+        return f"a volume of {reader.GetNumberOfComponents()} components per voxel (e.g. exported features)"
+    return None
+
+
+def check_volume_file(path):
+    """Refuse a truncated or corrupt volume file before an image reader silently pads it.
+
+    A ``.nii.gz`` or gzip-encoded NRRD must hold a complete gzip stream (ended, CRC checked)
+    and every file at least the voxel bytes its header announces. Detached data files
+    (``.nhdr``, ``.mhd``) and DICOM are left to their readers.
+
+    Parameters
+    ----------
+    path : str or Path
+        A volume file.
+
+    Raises
+    ------
+    VolumeFileError
+        If the data is shorter than its header says or its compressed stream is damaged.
+    """
+    import SimpleITK as sitk
+
+    path = Path(path)
+    name = path.name.lower()
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise VolumeFileError(f"cannot read {path} as a volume: {error}") from error
+    voxel_bytes = int(np.prod(reader.GetSize(), dtype=np.int64)) * reader.GetNumberOfComponents() * \
+        sitk.Image([1, 1], reader.GetPixelID(), reader.GetNumberOfComponents()).GetSizeOfPixelComponent()
+    with open(path, "rb") as stream:
+        data = stream.read()
+    if name.endswith((".nii", ".nii.gz")):
+        header_bytes, encoding = 0, ("gzip" if name.endswith(".gz") else "raw")
+    elif name.endswith(".nrrd"):
+        header_bytes, encoding = _nrrd_data_start(data)
+    elif name.endswith(".mha"):
+        header_bytes, encoding = _metaimage_data_start(data)
+    else:
+        return
+    if encoding in ("gzip", "zlib"):
+        try:
+            stream = zlib.decompressobj(zlib.MAX_WBITS | (16 if encoding == "gzip" else 0))
+            data = stream.decompress(data[header_bytes:])
+        except zlib.error as error:
+            raise VolumeFileError(f"{path} is corrupt ({encoding} data: {error}); copy it again from its source") from error
+        if not stream.eof:
+            raise VolumeFileError(f"{path} is truncated: its compressed data ends early; copy it again from its source")
+    elif encoding == "raw":
+        data = data[header_bytes:]
+    else:
+        return
+    available = len(data)
+    if name.endswith((".nii", ".nii.gz")):
+        voxel_bytes += _nifti_voxel_offset(data)
+    if available < voxel_bytes:
+        raise VolumeFileError(f"{path} is truncated: it holds {available} of the {voxel_bytes} bytes its header "
+                              "announces; copy it again from its source")
+
+
+def _nifti_voxel_offset(data):
+    """Byte offset of the voxels in an uncompressed NIfTI-1 or NIfTI-2 file."""
+    for order in "<>":
+        if struct.unpack_from(order + "i", data)[0] == 348:
+            return int(struct.unpack_from(order + "f", data, 108)[0])
+        if struct.unpack_from(order + "i", data)[0] == 540:
+            return int(struct.unpack_from(order + "q", data, 168)[0])
+    return 348
+
+
+def _nrrd_data_start(data):
+    """(offset of the attached data, encoding) of a NRRD file; encoding None for detached data."""
+    end = data.find(b"\n\n")
+    fields = {}
+    for line in data[:end].decode("latin-1").splitlines()[1:]:
+        key, _, value = line.partition(":")
+        fields[key.strip().lower()] = value.lstrip("=").strip().lower()
+    if end < 0 or "data file" in fields or "datafile" in fields:
+        return 0, None
+    encoding = fields.get("encoding", "raw")
+    return end + 2, {"raw": "raw", "gzip": "gzip", "gz": "gzip"}.get(encoding)
+
+
+def _metaimage_data_start(data):
+    """(offset of the attached data, encoding) of a ``.mha`` file; encoding None for detached data."""
+    marker = data.find(b"ElementDataFile")
+    end = data.find(b"\n", marker)
+    if marker < 0 or end < 0 or data[marker:end].split(b"=")[-1].strip().upper() != b"LOCAL":
+        return 0, None
+    compressed = b"CompressedData = True" in data[:marker]
+    return end + 1, ("zlib" if compressed else "raw")
+
+
 def is_dicom_folder(path):
     """True for a folder that holds at least one DICOM series."""
     import SimpleITK as sitk
 
-    return Path(path).is_dir() and bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
+    path = Path(path)
+    if not path.is_dir() or not any(_looks_like_dicom(child) for child in path.iterdir()):
+        return False  # spares GDCM scanning (and warning about) folders of other files
+    return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
+
+
+def _looks_like_dicom(path):
+    """A ``.dcm`` file, or one with the DICOM ``DICM`` marker after its 128-byte preamble."""
+    if not path.is_file():
+        return False
+    if path.name.lower().endswith(".dcm"):
+        return True
+    try:
+        with open(path, "rb") as stream:
+            return stream.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
 
 
 def read_volume(path):
@@ -112,6 +267,7 @@ def read_volume(path):
             reader.SetFileNames(files)
             image = reader.Execute()
         else:
+            check_volume_file(path)
             image = sitk.ReadImage(str(path))
     except RuntimeError as error:
         raise VolumeFileError(f"cannot read {path} as a volume: {error}") from error
@@ -127,6 +283,42 @@ def read_volume(path):
         spacing=tuple(float(s) for s in image.GetSpacing()[::-1]),
         origin=tuple(float(o) for o in image.GetOrigin()),
         direction=np.asarray(image.GetDirection(), float).reshape(3, 3),
+        name=volume_name(path),
+    )
+
+
+def read_feature_volume(path):
+    """Read a feature volume (a scalar or a vector image, one channel per component).
+
+    Parameters
+    ----------
+    path : str or Path
+        A volume file, e.g. written by FetalInpaint's feature export.
+
+    Returns
+    -------
+    VolumeData
+        ``array`` of shape (channels, z, y, x), float32, with the file's geometry.
+    """
+    import SimpleITK as sitk
+
+    path = Path(path)
+    if not path.is_file():
+        raise VolumeFileError(f"feature volume {path} does not exist; export the features of this volume first")
+    check_volume_file(path)
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        raise VolumeFileError(f"cannot read {path} as a feature volume: {error}") from error
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    channels = np.moveaxis(array, -1, 0) if image.GetNumberOfComponentsPerPixel() > 1 else array[np.newaxis]
+    if image.GetDimension() == 2:
+        channels = channels[:, np.newaxis]
+    return VolumeData(
+        array=channels,
+        spacing=tuple(float(s) for s in image.GetSpacing()[::-1]) + (1.0,) * (3 - image.GetDimension()),
+        origin=tuple(float(o) for o in image.GetOrigin()),
+        direction=np.asarray(image.GetDirection(), float).reshape(image.GetDimension(), image.GetDimension()),
         name=volume_name(path),
     )
 
@@ -197,10 +389,33 @@ def write_segmentation(path, labels, segment_names, *, spacing=(1.0, 1.0, 1.0), 
         })
     for key, value in header.items():
         image.SetMetaData(key, value)
+    with atomic_path(path) as temporary:
+        sitk.WriteImage(image, temporary, useCompression=True)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path in ``path``'s folder; rename it to ``path`` once the block succeeds.
+
+    An interrupted write leaves a hidden ``.<name>.*.partial<suffix>`` file, never a
+    half-written ``path``; the temporary file is removed when the block raises.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(image, str(path), useCompression=True)
-    return path
+    # The temporary name keeps the extension: SimpleITK picks the writer from it.
+    suffix = path.name[len(volume_name(path)):] or path.suffix
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".partial{suffix}")
+    os.close(handle)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    try:
+        yield temporary
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp's owner-only mode would hide outputs from a lab's group
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
 
 
 def read_segmentation(path):
