@@ -2,7 +2,8 @@
 
 import numpy as np
 import pytest
-import torch
+
+torch = pytest.importorskip("torch")  # the Python 3.9 check runs without torch
 
 from FetalInpaintLib.corruptors import CORRUPTORS, corrupt_batch, corrupt_holes, corrupt_shapes, corrupt_toss, make_corruptor
 from FetalInpaintLib.data import acquisition_axis, extract_patches, normalize_intensity, split_by_volume, split_hash
@@ -88,9 +89,18 @@ def test_normalisation_axis_and_patches():
     assert acquisition_axis((3.3, 1.125, 1.125)) == 0
     assert acquisition_axis((0.8, 3.0, 0.8)) == 1
     assert acquisition_axis((0.8, 0.8, 0.8)) == 0  # isotropic: documented default
+    assert acquisition_axis((1.0, 1.0, 1.0), shape=(64, 64, 1)) == 2  # a single image: its one slice
+    assert acquisition_axis((0.8, 3.0, 0.8), shape=(1, 40, 40)) == 0
     patches, positions = extract_patches(normalized, patch_size=16, stride=8)
     assert patches.shape[1:] == (16, 16) and len(patches) == 5 * 4 * 5
     s, r, c = positions[7]
     assert np.array_equal(patches[7], normalized[s, r:r + 16, c:c + 16])
     with pytest.raises(InvalidVolumeError, match="smaller than one 64x64 patch"):
         extract_patches(normalized, patch_size=64)
+
+
+def test_setting_names_match_the_implementations():
+    from FetalInpaintLib.config import CORRUPTOR_NAMES, PREFILL_NAMES
+    from FetalInpaintLib.model import PREFILLS
+
+    assert sorted(CORRUPTOR_NAMES) == sorted(CORRUPTORS) and sorted(PREFILL_NAMES) == sorted(PREFILLS)

@@ -366,3 +366,153 @@ def test_parameter_node_is_a_scene_singleton(mrml_scene):
     assert FetalInpaintLogic.getParameterNode(mrml_scene) is first
     assert first.GetAttribute("ModuleName") == "FetalInpaint"
     assert mrml_scene.GetNumberOfNodesByClass("vtkMRMLScriptedModuleNode") == 1
+
+
+# ----------------------------------------------------------------------------- stop, kill, lock
+
+
+def _launcher(folder, child="sys.argv[1:]"):
+    """An executable that runs Python as its child and forwards no signal, like Slicer's PythonSlicer.
+
+    ``child`` is the Python expression of the child's arguments (default: its own arguments).
+    """
+    import os
+    import sys
+
+    path = folder / "PythonLauncher"
+    path.write_text(f"#!{sys.executable}\nimport subprocess, sys\n"
+                    f"sys.exit(subprocess.call([{sys.executable!r}] + {child}))\n")
+    path.chmod(0o755)
+    assert os.access(path, os.X_OK)
+    return str(path)
+
+
+def _pollUntilEnded(logic, run, timeout):
+    deadline = time.monotonic() + timeout
+    status = logic.pollTraining(run)
+    while status.running:
+        assert time.monotonic() < deadline, f"training still running: {status.message}"
+        time.sleep(0.1)
+        status = logic.pollTraining(run)
+    return status
+
+
+posixOnly = pytest.mark.skipif(__import__("os").name == "nt", reason="the launcher stand-in is a #! script")
+
+
+@posixOnly
+def test_stop_reaches_the_trainer_behind_a_launcher_and_a_second_start_is_refused(mrml_scene, tmp_path):
+    from FetalInpaintLib.control import process_alive, read_lock
+    from FetalInpaintLib.errors import TrainingLockedError
+
+    logic = FetalInpaintLogic(pythonExecutable=_launcher(tmp_path))
+    volumes = _trainingVolumes(mrml_scene, 2)
+    output = tmp_path / "run"
+    run = logic.startTraining(volumes, output, epochs=500, **TINY_TRAINING)
+    _waitFor(lambda: (output / "resume.pt").exists() or run.process.poll() is not None, 120, "the first epoch")
+    trainer = read_lock(output)["pid"]
+    assert trainer != run.process.pid and process_alive(trainer)  # the launcher's child writes the files
+
+    for other in (logic, FetalInpaintLogic()):  # this module's logic, and another Slicer's
+        with pytest.raises(TrainingLockedError, match="stop it or wait until it ends"):
+            other.startTraining(volumes, output, epochs=500, resume=True, **TINY_TRAINING)
+    assert logic.trainingLockOwner(output)["pid"] == trainer
+
+    logic.requestStop(run)
+    status = _pollUntilEnded(logic, run, 60)
+    assert status.outcome == "stopped" and status.stopped and status.canResume, status.message
+    assert f"after {status.epochsCompleted} completed epoch(s); tick Resume" in status.message
+    assert not process_alive(trainer)
+    assert not (output / "training.lock").exists() and not (output / "stop-training").exists()
+    modified = (output / "resume.pt").stat().st_mtime_ns
+    time.sleep(1.0)
+    assert (output / "resume.pt").stat().st_mtime_ns == modified  # nobody writes to the folder any more
+
+
+@posixOnly
+def test_a_training_that_ignores_the_stop_is_killed_with_its_process_tree(mrml_scene, tmp_path):
+    from FetalInpaintLib.control import process_alive
+
+    # The launcher's child never looks at the stop file: it records its PID and sleeps.
+    pidFile = tmp_path / "grandchild.pid"
+    sleeper = repr(["-c", f"import os, time; open({str(pidFile)!r}, 'w').write(str(os.getpid())); time.sleep(600)"])
+    logic = FetalInpaintLogic(pythonExecutable=_launcher(tmp_path, sleeper))
+    run = logic.startTraining(_trainingVolumes(mrml_scene, 1), tmp_path / "run", **TINY_TRAINING)
+    _waitFor(lambda: pidFile.exists() and pidFile.read_text(), 60, "the grandchild")
+    grandchild = int(pidFile.read_text())
+    run.stopGraceSeconds = 0.5
+    logic.requestStop(run)
+    assert logic.pollTraining(run).outcome == "stopping"
+    status = _pollUntilEnded(logic, run, 30)
+    assert status.outcome == "killed" and "ended by force" in status.message
+    assert "nothing was saved to resume" in status.message and not status.canResume
+    _waitFor(lambda: not process_alive(grandchild), 10, "the grandchild to end")
+
+
+def test_module_cleanup_stops_every_running_training(mrml_scene, tmp_path):
+    logic = FetalInpaintLogic()
+    volumes = _trainingVolumes(mrml_scene, 1)
+    runs = [logic.startTraining(volumes, tmp_path / name, epochs=500, **TINY_TRAINING) for name in ("a", "b")]
+    statuses = logic.stopAllTrainings(timeout=60)
+    assert [status.outcome for status in statuses] == ["stopped", "stopped"]
+    assert all(run.process.poll() is not None for run in runs)
+
+
+def test_stop_right_after_start_and_resume_agree(mrml_scene, tmp_path):
+    logic = FetalInpaintLogic()
+    volumes = _trainingVolumes(mrml_scene, 1)
+    run = logic.startTraining(volumes, tmp_path, epochs=3, **TINY_TRAINING)
+    logic.requestStop(run)  # before the process has even imported torch
+    status = _pollUntilEnded(logic, run, 120)
+    assert status.outcome == "stopped" and status.canResume and status.epochsCompleted == 0, status.message
+    assert "continue from epoch 1" in status.message
+    resumed = logic.startTraining(volumes, tmp_path, epochs=3, resume=True, **TINY_TRAINING)  # not "nothing to resume"
+    assert _pollUntilEnded(logic, resumed, 120).outcome == "finished"
+
+
+def test_a_stale_lock_is_taken_over(mrml_scene, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    (tmp_path / "training.lock").write_text(json.dumps({"pid": ended.pid, "host": socket.gethostname(), "started": 0}))
+    logic = FetalInpaintLogic()
+    assert logic.trainingLockOwner(tmp_path) is None
+    run = logic.startTraining(_trainingVolumes(mrml_scene, 1), tmp_path, epochs=1, **TINY_TRAINING)
+    assert _pollUntilEnded(logic, run, 120).outcome == "finished", (tmp_path / "training.log").read_text()
+    assert not (tmp_path / "training.lock").exists()
+
+
+def test_a_failed_resume_shows_its_own_error_not_the_previous_one(mrml_scene, tmp_path):
+    logic = FetalInpaintLogic()
+    volumes = _trainingVolumes(mrml_scene, 1)
+    (tmp_path / "resume.pt").write_bytes(b"interrupted run")
+    messages = []
+    for strength in (1.5, 1.25):
+        run = logic.startTraining(volumes, tmp_path, corruptorStrength=strength, resume=True, **TINY_TRAINING)
+        status = _pollUntilEnded(logic, run, 120)
+        assert status.outcome == "failed"
+        messages.append(status.message)
+    assert "got 1.5" in messages[0]
+    assert "got 1.25" in messages[1] and "got 1.5" not in messages[1]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a computer without CUDA")
+def test_cuda_on_a_cpu_only_computer_says_so(tinyCheckpoint):
+    with pytest.raises(FetalInpaintError, match="no CUDA GPU on this computer; choose device 'cpu'") as raised:
+        FetalInpaintLogic().loadModel(tinyCheckpoint, device="cuda")
+    assert "corrupt" not in str(raised.value)
+
+
+def test_a_single_image_is_sliced_and_refused_alike_in_training_and_export(mrml_scene, tinyCheckpoint):
+    logic = FetalInpaintLogic()
+    single = _obliqueVolume(mrml_scene, _phantomVolume(shape=(48, 48, 1)), name="single", spacing=(1.0, 1.0, 1.0))
+    FetalInpaintLogic.checkVolumeFitsPatch(logic.volumeData(single), 32)  # its one 48 x 48 slice
+    assert logic.computeFeatures(single, tinyCheckpoint).shape == (16, 48, 48, 1)
+    thin = _obliqueVolume(mrml_scene, _phantomVolume(shape=(48, 48, 2)), name="thin", spacing=(1.0, 1.0, 1.0))
+    for action in (lambda: logic.computeFeatures(thin, tinyCheckpoint),
+                   lambda: logic.startTraining([thin], tinyCheckpoint.parent / "unused", **TINY_TRAINING)):
+        with pytest.raises(InvalidVolumeError, match="'thin' are 48 x 2 voxels"):
+            action()
