@@ -1,4 +1,6 @@
-"""Baseline segmenters of the robot-user benchmark, each ``predict(strokes) -> bool mask``.
+"""Baseline segmenters of the robot-user benchmarks: ``predict(strokes) -> bool mask`` for the
+binary benchmark (stroke values 1 background, 2 foreground) and ``predict_labels(strokes) ->
+label map`` for the multi-class one (stroke values are the class values).
 
 They reproduce the reference harness (../shared/bench/robot.py) so that figures match it:
 Slicer's GrowCut ("Grow from seeds", vtkImageGrowCutSegment from slicer-core) restricted to
@@ -32,6 +34,7 @@ class GrowCut:
         return image
 
     def _grow(self, image, seeds):
+        """Labels grown from ``seeds`` (int16 class values, 0 unpainted) over ``image``."""
         import slicer
         from vtkmodules.util import numpy_support
         from vtkmodules.util.vtkConstants import VTK_FLOAT, VTK_SHORT
@@ -42,9 +45,12 @@ class GrowCut:
         grow.SetDistancePenalty(0.0)  # Slicer's default seed locality
         grow.Update()
         output = numpy_support.vtk_to_numpy(grow.GetOutput().GetPointData().GetScalars())
-        return output.reshape(image.shape) == FOREGROUND
+        return output.reshape(image.shape)
 
     def predict(self, strokes):
+        return self.predict_labels(strokes) == FOREGROUND
+
+    def predict_labels(self, strokes):
         if self.image.shape[0] == 1:  # GrowCut needs a 3D extent: stack the image thrice, read the middle
             empty = np.zeros_like(strokes)
             stacked = self._grow(np.concatenate([self.image] * 3), np.concatenate([empty, strokes, empty]))
@@ -58,9 +64,9 @@ class GrowCut:
         margin = np.maximum(3, (0.2 * (high - low)).astype(int))
         low, high = np.maximum(0, low - margin), np.minimum(strokes.shape, high + margin)
         box = tuple(slice(a, b) for a, b in zip(low, high))
-        mask = np.zeros(strokes.shape, bool)
-        mask[box] = self._grow(self.image[box], strokes[box])
-        return mask
+        labels = np.zeros(strokes.shape, np.int16)  # outside the extent: unlabelled, as in Slicer
+        labels[box] = self._grow(self.image[box], strokes[box])
+        return labels
 
 
 class ForestOnFeatures:
@@ -75,18 +81,26 @@ class ForestOnFeatures:
     def training_set(self, table, labels):
         return table, labels
 
-    def predict(self, strokes):
+    def probabilities(self, strokes):
+        """Stroke classes (sorted) and the forest's (voxels, classes) probabilities after training on ``strokes``."""
         from sklearn.ensemble import RandomForestClassifier
 
         painted = (strokes > 0).ravel()
         table, labels = self.training_set(self.table[painted], strokes.ravel()[painted])
         forest = RandomForestClassifier(**{**self.forest_params, "random_state": self.seed}).fit(table, labels)
-        column = list(forest.classes_).index(FOREGROUND)
-        probability = np.empty(self.table.shape[0], np.float32)
+        probability = np.empty((self.table.shape[0], len(forest.classes_)), np.float32)
         block = 1 << 20
         for start in range(0, self.table.shape[0], block):
-            probability[start:start + block] = forest.predict_proba(self.table[start:start + block])[:, column]
-        return probability.reshape(strokes.shape) >= 0.5
+            probability[start:start + block] = forest.predict_proba(self.table[start:start + block])
+        return forest.classes_, probability
+
+    def predict(self, strokes):
+        classes, probability = self.probabilities(strokes)
+        return probability[:, list(classes).index(FOREGROUND)].reshape(strokes.shape) >= 0.5
+
+    def predict_labels(self, strokes):
+        classes, probability = self.probabilities(strokes)
+        return classes[np.argmax(probability, axis=1)].reshape(strokes.shape)
 
 
 class SkimageTrainable(ForestOnFeatures):
@@ -130,10 +144,10 @@ class PaperTable1(ForestOnFeatures):
         return table.reshape(-1, table.shape[-1]).astype(np.float32)
 
     def training_set(self, table, labels):
-        # Table I: resample so both classes have the same number of samples.
+        # Table I: resample so every class has the same number of samples (in class order, so the
+        # binary case draws background then foreground as the reference harness does).
         rng = np.random.default_rng(self.seed)
-        half = len(labels) // 2
-        background = rng.choice(np.nonzero(labels == 1)[0], half)
-        foreground = rng.choice(np.nonzero(labels == FOREGROUND)[0], half)
-        index = np.concatenate([background, foreground])
+        classes = np.unique(labels)
+        per_class = len(labels) // len(classes)
+        index = np.concatenate([rng.choice(np.nonzero(labels == value)[0], per_class) for value in classes])
         return table[index], labels[index]

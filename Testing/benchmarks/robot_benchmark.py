@@ -11,7 +11,10 @@ in its own subprocess so that its peak RSS is its own.
 Rounds run until ``--rounds`` (Dice at rounds 0/5/10) and further, up to ``--cap``, only while
 Dice 0.9 has not been reached (rounds-to-0.9). ``--seeds N`` runs every method that trains a
 forest with random states 0..N-1 and reports the mean over them and, per dataset, the spread
-of the dataset means between seeds (GrowCut is deterministic: one run). Not part of CI.
+of the dataset means between seeds (GrowCut is deterministic: one run). ``--styles`` draws
+round 0 in other ways a person might (robot_user.BINARY_STYLES: a closed ring, arcs, dabs, a
+thick brush, two slices, and the arcs-plus-loop case that misleads outline mode); each style
+is reported on its own rows. Not part of CI.
 """
 
 import argparse
@@ -47,7 +50,10 @@ class EngineMethod:
         self.session = AnnotationSession(image, spacing, **session_options)
 
     def predict(self, strokes):
-        return self.session.update(strokes).labels == robot_user.FOREGROUND
+        return self.predict_labels(strokes) == robot_user.FOREGROUND
+
+    def predict_labels(self, strokes):
+        return self.session.update(strokes).labels
 
 
 def make_method(name, image, spacing, axis, seed=0):
@@ -81,6 +87,16 @@ def make_method(name, image, spacing, axis, seed=0):
 
 
 # --------------------------------------------------------------------------- data
+def read_volume_case(row, root):
+    """Image (float32 z,y,x), the label volume as stored, spacing (z,y,x mm) of a volume case."""
+    import SimpleITK as sitk
+
+    itk_image = sitk.ReadImage(str(root / row["image"]))
+    image = sitk.GetArrayFromImage(itk_image).astype(np.float32)
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(root / row["label"])))
+    return image, labels, tuple(itk_image.GetSpacing()[::-1])
+
+
 def load_case(row, root, thicken=1):
     """Image (float32 z,y,x), boolean target, spacing (z,y,x mm), acquisition axis.
 
@@ -96,14 +112,9 @@ def load_case(row, root, thicken=1):
         image = np.array(Image.open(path).convert("L"), np.float32)[np.newaxis]
         target = np.array(Image.open(label_path).convert("L"))[np.newaxis] > 0
         return image, target, (1.0, 1.0, 1.0), 0
-    import SimpleITK as sitk
-
-    itk_image = sitk.ReadImage(str(path))
-    image = sitk.GetArrayFromImage(itk_image).astype(np.float32)
-    label = sitk.GetArrayFromImage(sitk.ReadImage(str(label_path)))
+    image, label, spacing = read_volume_case(row, root)
     value = int(row["label_value"] or 0)
     target = (label == value) if value else (label > 0)
-    spacing = tuple(itk_image.GetSpacing()[::-1])
     if thicken > 1 and slice_axis(spacing, image.shape) is None:
         n_slices = image.shape[0] // thicken
         image = image[: n_slices * thicken].reshape((n_slices, thicken) + image.shape[1:]).mean(axis=1)
@@ -119,13 +130,19 @@ def read_manifest(manifest, dataset=None, limit=0):
 
 
 # --------------------------------------------------------------------------- protocol
-def run_case(method_name, row, root, rounds, cap, target_dice=0.9, seed=0, thicken=1):
-    """Robot-user session of one method on one case (``thicken``: see :func:`load_case`)."""
-    image, target, spacing, axis = load_case(row, root, thicken)
+def timed_setup(method_name, image, spacing, axis, seed):
+    """The named method built on ``image`` and the seconds it took (the setup time of the tables)."""
     start = time.perf_counter()
     method = make_method(method_name, image, spacing, axis, seed)
-    setup_s = time.perf_counter() - start
-    strokes = robot_user.initial_strokes(target, axis)
+    return method, time.perf_counter() - start
+
+
+def run_case(method_name, row, root, rounds, cap, target_dice=0.9, seed=0, thicken=1, style="robot"):
+    """Robot-user session of one method on one case (``thicken``: see :func:`load_case`; ``style``:
+    how round 0 is drawn, one of ``robot_user.BINARY_STYLES``)."""
+    image, target, spacing, axis = load_case(row, root, thicken)
+    method, setup_s = timed_setup(method_name, image, spacing, axis, seed)
+    strokes = robot_user.initial_strokes(target, axis, style)
     dices, round_s = [], []
     for index in range(cap + 1):
         start = time.perf_counter()
@@ -142,6 +159,7 @@ def run_case(method_name, row, root, rounds, cap, target_dice=0.9, seed=0, thick
     return {
         "case": row["case"],
         "seed": seed,
+        "style": style,
         "setup_s": setup_s,
         "dice": dices,
         "round_s": round_s,
@@ -187,24 +205,54 @@ def run_synthetic(rounds=3):
 
 
 # --------------------------------------------------------------------------- driver
+def seeds_of(method, n_seeds):
+    """Random states a method runs with: 0..n_seeds-1, or just 0 for a deterministic method."""
+    return [0] if method in DETERMINISTIC_METHODS else range(n_seeds)
+
+
+def print_worker_result(cases):
+    """Print a worker's cases and its peak RSS as the JSON line :func:`run_jobs` reads."""
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    print(json.dumps({"cases": cases, "peak_rss_mb": peak_kib / 1024.0}))
+
+
+def run_jobs(script, jobs, options):
+    """Run ``script --worker JOB options...`` for every job, each in its own process (its own peak
+    RSS); returns {job: the worker's JSON result}."""
+    results = {}
+    for job in jobs:
+        print(f"running {job}", file=sys.stderr, flush=True)
+        command = [sys.executable, str(script), "--worker", job] + list(options)
+        done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
+        results[job] = json.loads(done.stdout.strip().splitlines()[-1])
+    return results
+
+
+def parse_styles(text, choices):
+    """The comma-separated ``--styles`` value as a list, or exit naming the choices."""
+    styles = [style for style in text.split(",") if style]
+    unknown = [style for style in styles if style not in choices]
+    if unknown or not styles:
+        raise SystemExit(f"unknown drawing style {', '.join(unknown) or text!r}; choose from {', '.join(choices)}")
+    return styles
+
+
 def worker(args):
-    """Run one method on one dataset (or the synthetic case) and print JSON."""
+    """Run one method on one dataset in one drawing style (or the synthetic case) and print JSON."""
     if args.worker == "synthetic":
         cases = [run_synthetic()]
     else:
-        method, dataset = args.worker.split("@", 1)
+        method, dataset, style = args.worker.split("@", 2)
         manifest = Path(args.manifest)
         rows = read_manifest(manifest, dataset, args.limit)
-        seeds = [0] if method in DETERMINISTIC_METHODS else range(args.seeds)
         cases = []
-        for seed in seeds:
+        for seed in seeds_of(method, args.seeds):
             for row in rows:
                 cases.append(run_case(method, row, manifest.parent, args.rounds, args.cap, seed=seed,
-                                      thicken=args.thicken))
-                print(f"  {method:15s} {row['case'][:34]:34s} seed {seed} dice "
+                                      thicken=args.thicken, style=style))
+                print(f"  {method:15s} {style:10s} {row['case'][:34]:34s} seed {seed} dice "
                       + " ".join(f"{d:.3f}" for d in cases[-1]["dice"][:11]), file=sys.stderr, flush=True)
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    print(json.dumps({"cases": cases, "peak_rss_mb": peak_kib / 1024.0}))
+    print_worker_result(cases)
 
 
 def summarize(cases, rounds, cap):
@@ -258,6 +306,9 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, default=1, help="random states 0..N-1 of the forest methods")
     parser.add_argument("--thicken", type=int, default=1,
                         help="average every N slices of isotropic volumes into one (thick-slice versions of the atlas)")
+    parser.add_argument("--styles", default="robot",
+                        help="comma-separated ways of drawing round 0: " + ", ".join(robot_user.BINARY_STYLES)
+                             + " (default: %(default)s)")
     parser.add_argument("--no-synthetic", action="store_true", help="skip the 512x512x80 timing case")
     parser.add_argument("--json", default="", help="write all per-case results here")
     parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
@@ -265,32 +316,27 @@ def main(argv=None):
     if args.worker:
         return worker(args)
 
+    styles = parse_styles(args.styles, robot_user.BINARY_STYLES)
     rows = read_manifest(args.manifest, args.dataset)
     datasets = list(dict.fromkeys(row["dataset"] for row in rows))
-    jobs = [f"{m}@{d}" for d in datasets for m in args.methods.split(",")]
+    jobs = [f"{m}@{d}@{s}" for d in datasets for s in styles for m in args.methods.split(",")]
     if not args.no_synthetic:
         jobs.append("synthetic")
-    results = {}
-    for job in jobs:
-        command = [sys.executable, __file__, args.manifest, "--worker", job, "--limit", str(args.limit),
-                   "--rounds", str(args.rounds), "--cap", str(args.cap), "--seeds", str(args.seeds),
-                   "--thicken", str(args.thicken)]
-        print(f"running {job}", file=sys.stderr, flush=True)
-        done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
-        results[job] = json.loads(done.stdout.strip().splitlines()[-1])
+    results = run_jobs(__file__, jobs, [args.manifest, "--limit", str(args.limit), "--rounds", str(args.rounds),
+                                        "--cap", str(args.cap), "--seeds", str(args.seeds), "--thicken", str(args.thicken)])
 
-    header = (f"{'dataset':26s} {'method':15s} {'n':>3s} {'Dice r0':>8s} {'r5':>6s} {'r10':>6s} {'r1-10':>6s} {'drop':>6s} "
+    header = (f"{'dataset':26s} {'style':10s} {'method':15s} {'n':>3s} {'Dice r0':>8s} {'r5':>6s} {'r10':>6s} {'r1-10':>6s} {'drop':>6s} "
               f"{'rounds>=0.9':>11s} {'setup s':>8s} {'s/round':>8s} {'peak RSS MB':>11s} {'seeds':>5s} {'sd r0':>6s} {'sd r1-10':>8s}")
     print(header)
     for job, result in results.items():
         if job == "synthetic":
             continue
-        method, dataset = job.split("@", 1)
+        method, dataset, style = job.split("@", 2)
         if args.thicken > 1:
             dataset = f"{dataset} /{args.thicken}"
         s = summarize(result["cases"], args.rounds, args.cap)
         result["summary"] = s
-        print(f"{dataset:26s} {method:15s} {s['n']:3d} {s['dice_r0']:8.3f} {s['dice_r5']:6.3f} {s['dice_r10']:6.3f} {s['dice_r1_r10']:6.3f} "
+        print(f"{dataset:26s} {style:10s} {method:15s} {s['n']:3d} {s['dice_r0']:8.3f} {s['dice_r5']:6.3f} {s['dice_r10']:6.3f} {s['dice_r1_r10']:6.3f} "
               f"{s['worst_drop']:6.3f} "
               f"{s['rounds_to_0.9']:6.1f} ({s['reached_0.9']:2d}) {s['setup_s']:8.2f} {s['median_round_s']:8.2f} {result['peak_rss_mb']:11.0f} "
               f"{s['seeds']:5d} {s['sd_r0']:6.3f} {s['sd_r1_r10']:8.3f}")

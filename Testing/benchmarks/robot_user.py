@@ -1,22 +1,44 @@
-"""The robot-user protocol of the benchmark (same rules as the reference harness ../shared/bench/robot.py).
+"""The robot-user protocol of the benchmarks (same rules as the reference harness ../shared/bench/robot.py).
 
-Round 0 paints ONE 2D slice: the one with the largest target area along the acquisition
-axis. Foreground = the skeleton of the target eroded by 2 voxels (dilated by 1, kept inside
-the target); background = a ring 4-6 voxels outside the target plus the skeleton of the
-background farther than 15 voxels (eroded by 5). Each later round adds ONE stroke on the
-largest connected error blob, on the blob's largest slice: the skeleton of the blob,
-foreground when the blob is mostly target (a miss), background otherwise.
-Stroke values: 0 unpainted, 1 background, 2 foreground.
+Binary (robot_benchmark.py): round 0 paints ONE 2D slice, the one with the largest target
+area along the acquisition axis. Foreground = the skeleton of the target eroded by 2 voxels
+(dilated by 1, kept inside the target); background = a ring 4-6 voxels outside the target
+plus the skeleton of the background farther than 15 voxels (eroded by 5). Each later round
+adds ONE stroke on the largest connected error blob, on the blob's largest slice: the
+skeleton of the blob, foreground when the blob is mostly target (a miss), background
+otherwise. Stroke values: 0 unpainted, 1 background, 2 foreground.
+
+Multi-class (multiclass_benchmark.py): the truth is a label map of class values >= 1. Round 0
+paints the slice where the classes are best represented (the most classes, then the largest
+smallest class) with the skeleton of every connected component of every class; each later
+round adds the skeleton of the largest error blob (over all classes), every stroke pixel
+painted with the true class under it. Stroke values are the class values.
+
+Round 0 can also be drawn in other ways a person might (``style``, see :data:`STYLES`); the
+"background" of a multi-class slice is its largest class (outside the brain, the maternal
+background), drawn around the union of the other classes.
 """
 
 import numpy as np
 from scipy import ndimage as ndi
-from skimage.morphology import skeletonize
+from skimage.morphology import disk, skeletonize
 
 from FetalAnnotateLib.metrics import dice  # noqa: F401  (the score every method is given, re-exported here)
 
 BACKGROUND = 1
 FOREGROUND = 2
+
+#: Ways of drawing round 0: ``robot`` the protocol above; ``ring`` the background only as a
+#: closed ring 4-6 voxels around the target; ``arcs`` that ring broken into four arcs;
+#: ``dabs`` the background as four short dabs around the target; ``thick`` the robot's strokes
+#: with a brush of radius 2 (each pixel painted with the true class under it); ``two-slices``
+#: the robot's strokes on the first slice and on a second one, a quarter of the target's extent
+#: or more away.
+STYLES = ("robot", "ring", "arcs", "dabs", "thick", "two-slices")
+#: Binary only, the failure case of outline mode: background arcs around the target plus a
+#: closed loop through the far background around the whole body (near the image border).
+LOOPS_STYLE = "loops"
+BINARY_STYLES = STYLES + (LOOPS_STYLE,)
 
 
 def acquisition_axis(spacing, anisotropy_ratio=1.5):
@@ -26,13 +48,18 @@ def acquisition_axis(spacing, anisotropy_ratio=1.5):
     return 0
 
 
+def plane_slicing(axis, index, ndim=3):
+    """The slicing tuple of slice ``index`` along ``axis``."""
+    where = [slice(None)] * ndim
+    where[axis] = index
+    return tuple(where)
+
+
 def largest_slice(mask, axis):
     """Index along ``axis`` of the slice with the most True voxels, and its 3D slicing tuple."""
     other_axes = tuple(a for a in range(mask.ndim) if a != axis)
     index = int(np.argmax(mask.sum(axis=other_axes)))
-    where = [slice(None)] * mask.ndim
-    where[axis] = index
-    return index, tuple(where)
+    return index, plane_slicing(axis, index, mask.ndim)
 
 
 def skeleton_stroke(region):
@@ -46,7 +73,95 @@ def skeleton_stroke(region):
     return ndi.binary_dilation(skeleton) & region
 
 
-def initial_strokes(target, axis):
+def ring_around(region, near=4, far=6):
+    """The closed band of pixels ``near`` < steps <= ``far`` outside a 2D region."""
+    return ndi.binary_dilation(region, iterations=far) & ~ndi.binary_dilation(region, iterations=near)
+
+
+def _angles(mask, centre):
+    rows, columns = np.nonzero(mask)
+    return rows, columns, np.arctan2(rows - centre[0], columns - centre[1])
+
+
+def broken_into_arcs(ring, centre, n_arcs=4, gap_degrees=30.0):
+    """``ring`` without ``n_arcs`` evenly spaced angular gaps (seen from ``centre``): open arcs."""
+    rows, columns, angles = _angles(ring, centre)
+    period = 2 * np.pi / n_arcs
+    in_gap = np.mod(angles, period) < np.deg2rad(gap_degrees)
+    arcs = ring.copy()
+    arcs[rows[in_gap], columns[in_gap]] = False
+    return arcs
+
+
+def dabs_on(ring, centre, n_dabs=4, radius=3):
+    """``n_dabs`` short pieces of ``ring`` (pixels within ``radius`` of a point), evenly spaced around ``centre``."""
+    rows, columns, angles = _angles(ring, centre)
+    dabs = np.zeros_like(ring)
+    if rows.size == 0:
+        return dabs
+    for direction in np.arange(n_dabs) * 2 * np.pi / n_dabs - np.pi:
+        nearest = int(np.argmin(np.abs(np.angle(np.exp(1j * (angles - direction))))))
+        near = (rows - rows[nearest]) ** 2 + (columns - columns[nearest]) ** 2 <= radius ** 2
+        dabs[rows[near], columns[near]] = True
+    return dabs
+
+
+def loop_around_body(shape, inset_fraction=1 / 12, width=2):
+    """A closed rectangular loop ``width`` pixels wide, inset from the border of a 2D plane of ``shape``."""
+    inset = max(2, int(min(shape) * inset_fraction))
+    inside = np.zeros(shape, bool)
+    inside[inset:-inset, inset:-inset] = True
+    return inside & ~ndi.binary_erosion(inside, iterations=width)
+
+
+def background_strokes(target, style):
+    """Background strokes drawn around a 2D ``target`` in the given round-0 ``style``.
+
+    ``robot`` (and ``thick``, ``two-slices``): the ring 4-6 voxels out plus the skeleton of the
+    background farther than 15 voxels; ``ring``, ``arcs``, ``dabs``, ``loops``: see
+    :data:`STYLES` and :data:`LOOPS_STYLE`.
+    """
+    ring = ring_around(target)
+    if style in ("robot", "thick", "two-slices"):
+        far = ndi.binary_erosion(~ndi.binary_dilation(target, iterations=15), iterations=5)
+        return ring | (skeletonize(far) if far.any() else far)
+    if style == "ring":
+        return ring
+    centre = np.mean(np.nonzero(target), axis=1) if target.any() else np.array(target.shape) / 2
+    if style == "arcs":
+        return broken_into_arcs(ring, centre)
+    if style == "dabs":
+        return dabs_on(ring, centre)
+    if style == LOOPS_STYLE:
+        return broken_into_arcs(ring, centre) | (loop_around_body(target.shape) & ~ndi.binary_dilation(target, iterations=4))
+    raise ValueError(f"unknown drawing style {style!r}; choose from {', '.join(BINARY_STYLES)}")
+
+
+def thick_brush(painted, truth, radius=2):
+    """The strokes of a 2D plane drawn with a brush of ``radius``: every pixel the truth's class."""
+    brushed = ndi.binary_dilation(painted > 0, structure=disk(radius))
+    return np.where(brushed, truth, 0).astype(painted.dtype)
+
+
+def _second_slice(scores, occupied, first):
+    """The best-scored occupied slice at least a quarter of the occupied extent (>= 1) from ``first``, or None."""
+    gap = max(1, int(occupied.sum()) // 4)
+    far_enough = occupied & (np.abs(np.arange(scores.size) - first) >= gap)
+    if not far_enough.any():
+        return None
+    return int(np.argmax(np.where(far_enough, scores, -np.inf)))
+
+
+def _binary_plane(plane, style):
+    painted = np.zeros(plane.shape, np.uint8)
+    painted[background_strokes(plane, style)] = BACKGROUND
+    painted[skeleton_stroke(plane)] = FOREGROUND
+    if style == "thick":
+        painted = thick_brush(painted, np.where(plane, FOREGROUND, BACKGROUND))
+    return painted
+
+
+def initial_strokes(target, axis, style="robot"):
     """Round-0 strokes of the robot user on the target's largest slice.
 
     Parameters
@@ -55,6 +170,8 @@ def initial_strokes(target, axis):
         Ground-truth mask.
     axis : int
         Acquisition axis (see :func:`acquisition_axis`).
+    style : str, default "robot"
+        How round 0 is drawn, one of :data:`BINARY_STYLES`.
 
     Returns
     -------
@@ -62,17 +179,99 @@ def initial_strokes(target, axis):
         0 unpainted, 1 background, 2 foreground.
     """
     strokes = np.zeros(target.shape, np.uint8)
-    _, where = largest_slice(target, axis)
-    plane = target[where]
-    foreground = skeleton_stroke(plane)
-    ring = ndi.binary_dilation(plane, iterations=6) & ~ndi.binary_dilation(plane, iterations=4)
-    far = ndi.binary_erosion(~ndi.binary_dilation(plane, iterations=15), iterations=5)
-    background = ring | (skeletonize(far) if far.any() else far)
-    painted = np.zeros(plane.shape, np.uint8)
-    painted[background] = BACKGROUND
-    painted[foreground] = FOREGROUND
-    strokes[where] = painted
+    first, where = largest_slice(target, axis)
+    strokes[where] = _binary_plane(target[where], style)
+    if style == "two-slices":
+        areas = target.sum(axis=tuple(a for a in range(3) if a != axis))
+        second = _second_slice(areas, areas > 0, first)
+        if second is not None:
+            other = plane_slicing(axis, second)
+            strokes[other] = _binary_plane(target[other], "robot")
     return strokes
+
+
+def class_slice_scores(truth, axis):
+    """Per slice along ``axis``: number of classes present + (smallest present class area) / (slice area + 1).
+
+    The slice with the highest score holds the most classes and, among those, the largest
+    smallest class: where the classes are best represented.
+    """
+    other_axes = tuple(a for a in range(3) if a != axis)
+    areas = np.stack([(truth == value).sum(axis=other_axes) for value in np.unique(truth)])
+    present = areas > 0
+    smallest = np.where(present, areas, np.iinfo(np.int64).max).min(axis=0)
+    plane_area = truth.size // truth.shape[axis]
+    return present.sum(axis=0) + smallest / (plane_area + 1.0)
+
+
+def _class_plane(plane, style):
+    values, areas = np.unique(plane, return_counts=True)
+    surrounding = values[np.argmax(areas)]
+    painted = np.zeros(plane.shape, np.uint8)
+    skeletonized = values
+    if style not in ("robot", "thick", "two-slices"):
+        skeletonized = values[values != surrounding]
+        painted[background_strokes(plane != surrounding, style)] = surrounding
+    for value in skeletonized:
+        components, count = ndi.label(plane == value)
+        for component in range(1, count + 1):
+            region = components == component
+            painted[skeleton_stroke(region)] = value
+    if style == "thick":
+        painted = thick_brush(painted, plane)
+    return painted
+
+
+def initial_class_strokes(truth, axis, style="robot"):
+    """Multi-class round 0: a stroke in every class component of the slice where the classes are best represented.
+
+    Parameters
+    ----------
+    truth : ndarray of int, shape (z, y, x)
+        Ground-truth classes, values >= 1.
+    axis : int
+        Acquisition axis.
+    style : str, default "robot"
+        How round 0 is drawn, one of :data:`STYLES`; in every style but ``robot``, ``thick``
+        and ``two-slices`` the slice's largest class is drawn around the others (ring, arcs,
+        dabs) instead of with a skeleton per component.
+
+    Returns
+    -------
+    ndarray of uint8, shape (z, y, x)
+        0 unpainted, else the true class of the pixel.
+    """
+    if style not in STYLES:
+        raise ValueError(f"unknown drawing style {style!r} for several classes; choose from {', '.join(STYLES)}")
+    strokes = np.zeros(truth.shape, np.uint8)
+    scores = class_slice_scores(truth, axis)
+    first = int(np.argmax(scores))
+    where = plane_slicing(axis, first)
+    strokes[where] = _class_plane(truth[where], style)
+    if style == "two-slices":
+        second = _second_slice(scores, scores >= 2, first)
+        if second is not None:
+            other = plane_slicing(axis, second)
+            strokes[other] = _class_plane(truth[other], "robot")
+    return strokes
+
+
+def largest_error_blob(truth, prediction, axis):
+    """The largest connected blob where ``prediction != truth``, on its largest slice.
+
+    Returns
+    -------
+    tuple or None
+        (slicing tuple of that slice, 2D boolean blob on it), or None when there is no error.
+    """
+    error = prediction != truth
+    components, count = ndi.label(error)
+    if count == 0:
+        return None
+    sizes = ndi.sum_labels(error, components, index=np.arange(1, count + 1))
+    blob = components == int(np.argmax(sizes)) + 1
+    _, where = largest_slice(blob, axis)
+    return where, blob[where]
 
 
 def add_correction_stroke(strokes, target, prediction, axis):
@@ -91,17 +290,36 @@ def add_correction_stroke(strokes, target, prediction, axis):
     bool
         False when the prediction has no error (nothing painted).
     """
-    error = prediction != target
-    components, count = ndi.label(error)
-    if count == 0:
+    blob = largest_error_blob(target, prediction, axis)
+    if blob is None:
         return False
-    sizes = ndi.sum_labels(error, components, index=np.arange(1, count + 1))
-    blob = components == int(np.argmax(sizes)) + 1
-    _, where = largest_slice(blob, axis)
-    region = blob[where]
-    stroke = skeleton_stroke(region)
+    where, region = blob
     is_miss = bool(target[where][region].mean() > 0.5)
     plane = strokes[where].copy()
-    plane[stroke] = FOREGROUND if is_miss else BACKGROUND
+    plane[skeleton_stroke(region)] = FOREGROUND if is_miss else BACKGROUND
     strokes[where] = plane
     return True
+
+
+def add_class_correction_stroke(strokes, truth, prediction, axis):
+    """Multi-class correction: the skeleton of the largest error blob, each pixel its true class (in place).
+
+    Returns
+    -------
+    bool
+        False when the prediction has no error (nothing painted).
+    """
+    blob = largest_error_blob(truth, prediction, axis)
+    if blob is None:
+        return False
+    where, region = blob
+    stroke = skeleton_stroke(region)
+    plane = strokes[where].copy()
+    plane[stroke] = truth[where][stroke]
+    strokes[where] = plane
+    return True
+
+
+def class_dices(truth, prediction, classes):
+    """Dice of each class value in ``classes`` (a class never predicted scores 0)."""
+    return [dice(prediction == value, truth == value) for value in classes]
