@@ -317,3 +317,25 @@ def test_cuda_on_a_cpu_only_computer_is_not_called_a_corrupt_file(tmp_path):
     with pytest.raises(FetalInpaintError, match="no CUDA GPU on this computer; choose device 'cpu'") as raised:
         load_checkpoint(tmp_path, device="cuda")
     assert not isinstance(raised.value, CheckpointError) and "corrupt" not in str(raised.value)
+
+
+def test_command_line_evaluates_and_exports_in_the_volume_geometry(tmp_path, capsys):
+    import SimpleITK as sitk
+
+    from FetalInpaintLib.__main__ import main
+
+    train(tiny_volumes(2), TrainConfig(**{**TINY, "epochs": 1}), tmp_path / "run")
+    volume = _write_volume_file(tmp_path / "held_out.nrrd", seed=5)
+    assert main(["evaluate", "--model", str(tmp_path / "run"), "--volumes", volume, "--seeds", "0",
+                 "--max-patches", "4", "--json"]) == 0
+    rows = _strict_json(capsys.readouterr().out)
+    assert {row["method"] for row in rows} == {"model", "mean", "biharmonic"}
+
+    output = tmp_path / "features.nrrd"
+    assert main(["export", "--model", str(tmp_path / "run" / "model.pt"), "--volume", volume, "--output", str(output),
+                 "--pca", "3"]) == 0
+    features, source = sitk.ReadImage(str(output)), sitk.ReadImage(volume)
+    assert features.GetNumberOfComponentsPerPixel() == 3 and features.GetSize() == source.GetSize()
+    assert features.GetSpacing() == source.GetSpacing() and features.GetDirection() == source.GetDirection()
+    assert main(["export", "--model", str(tmp_path / "missing.pt"), "--volume", volume, "--output", str(output)]) == 1
+    assert "not found" in capsys.readouterr().err

@@ -152,6 +152,10 @@ def run_train(args):
     FetalInpaintError
         No volume, unreadable volume, bad settings, or a locked output folder.
     """
+    # SIGTERM stops like the stop file: the run is checkpointed and --resume continues it. Caught from
+    # the start, so a SIGTERM while the volumes load is not lost.
+    terminated = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: terminated.append(signum))
     paths = [Path(p) for p in args.volumes]
     if args.manifest:
         paths += manifest_paths(args.manifest, args.dataset)
@@ -181,9 +185,6 @@ def run_train(args):
         if rank == 0:
             print(strict_json(info), flush=True)
 
-    # SIGTERM stops like the stop file: the run is checkpointed and --resume continues it.
-    terminated = []
-    signal.signal(signal.SIGTERM, lambda signum, frame: terminated.append(signum))
     try:
         result = train(volumes, config, args.out, progress=report, should_stop=lambda: bool(terminated),
                        resume=args.resume)

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from . import __version__
-from .config import TrainConfig
+from .config import TrainConfig  # noqa: F401  (re-exported: the settings of train())
 from .control import TrainingLock, clear_stop_request, stop_requested
 from .corruptors import corrupt_batch
 from .data import PatchDataset, check_volume, split_by_volume, volume_patches
