@@ -2,6 +2,7 @@
 
 Modules
 -------
+config      : ``TrainConfig`` and the corruptor / prefill names (no torch).
 control     : output-folder lock, stop file, process-tree kill (stdlib only).
 corruptors  : numpy and batched torch corruptions (holes, shapes, biased toss).
 data        : intensity normalisation, acquisition-axis slices, patches, split by volume.
@@ -10,6 +11,8 @@ training    : ``TrainConfig``, ``train``, ``load_checkpoint``.
 evaluation  : PSNR / SSIM against mean fill and biharmonic inpainting.
 features    : dense feature maps, patch embeddings, t-SNE plots.
 probe       : brain vs non-brain patch probe.
+train       : training command line (``python -m FetalInpaintLib.train``, torchrun).
+__main__    : ``python -m FetalInpaintLib train | evaluate | export``.
 """
 
 __version__ = "0.1.0"

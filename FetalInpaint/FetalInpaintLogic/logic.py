@@ -393,7 +393,8 @@ class FetalInpaintLogic:
     def checkVolumeFitsPatch(data, patchSize):
         """Raise a clear error when the slices of a volume are smaller than a training patch.
 
-        Slices are taken along the acquisition (thickest) axis, as FetalInpaintLib does.
+        Slices are taken along the acquisition (thickest) axis, or the single slice of a single image,
+        as FetalInpaintLib does in training, evaluation and feature export.
 
         Parameters
         ----------
@@ -505,7 +506,7 @@ class FetalInpaintLogic:
             raise InvalidVolumeError("no training volume selected: tick at least one volume in 'Training volumes'.")
         if int(epochs) < 1:
             raise FetalInpaintError(f"epochs must be at least 1, got {epochs}.")
-        from FetalInpaintLib.training import TrainConfig
+        from FetalInpaintLib.config import TrainConfig
 
         patchSize = int(patchSize or TrainConfig().patch_size)
         for node in volumeNodes:
