@@ -352,8 +352,10 @@ def test_an_interrupted_write_leaves_no_file_and_a_cancelled_batch_resumes(train
     assert [(item.source.name, item.status) for item in cancelled.value.result.items] == [("case0.nrrd", "segmented")]
     assert sorted(child.name for child in (tmp_path / "out").iterdir()) == [
         "case0.seg.nrrd", "fetalannotate-report.csv", "fetalannotate-report.json"]
+    (tmp_path / "out" / ".case1.seg.nrrd.x1y2.partial.seg.nrrd").write_bytes(b"left by a killed run")
     resumed = apply_classifier_to_files(path, tmp_path, tmp_path / "out")
     assert [item.status for item in resumed.items] == ["existing", "segmented", "segmented"]
+    assert not any(child.name.startswith(".") for child in (tmp_path / "out").iterdir())
 
 
 def test_shards_partition_the_inputs():

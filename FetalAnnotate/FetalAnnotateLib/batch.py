@@ -5,8 +5,8 @@ Slicer's Python interactor alike; nothing here needs Slicer.
 
 Data safety: an existing output is kept (and its volumes reported) unless ``overwrite`` is
 given, so running the same command again continues an interrupted batch; every file is written
-under a temporary name and renamed when complete; inputs whose outputs would collide, or an
-output that would replace an input, are refused before any work starts.
+under a temporary name and renamed when complete; segmentations are never taken as inputs, so
+no input is overwritten; inputs whose outputs would collide are refused before any work starts.
 """
 
 import csv
@@ -296,7 +296,7 @@ def apply_classifier_to_files(classifier_path, inputs, output_dir, *, overwrite=
         If the classifier file cannot be loaded or its settings are invalid.
     FetalAnnotateError
         Before any work, if there is no volume to segment, two inputs would write the same
-        output, an output would replace an input, ``output_dir`` is a file or file name,
+        output, ``output_dir`` is a file or file name,
         ``jobs`` or ``shard`` are invalid, or the extra features do not fit the classifier.
     BatchCancelled
         If ``progress`` asked to stop; volumes done so far are kept and reported, and the
@@ -335,6 +335,8 @@ def apply_classifier_to_files(classifier_path, inputs, output_dir, *, overwrite=
             log(_item_line(done[source]))
         else:
             todo.append(source)
+            for leftover in output_dir.glob(f".{outputs[source].name}.*.partial.seg.nrrd"):
+                leftover.unlink()  # from a run killed while writing this output
     settings = {"classifier": str(classifier_path), "inputs": [str(path) for path in volumes], "jobs": int(jobs),
                 "shard": None if shard is None else f"{shard[0]}/{shard[1]}", "memory_budget_bytes": budget,
                 "overwrite": bool(overwrite), "extra_features": extra_features, "started": started.isoformat()}
@@ -545,7 +547,10 @@ def _checked_output_dir(output_dir):
 
 
 def _planned_outputs(volumes, output_dir):
-    """``<output_dir>/<name>.seg.nrrd`` per volume; refused when two collide or one is an input."""
+    """``<output_dir>/<name>.seg.nrrd`` per volume; refused when two collide.
+
+    No output can be an input: ``.seg.nrrd`` files are never taken as volumes.
+    """
     outputs = {source: output_dir / f"{volume_name(source)}.seg.nrrd" for source in volumes}
     by_output = {}
     for source, output in outputs.items():
@@ -555,10 +560,6 @@ def _planned_outputs(volumes, output_dir):
         listed = "; ".join(" and ".join(str(source) for source in sources) for sources in collisions[:5])
         raise FetalAnnotateError(f"{sum(map(len, collisions))} inputs would write the same output ({listed}): "
                                  "rename them or segment them into separate --output folders")
-    inputs = {source.resolve() for source in volumes}
-    replaced = [output for output in outputs.values() if output.resolve() in inputs]
-    if replaced:
-        raise FetalAnnotateError(f"the output {replaced[0]} would replace an input; give another --output folder")
     return outputs
 
 
