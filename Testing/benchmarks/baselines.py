@@ -57,7 +57,9 @@ class GrowCut:
             return stacked[1:2]
         if not self.restrict_extent:
             return self._grow(self.image, strokes)
-        # Slicer's effect: the seeds' bounding box grown by max(3 voxels, 20 % of its size) per axis.
+        # The seeds' bounding box (all classes) grown by max(3 voxels, 20 % of its size) per axis, as the
+        # reference harness does; Slicer's effect (5.6-5.12) grows it by 10 % (extentGrowthRatio in
+        # AbstractScriptedSegmentEditorAutoCompleteEffect.py), so this box is a little larger.
         painted = np.nonzero(strokes)
         low = np.array([a.min() for a in painted])
         high = np.array([a.max() for a in painted]) + 1
