@@ -183,6 +183,9 @@ def test_batch_applies_a_saved_classifier_to_a_folder(trained, tmp_path):
     np.testing.assert_allclose(output.GetDirection(), written.GetDirection(), atol=1e-6)
     assert messages[-1][0] == 1.0
     assert all(0.0 <= fraction <= 1.0 for fraction, _ in messages)
+    with open(result.report_csv, newline="") as stream:
+        rows = list(csv.reader(stream))
+    assert [len(row) for row in rows] == [12] * 4  # 6 columns and 2 per class, also for the failed volume
     assert lines[0] == f"skipped {inputs / 'notes.txt'}: {result.ignored[0][1]}"
     assert lines[1].startswith("memory budget ")
 

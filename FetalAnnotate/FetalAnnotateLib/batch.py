@@ -619,7 +619,8 @@ def _write_report(result, classifier_path, settings):
             writer = csv.writer(stream)
             writer.writerow(header)
             for item in result.items:
-                counts = [value for pair in zip(item.voxels, item.volumes_ml) for value in pair]
+                counts = [value for pair in zip(item.voxels, item.volumes_ml) for value in pair] or \
+                    [""] * (2 * len(result.class_names))  # a failed volume: empty cells
                 writer.writerow([item.source, item.output or "", item.status, f"{item.seconds:.3f}",
                                  f"{item.voxel_ml:.9g}", item.error or ""] + counts)
     content = {
