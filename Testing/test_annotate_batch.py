@@ -420,6 +420,25 @@ def test_workers_and_shards_give_the_same_outputs_and_a_true_report(trained, tmp
         assert row["status"] == entry["status"] == "segmented"
 
 
+def test_the_memory_budget_respects_a_container_or_slurm_job_limit(tmp_path):
+    from FetalAnnotateLib.batch import _cgroup_memory_left
+
+    (tmp_path / "v2.txt").write_text("0::/slurm/uid_1000/job_7/step_0\n")
+    job = tmp_path / "slurm" / "uid_1000" / "job_7" / "step_0"
+    job.mkdir(parents=True)
+    (job / "memory.max").write_text(f"{16 * 2**30}\n")
+    (job / "memory.current").write_text(f"{2**30}\n")
+    assert _cgroup_memory_left(tmp_path / "v2.txt", tmp_path) == 15 * 2**30
+    (job / "memory.max").write_text("max\n")
+    assert _cgroup_memory_left(tmp_path / "v2.txt", tmp_path) is None
+
+    (tmp_path / "v1.txt").write_text("5:cpu:/\n4:memory:/docker/abc\n")
+    (tmp_path / "memory").mkdir()  # a container sees its own group as the root
+    (tmp_path / "memory" / "memory.limit_in_bytes").write_text(f"{4 * 2**30}\n")
+    (tmp_path / "memory" / "memory.usage_in_bytes").write_text(f"{5 * 2**30}\n")
+    assert _cgroup_memory_left(tmp_path / "v1.txt", tmp_path) == 0
+
+
 def test_worker_processes_are_refused_inside_the_slicer_application(trained, tmp_path, monkeypatch):
     """Spawned workers run sys.executable, which in Slicer is the application (slicer/__init__.py)."""
     from FetalAnnotateLib import FetalAnnotateError

@@ -191,13 +191,17 @@ def shard_of(volumes, shard):
 
 
 def available_memory():
-    """Memory (bytes) that new processes can use now, or None where it cannot be read."""
+    """Memory (bytes) that new processes can use now, or None where it cannot be read.
+
+    On Linux the smaller of the system's available memory and what is left under this
+    process's cgroup limit (a container's, or a SLURM job's ``--mem``).
+    """
     try:
         with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
+            system = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+        left = _cgroup_memory_left()
+        return system if left is None else min(system, left)
+    except (OSError, StopIteration, ValueError):
         pass
     if sys.platform == "win32":
         import ctypes
@@ -212,6 +216,32 @@ def available_memory():
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, OSError, ValueError):
         return None
+
+
+def _cgroup_memory_left(groups_file="/proc/self/cgroup", root=Path("/sys/fs/cgroup")):
+    """Bytes left under this process's cgroup memory limit (v2 or v1), or None without a limit."""
+    try:
+        with open(groups_file) as groups:
+            entries = [line.strip().split(":", 2) for line in groups if line.count(":") >= 2]
+    except OSError:
+        return None
+    for _, controllers, group in entries:
+        if controllers == "":
+            mount, limit_name, usage_name = root, "memory.max", "memory.current"
+        elif "memory" in controllers.split(","):
+            mount, limit_name, usage_name = root / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes"
+        else:
+            continue
+        for folder in (mount / group.lstrip("/"), mount):  # inside a container the group is its root
+            try:
+                limit = (folder / limit_name).read_text().strip()
+                usage = int((folder / usage_name).read_text())
+            except (OSError, ValueError):
+                continue
+            if limit.isdigit() and int(limit) < 2**62:  # "max" or a huge number: no limit
+                return max(int(limit) - usage, 0)
+            break
+    return None
 
 
 def estimate_memory(source, n_features, n_classes):
