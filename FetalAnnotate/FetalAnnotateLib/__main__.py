@@ -170,7 +170,8 @@ def build_parser(prog=None):
     verbose = argparse.ArgumentParser(add_help=False)
     verbose.add_argument("--verbose", action="store_true", help="show the full traceback of errors")
 
-    demo = commands.add_parser("demo", parents=[verbose], help="segment a generated fetal phantom and write Slicer files",
+    demo = commands.add_parser("demo", parents=[verbose],
+                               help="segment a generated fetal phantom and write Slicer files",
                                description=run_demo.__doc__.split("\n")[0])
     demo.add_argument("--output", default="fetalannotate-demo", metavar="FOLDER",
                       help="folder for the demo files, created if needed (default: %(default)s)")

@@ -326,8 +326,8 @@ def apply_classifier_to_files(classifier_path, inputs, output_dir, *, overwrite=
         If the classifier file cannot be loaded or its settings are invalid.
     FetalAnnotateError
         Before any work, if there is no volume to segment, two inputs would write the same
-        output, ``output_dir`` is a file or file name,
-        ``jobs`` or ``shard`` are invalid, or the extra features do not fit the classifier.
+        output, ``output_dir`` is a file or file name, ``jobs`` or ``shard`` are invalid, the
+        extra features do not fit the classifier, or ``jobs`` > 1 inside the Slicer application.
     BatchCancelled
         If ``progress`` asked to stop; volumes done so far are kept and reported, and the
         exception's ``result`` lists them.
@@ -375,7 +375,7 @@ def apply_classifier_to_files(classifier_path, inputs, output_dir, *, overwrite=
         done[item.source] = item
         log(_item_line(item))
         return _asks_to_stop(progress, len(done) / len(volumes),
-                                         f"{item.source.name} {item.status} ({len(done)} of {len(volumes)})")
+                             f"{item.source.name} {item.status} ({len(done)} of {len(volumes)})")
 
     cancelled = False
     try:

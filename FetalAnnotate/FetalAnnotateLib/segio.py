@@ -162,7 +162,8 @@ def check_volume_file(path):
             stream = zlib.decompressobj(zlib.MAX_WBITS | (16 if encoding == "gzip" else 0))
             data = stream.decompress(data[header_bytes:])
         except zlib.error as error:
-            raise VolumeFileError(f"{path} is corrupt ({encoding} data: {error}); copy it again from its source") from error
+            raise VolumeFileError(f"{path} is corrupt ({encoding} data: {error}); "
+                                  "copy it again from its source") from error
         if not stream.eof:
             raise VolumeFileError(f"{path} is truncated: its compressed data ends early; copy it again from its source")
     elif encoding == "raw":

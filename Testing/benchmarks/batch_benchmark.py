@@ -152,7 +152,8 @@ def main(argv=None):
             seconds, peak, errors = run_apply(classifier, work / "volumes", work / output, extra)
             runs[label] = seconds
             print(f"{label}: {seconds:6.1f} s, {60 * args.count / seconds:5.1f} volumes/min, peak memory "
-                  f"{peak / 2**30:.2f} GiB of a {budget_bytes(errors) / 2**30:.1f} GiB budget\n    {budget_line(errors)}")
+                  f"{peak / 2**30:.2f} GiB of a {budget_bytes(errors) / 2**30:.1f} GiB budget\n"
+                  f"    {budget_line(errors)}")
         shard_seconds, shard_peak = 0.0, 0
         for index in (1, 2, 3):
             seconds, peak, _ = run_apply(classifier, work / "volumes", work / "sharded", ["--shard", f"{index}/3"])
