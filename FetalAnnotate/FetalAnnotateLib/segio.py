@@ -148,34 +148,52 @@ def check_volume_file(path):
     voxel_bytes = int(np.prod(reader.GetSize(), dtype=np.int64)) * reader.GetNumberOfComponents() * \
         sitk.Image([1, 1], reader.GetPixelID(), reader.GetNumberOfComponents()).GetSizeOfPixelComponent()
     with open(path, "rb") as stream:
-        data = stream.read()
+        head = stream.read(1 << 16)  # NRRD and MetaImage headers are a few lines of text
+        if name.endswith((".nii", ".nii.gz")):
+            header_bytes, encoding = 0, ("gzip" if name.endswith(".gz") else "raw")
+        elif name.endswith(".nrrd"):
+            header_bytes, encoding = _nrrd_data_start(head)
+        elif name.endswith(".mha"):
+            header_bytes, encoding = _metaimage_data_start(head)
+        else:
+            return
+        if encoding == "raw":
+            available, first = os.path.getsize(path) - header_bytes, head[header_bytes:]
+        elif encoding in ("gzip", "zlib"):
+            stream.seek(header_bytes)
+            try:
+                available, first, complete = _inflated_size(stream, zlib.MAX_WBITS | (16 if encoding == "gzip" else 0))
+            except zlib.error as error:
+                raise VolumeFileError(f"{path} is corrupt ({encoding} data: {error}); "
+                                      "copy it again from its source") from error
+            if not complete:
+                raise VolumeFileError(f"{path} is truncated: its compressed data ends early; "
+                                      "copy it again from its source")
+        else:
+            return
     if name.endswith((".nii", ".nii.gz")):
-        header_bytes, encoding = 0, ("gzip" if name.endswith(".gz") else "raw")
-    elif name.endswith(".nrrd"):
-        header_bytes, encoding = _nrrd_data_start(data)
-    elif name.endswith(".mha"):
-        header_bytes, encoding = _metaimage_data_start(data)
-    else:
-        return
-    if encoding in ("gzip", "zlib"):
-        try:
-            stream = zlib.decompressobj(zlib.MAX_WBITS | (16 if encoding == "gzip" else 0))
-            data = stream.decompress(data[header_bytes:])
-        except zlib.error as error:
-            raise VolumeFileError(f"{path} is corrupt ({encoding} data: {error}); "
-                                  "copy it again from its source") from error
-        if not stream.eof:
-            raise VolumeFileError(f"{path} is truncated: its compressed data ends early; copy it again from its source")
-    elif encoding == "raw":
-        data = data[header_bytes:]
-    else:
-        return
-    available = len(data)
-    if name.endswith((".nii", ".nii.gz")):
-        voxel_bytes += _nifti_voxel_offset(data)
+        voxel_bytes += _nifti_voxel_offset(first)
     if available < voxel_bytes:
         raise VolumeFileError(f"{path} is truncated: it holds {available} of the {voxel_bytes} bytes its header "
                               "announces; copy it again from its source")
+
+
+def _inflated_size(stream, wbits, keep=540):
+    """(decompressed size, its first ``keep`` bytes, whether the stream ended) of a gzip/zlib stream.
+
+    Reads and decompresses in bounded pieces, so a large volume never sits in memory.
+    """
+    decompressor = zlib.decompressobj(wbits)
+    size, first, pending = 0, b"", b""
+    while not decompressor.eof:
+        pending = pending or stream.read(1 << 20)
+        if not pending:
+            break
+        piece = decompressor.decompress(pending, 1 << 24)
+        pending = decompressor.unconsumed_tail
+        first += piece[: max(keep - len(first), 0)]
+        size += len(piece)
+    return size, first, decompressor.eof
 
 
 def _nifti_voxel_offset(data):
