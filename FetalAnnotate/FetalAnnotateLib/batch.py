@@ -471,7 +471,7 @@ def _spawn_context():
     """
     if "python" not in Path(sys.executable).name.lower():
         raise FetalAnnotateError("worker processes need a Python executable: inside Slicer use jobs=1, or run "
-                                 "'PythonSlicer -m FetalAnnotateLib apply --jobs N ...' in a terminal")
+                                 "'fetalannotate apply --jobs N ...' in a terminal (pip install the repository)")
     return multiprocessing.get_context("spawn")
 
 
