@@ -6,7 +6,7 @@
 ``inpaint`` trains, evaluates and exports FetalInpaint's self-supervised features.
 
 Exit codes: 0 success, 1 some volumes failed, 2 nothing done (a usage error or refused input;
-the message says what to do, ``--verbose`` adds the traceback).
+the message says what to do, ``--verbose`` adds the traceback), 130 interrupted (Ctrl+C).
 """
 
 import argparse
@@ -237,7 +237,7 @@ def main(argv=None):
     display = ProgressDisplay()
     try:
         if args.command == "demo":
-            run_demo(args.output, args.seed, print_fn=display.log)
+            run_demo(args.output, args.seed)
             return EXIT_OK
         return run_apply(args, display)
     except (FetalAnnotateError, OSError) as error:
