@@ -145,9 +145,12 @@ def main(argv=None):
         method, dataset, style = job.split("@", 2)
         s = robot_benchmark.summarize(result["cases"], 10, args.cap)
         result["summary"] = {**s, **class_summary(result["cases"])}
-        print(f"{dataset:20s} {style:10s} {method:15s} {s['n']:3d} {s['seeds']:5d} {s['dice_r0']:18.3f} {s['dice_r5']:6.3f} "
-              f"{s['dice_r10']:6.3f} {s['dice_r1_r10']:6.3f} {s['worst_drop']:6.3f} {s['setup_s']:8.2f} "
+        run = [f"{s[f'dice_r{i}']:6.3f}" if args.cap >= i else f"{'-':>6s}" for i in (5, 10)]  # rounds not run: -
+        print(f"{dataset:20s} {style:10s} {method:15s} {s['n']:3d} {s['seeds']:5d} {s['dice_r0']:18.3f} {run[0]} "
+              f"{run[1]} {s['dice_r1_r10']:6.3f} {s['worst_drop']:6.3f} {s['setup_s']:8.2f} "
               f"{s['median_round_s']:8.2f} {result['peak_rss_mb']:11.0f}")
+    if args.cap < 10:
+        print(f"(--cap {args.cap}: r1-10 and drop over rounds 1-{args.cap}, the last repeated)")
     print("\nper-class Dice, round 0 / mean of rounds 1-10:")
     for job, result in results.items():
         method, dataset, style = job.split("@", 2)
