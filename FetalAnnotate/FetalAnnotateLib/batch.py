@@ -339,7 +339,7 @@ def apply_classifier_to_files(classifier_path, inputs, output_dir, *, overwrite=
     _check_extra_features(extra_features, n_extra)
     if int(jobs) < 1:
         raise FetalAnnotateError(f"jobs is {jobs}; give 1 or more")
-    context = _spawn_context() if int(jobs) > 1 else None
+    context = _worker_context() if int(jobs) > 1 else None
     output_dir = _checked_output_dir(output_dir)
     volumes, ignored = find_volumes(inputs)
     for path, reason in ignored:
@@ -464,15 +464,22 @@ def _run_in_workers(classifier_path, tasks, jobs, context, budget, estimates, fi
     return cancelled
 
 
-def _spawn_context():
-    """A spawn multiprocessing context (same behaviour on every OS); refused inside Slicer's GUI.
+def _worker_context():
+    """The multiprocessing context of the workers; refused inside Slicer's application.
 
-    Spawned workers run ``sys.executable``, which in Slicer is the application itself, not Python.
+    Where available, a fork server that imported the libraries once forks the workers, so
+    ``--jobs N`` pays the imports once instead of N times; elsewhere (Windows) workers are
+    spawned. Both start a fresh interpreter from ``sys.executable``, which in Slicer is the
+    application itself, not Python.
     """
     if "python" not in Path(sys.executable).name.lower():
         raise FetalAnnotateError("worker processes need a Python executable: inside Slicer use jobs=1, or run "
                                  "'fetalannotate apply --jobs N ...' in a terminal (pip install the repository)")
-    return multiprocessing.get_context("spawn")
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__, "sklearn.ensemble", "skops.io", "SimpleITK"])
+    return context
 
 
 _worker_classifier = None
