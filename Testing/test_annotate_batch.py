@@ -170,7 +170,7 @@ def test_batch_applies_a_saved_classifier_to_a_folder(trained, tmp_path):
     assert [item.output.name for item in items[1:]] == ["case1.seg.nrrd", "case2.seg.nrrd"]
     assert [item.status for item in items[1:]] == ["segmented", "segmented"]
     assert result.failed == [items[0]]
-    assert [(path.name, reason) for path, reason in result.ignored] == [("notes.txt", "not a volume file "
+    assert [(path.name, reason) for path, reason in result.skipped] == [("notes.txt", "not a volume file "
                                                                         "(.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd)")]
     read = slicerio.read_segmentation(str(items[1].output))
     assert [segment["name"] for segment in read["segments"]] == ["background", "fetus", "placenta"]
@@ -186,7 +186,7 @@ def test_batch_applies_a_saved_classifier_to_a_folder(trained, tmp_path):
     with open(result.report_csv, newline="") as stream:
         rows = list(csv.reader(stream))
     assert [len(row) for row in rows] == [12] * 4  # 6 columns and 2 per class, also for the failed volume
-    assert lines[0] == f"skipped {inputs / 'notes.txt'}: {result.ignored[0][1]}"
+    assert lines[0] == f"skipped {inputs / 'notes.txt'}: {result.skipped[0][1]}"
     assert lines[1].startswith("memory budget ")
 
 
@@ -211,7 +211,7 @@ def test_folder_inputs_skip_segmentations_probability_maps_and_feature_volumes(t
     result = apply_classifier_to_files(path, tmp_path, tmp_path)
 
     assert [item.source.name for item in result.items] == ["case.nrrd"]
-    reasons = {path.name: reason for path, reason in result.ignored}
+    reasons = {path.name: reason for path, reason in result.skipped}
     assert reasons == {
         "case_features.nrrd": "a volume of 2 components per voxel (e.g. exported features)",
         "case_fetus_probability.nrrd": "a probability map",

@@ -87,8 +87,8 @@ class BatchResult:
     ----------
     items : tuple of BatchItem
         One per volume of this run (this shard), in sorted input order.
-    ignored : tuple of (Path, str)
-        Files of the input folders that are not image volumes, with the reason.
+    skipped : tuple of (Path, str)
+        Inputs and files of input folders that are not image volumes, with the reason.
     class_names : tuple of str
         The classifier's classes, in the order of ``BatchItem.voxels``.
     report_csv, report_json : Path
@@ -96,7 +96,7 @@ class BatchResult:
     """
 
     items: tuple
-    ignored: tuple
+    skipped: tuple
     class_names: tuple
     report_csv: Path
     report_json: Path
@@ -128,7 +128,7 @@ def find_volumes(inputs):
     -------
     volumes : list of Path
         Sorted by path, each once.
-    ignored : list of (Path, str)
+    skipped : list of (Path, str)
         Segmentations, probability maps, multi-component volumes and other files found (or
         given), with the reason (see :func:`~FetalAnnotateLib.segio.not_an_image_volume`).
     """
@@ -142,15 +142,15 @@ def find_volumes(inputs):
             candidates.append(entry)
         else:
             raise FetalAnnotateError(f"input {entry} does not exist")
-    volumes, ignored, seen = [], [], set()
+    volumes, skipped, seen = [], [], set()
     for candidate in candidates:
         reason = not_an_image_volume(candidate)
         if reason is not None:
-            ignored.append((candidate, reason))
+            skipped.append((candidate, reason))
         elif candidate.resolve() not in seen:
             seen.add(candidate.resolve())
             volumes.append(candidate)
-    return sorted(volumes, key=str), ignored
+    return sorted(volumes, key=str), skipped
 
 
 def read_file_list(path):
@@ -289,7 +289,7 @@ def apply_classifier_to_files(classifier_path, inputs, output_dir, *, overwrite=
     inputs : str, Path or sequence of them
         Volume files (NIfTI, NRRD, MetaImage), DICOM series folders, or folders of them. Files
         of a folder that are not image volumes (segmentations, probability maps, feature
-        volumes, other files) are listed in ``BatchResult.ignored``.
+        volumes, other files) are listed in ``BatchResult.skipped``.
     output_dir : str or Path
         Folder for the ``.seg.nrrd`` files and the report (created if needed).
     overwrite : bool, default False
@@ -312,7 +312,7 @@ def apply_classifier_to_files(classifier_path, inputs, output_dir, *, overwrite=
         ``progress(fraction, message) -> bool``; returning True stops the batch (see Raises).
     log : callable, optional
         ``log(line)`` receives one line per event: the memory budget at the start, each
-        ignored file and each volume done.
+        skipped file and each volume done.
 
     Returns
     -------
@@ -341,12 +341,12 @@ def apply_classifier_to_files(classifier_path, inputs, output_dir, *, overwrite=
         raise FetalAnnotateError(f"jobs is {jobs}; give 1 or more")
     context = _worker_context() if int(jobs) > 1 else None
     output_dir = _checked_output_dir(output_dir)
-    volumes, ignored = find_volumes(inputs)
-    for path, reason in ignored:
+    volumes, skipped = find_volumes(inputs)
+    for path, reason in skipped:
         log(f"skipped {path}: {reason}")
     if not volumes:
         raise FetalAnnotateError(f"no image volume to segment in {_quoted(inputs)}"
-                                 + (f" ({len(ignored)} other files skipped)" if ignored else "")
+                                 + (f" ({len(skipped)} other files skipped)" if skipped else "")
                                  + "; give NIfTI/NRRD/MetaImage files, DICOM series folders or folders of them")
     outputs = _planned_outputs(volumes, output_dir)
     volumes = shard_of(volumes, shard)
@@ -386,7 +386,7 @@ def apply_classifier_to_files(classifier_path, inputs, output_dir, *, overwrite=
             cancelled = _run_in_workers(classifier_path, tasks, int(jobs), context, budget, estimates, finished)
     finally:
         items = tuple(done[source] for source in volumes if source in done)
-        result = BatchResult(items, tuple(ignored), tuple(saved.class_names), report_stem.with_suffix(".csv"),
+        result = BatchResult(items, tuple(skipped), tuple(saved.class_names), report_stem.with_suffix(".csv"),
                              report_stem.with_suffix(".json"))
         _write_report(result, classifier_path, settings)
     summary = (f"{sum(item.status != 'failed' for item in items)} of {len(volumes)} volumes segmented "
@@ -672,7 +672,7 @@ def _write_report(result, classifier_path, settings):
                    "classes": {name: {"voxels": count, "ml": ml}
                                for name, count, ml in zip(result.class_names, item.voxels, item.volumes_ml)}}
                   for item in result.items],
-        "skipped": [{"path": str(path), "reason": reason} for path, reason in result.ignored],
+        "skipped": [{"path": str(path), "reason": reason} for path, reason in result.skipped],
     }
     with atomic_path(result.report_json) as temporary:
         Path(temporary).write_text(json.dumps(content, indent=1), encoding="utf-8")
