@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from scipy import ndimage as ndi
 
 from FetalAnnotateLib import (
     FEATURE_PRESETS,
@@ -406,9 +407,10 @@ def test_enclosed_pseudo_labels_follow_closed_outlines():
 
 
 def outlined_strokes(inside, plane):
-    """A closed background frame around a foreground line, on one slice."""
+    """A closed background ring drawn tight around the object (3 voxels out) and a foreground
+    line inside it, on one slice."""
     strokes = np.zeros(inside.shape, np.uint8)
-    strokes[plane, 2, 2:-2] = strokes[plane, -3, 2:-2] = strokes[plane, 2:-2, 2] = strokes[plane, 2:-2, -3] = 1
+    strokes[plane][ndi.binary_dilation(inside[plane], iterations=4) & ~ndi.binary_dilation(inside[plane], iterations=3)] = 1
     z, y, x = np.nonzero(inside[plane : plane + 1])
     strokes[plane, int(y.mean()), x.min() + 2 : x.max() - 1] = 2
     return strokes
@@ -455,6 +457,42 @@ def test_outline_around_object_that_looks_like_its_surroundings():
     without = AnnotationSession(image[0]).update(strokes).labels == 2
     assert dice(with_outline, target) > 0.85
     assert dice(without, target) < dice(with_outline, target) - 0.15
+
+
+def test_outline_mode_refuses_a_loop_far_around_the_target_and_keeps_a_tight_ring():
+    image, inside = two_tissue_phantom(shape=(1, 96, 96))
+    strokes = np.zeros(inside.shape, np.uint8)
+    strokes[0, 48, 40:56] = 2  # a scribble in the bright object
+    loose = strokes.copy()
+    loose[0, 3, 3:-3] = loose[0, -4, 3:-3] = loose[0, 3:-3, 3] = loose[0, 3:-3, -4] = 1  # around everything
+    tight = strokes.copy()
+    tight[0][ndi.binary_dilation(inside[0], iterations=6) & ~ndi.binary_dilation(inside[0], iterations=4)] = 1
+
+    def probabilities(strokes, **kwargs):
+        return AnnotationSession(image, (2.0, 1.0, 1.0), **kwargs).update(strokes).probabilities
+
+    # The loop encloses mostly the dark tissue it is drawn in: read as strokes, not as an outline.
+    np.testing.assert_array_equal(probabilities(loose, enclosure_margin_mm=4.0), probabilities(loose))
+    # A ring drawn around the object is still an outline.
+    assert not np.allclose(probabilities(tight, enclosure_margin_mm=4.0), probabilities(tight), atol=1e-3)
+
+
+def test_enclosed_pseudo_labels_skip_contradicted_outlines():
+    strokes = np.zeros((1, 40, 80), np.uint8)
+    for left in (5, 45):
+        strokes[0, 5:35, left] = strokes[0, 5:35, left + 29] = strokes[0, 5, left:left + 30] = 1
+        strokes[0, 34, left:left + 30] = 1
+        strokes[0, 20, left + 10:left + 20] = 2
+    asked = []
+
+    def contradicts(index, outline_value, inner_value):
+        asked.append((outline_value, inner_value))
+        return np.unravel_index(index, strokes.shape)[2] > 40  # everything in the right outline
+
+    index, labels = enclosed_pseudo_labels(strokes, (1.0, 1.0, 1.0), 3.0, contradicts=contradicts)
+    columns = np.unravel_index(index, strokes.shape)[2]
+    assert index.size > 0 and columns.max() < 40 and set(labels) == {2}
+    assert sorted(asked) == [(1, 2), (1, 2)]
 
 
 def test_two_dimensional_image_is_one_slice():

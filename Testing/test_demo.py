@@ -16,7 +16,8 @@ def test_demo_writes_slicer_files_and_segments_the_phantom(tmp_path):
     strokes = slicerio.read_segmentation(str(tmp_path / "phantom_strokes.seg.nrrd"))
     assert [segment["name"] for segment in strokes["segments"]] == ["background", "fetus", "placenta"]
     assert np.count_nonzero(strokes["voxels"]) > 0
-    assert scores["fetus"] > 0.9
+    # The placenta is thin and curved: distance to its strokes alone made it 2.6 times too large (Dice 0.46).
+    assert scores["fetus"] > 0.95 and scores["background"] > 0.95 and scores["placenta"] > 0.9
     for name in ("phantom.nrrd", "phantom_fetus_probability.nrrd", "phantom_classifier.skops"):
         assert (tmp_path / name).stat().st_size > 0
 

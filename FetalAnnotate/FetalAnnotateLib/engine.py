@@ -46,11 +46,24 @@ DEFAULT_FOREST = {
 #: robot-user benchmark (docs/engine.md).
 OUTLINE_MARGIN_MM = 4.0
 
+#: Outline mode drops an outline when more than this share of the voxels it would teach look
+#: like the outline's class to the image forest and are geodesically nearer its strokes (a loop
+#: drawn far around the target encloses mostly the tissue it runs through; docs/engine.md).
+OUTLINE_CONTRADICTION_SHARE = 0.5
+
+#: At most this many evenly spread voxels of an outline's inside are checked for the above.
+OUTLINE_CHECK_VOXELS = 5000
+
 #: Outline mode on thick-slice stacks: while an enclosed class is painted on one slice, each
 #: cross-slice step of its stroke distances costs this many times the plain step
 #: (``AnnotationSession(single_slice_cross_cost=...)``), chosen on the robot-user benchmark
 #: (docs/engine.md).
 SINGLE_SLICE_CROSS_COST = 1.25
+
+#: Pseudo-label candidates that the forest on image features alone labels with at least this
+#: probability are taught as it labels them (``AnnotationSession(pseudo_image_confidence=...)``),
+#: chosen on the robot-user benchmark (docs/engine.md).
+PSEUDO_IMAGE_CONFIDENCE = 0.9
 
 #: Weight of the boundary term of the graph-cut label refinement (``AnnotationSession(smoothness=...)``),
 #: chosen on the robot-user benchmark (docs/engine.md).
@@ -232,6 +245,11 @@ class AnnotationSession:
         How much nearer (mm) a pseudo-labelled voxel must be to its class's strokes.
     pseudo_weight : float
         Sample weight of a pseudo-labelled voxel (a painted voxel weighs 1).
+    pseudo_image_confidence : float
+        The forest with stroke distances learns the pseudo-label candidates as the forest on
+        image features alone labels them wherever its top probability reaches this, and as
+        the geodesic distances label them elsewhere (see :meth:`_fit_forests`). Above 1 keeps
+        the geodesic labels only. Default :data:`PSEUDO_IMAGE_CONFIDENCE`.
     smoothness : float
         Weight of the boundary term of the graph-cut refinement of the labels
         (:func:`~FetalAnnotateLib.graphcut.graph_cut_labels`): label boundaries are kept short
@@ -277,9 +295,10 @@ class AnnotationSession:
         fold_mm=8.0,
         memory=MEMORY,
         memory_reach_mm=MEMORY_REACH_MM,
-        pseudo_labels=5000,
+        pseudo_labels=10000,
         pseudo_margin_mm=20.0,
         pseudo_weight=0.3,
+        pseudo_image_confidence=PSEUDO_IMAGE_CONFIDENCE,
         smoothness=SMOOTHNESS,
         enclosure_margin_mm=None,
         single_slice_cross_cost=SINGLE_SLICE_CROSS_COST,
@@ -302,6 +321,7 @@ class AnnotationSession:
         self.pseudo_labels = int(pseudo_labels)
         self.pseudo_margin_mm = float(pseudo_margin_mm)
         self.pseudo_weight = float(pseudo_weight)
+        self.pseudo_image_confidence = float(pseudo_image_confidence)
         self.smoothness = float(smoothness)
         self.enclosure_margin_mm = None if enclosure_margin_mm is None else float(enclosure_margin_mm)
         if not float(single_slice_cross_cost) >= 1.0:
@@ -333,6 +353,7 @@ class AnnotationSession:
         self._fold_cache = {}
         self._enclosed = None
         self._forest = None
+        self._image_forest = None
         self._classes = None
         self._strokes = None
         self._distances = None
@@ -397,14 +418,7 @@ class AnnotationSession:
         added_distances = {}
         if prior is not None and self.memory_reach_mm is not None:
             added_distances = self._distances_from_added(added)
-        self._distances, training = None, None
-        if self.spatial_context:
-            self._enclosed = None if self.enclosure_margin_mm is None else enclosed_pseudo_labels(
-                self._strokes, self.spacing, self.enclosure_margin_mm, self._anisotropy_ratio
-            )
-            self._distances, training = self._context_features(self._strokes, classes, added_distances)
-        report_progress(progress, 0.2, "training the forest")
-        self._forest = self._fit(self._strokes, training)
+        self._fit_forests(classes, added_distances, _scaled(progress, 0.0, 0.3))
         self._output_dtype = np.asarray(strokes).dtype
         self._prior = prior
         self._memory_fade = None if prior is None else self._fade_from(added_distances)
@@ -481,11 +495,26 @@ class AnnotationSession:
         """
         if self._strokes is None:
             raise StrokeError("no strokes yet; call update(strokes) first")
-        forest = self._fit(self._strokes, None)
         settings = dict(self.feature_settings, n_extra_features=self._n_extra)
-        return PixelClassifier(settings, forest, self._classes)
+        return PixelClassifier(settings, self._image_forest, self._classes)
 
     # ------------------------------------------------------------------ internals
+    def _class_distances(self, strokes, classes, added_distances=None):
+        """Per class (in ``classes`` order) its painted voxels (flat), step costs and distance map."""
+        for cache in (self._distance_cache, self._fold_cache):
+            for value in [v for v in cache if v not in classes]:
+                del cache[value]
+        flat_strokes = strokes.reshape(-1)
+        painted = np.flatnonzero(flat_strokes)
+        indices = [painted[flat_strokes[painted] == value] for value in classes]
+        added_distances = added_distances or {}
+        costs = [self._class_costs(value, index) for value, index in zip(classes, indices)]
+        distances = [
+            self._cached_distance(value, index, c, added_distances.get(value))
+            for value, index, c in zip(classes, indices, costs)
+        ]
+        return indices, costs, distances
+
     def _context_features(self, strokes, classes, added_distances=None):
         """Geodesic distance maps for prediction, and the painted voxels' own version of them.
 
@@ -506,18 +535,7 @@ class AnnotationSession:
         training : dict of int -> (flat voxel index, ndarray (n, n_context))
             Per class, its painted voxels and their leave-fold-out features.
         """
-        for cache in (self._distance_cache, self._fold_cache):
-            for value in [v for v in cache if v not in classes]:
-                del cache[value]
-        flat_strokes = strokes.reshape(-1)
-        painted = np.flatnonzero(flat_strokes)
-        indices = [painted[flat_strokes[painted] == value] for value in classes]
-        added_distances = added_distances or {}
-        costs = [self._class_costs(value, index) for value, index in zip(classes, indices)]
-        distances = [
-            self._cached_distance(value, index, c, added_distances.get(value))
-            for value, index, c in zip(classes, indices, costs)
-        ]
+        indices, costs, distances = self._class_distances(strokes, classes, added_distances)
         training = {}
         for k, (value, index) in enumerate(zip(classes, indices)):
             coordinates = np.unravel_index(index, self.shape)
@@ -595,10 +613,93 @@ class AnnotationSession:
 
         return rows
 
-    def _fit(self, strokes, training_context):
-        """Fit a forest on the painted voxels (at most ``max_training_voxels`` per class) and
-        geodesic pseudo-labels; ``training_context`` None fits on image features only."""
-        flat = strokes.reshape(-1)
+    def _fit_forests(self, classes, added_distances, progress):
+        """Fit the image forest (image features only) and, with spatial context, the context forest.
+
+        Both train on the painted voxels and on pseudo-labels of random voxels
+        (:meth:`_pseudo_label_candidates`). The image forest learns the candidates the geodesic
+        distances label clearly; it is what :meth:`pixel_classifier` returns. The context
+        forest learns the candidates as the image forest labels them wherever it is sure (top
+        probability at least ``pseudo_image_confidence``) and as the distances do elsewhere:
+        otherwise no voxel between two classes' strokes is taught, and the distance features,
+        which separate the training set on their own, decide the whole gap (the maternal tissue
+        along a thin placenta was taught nothing and became placenta). In outline mode it also
+        learns the voxels inside the outlines that :meth:`_tight_outlines` keeps.
+        """
+        self._distances, self._enclosed = None, None
+        report_progress(progress, 0.0, "stroke context")
+        if self.spatial_context:
+            if self.enclosure_margin_mm is not None:
+                self._enclosed = enclosed_pseudo_labels(
+                    self._strokes, self.spacing, self.enclosure_margin_mm, self._anisotropy_ratio
+                )
+            self._distances = self._class_distances(self._strokes, classes, added_distances)[2]
+        report_progress(progress, 0.5, "training the forests")
+        candidates, geodesic = self._fit_image_forest()
+        if not self.spatial_context:
+            self._forest = self._image_forest
+            return
+        if self._enclosed is not None and self._enclosed[0].size:
+            enclosed_classes = np.unique(self._enclosed[1])
+            self._enclosed = self._tight_outlines()
+            if not np.array_equal(np.unique(self._enclosed[1]), enclosed_classes):
+                # The step costs of a class depend on whether it is enclosed (_class_costs).
+                self._distances = self._class_distances(self._strokes, classes, added_distances)[2]
+                candidates, geodesic = self._fit_image_forest()
+        self._distances, training = self._context_features(self._strokes, classes, added_distances)
+        labels = geodesic
+        if candidates.size and self.pseudo_image_confidence <= 1.0:
+            image_rows = self._features.reshape(-1, self._features.shape[-1])
+            scores = self._image_forest.predict_proba(_take_rows(image_rows, candidates))
+            sure = scores.max(axis=1) >= self.pseudo_image_confidence
+            labels = np.where(sure, self._image_forest.classes_[np.argmax(scores, axis=1)], geodesic)
+        taught = labels != 0
+        pseudo = [(candidates[taught], labels[taught])]
+        if self._enclosed is not None:
+            index, label = self._enclosed
+            keep = _random_subset(index.size, self.pseudo_labels, np.random.default_rng(self.random_state))
+            pseudo.append((index[keep], label[keep]))
+        self._forest = self._fit(training, pseudo)
+
+    def _fit_image_forest(self):
+        """Fit the image forest on the strokes and the clear geodesic pseudo-labels; returns the
+        pseudo-label candidates and their geodesic labels (:meth:`_pseudo_label_candidates`)."""
+        candidates, geodesic = self._pseudo_label_candidates()
+        clear = geodesic != 0
+        self._image_forest = self._fit(None, [(candidates[clear], geodesic[clear])])
+        return candidates, geodesic
+
+    def _tight_outlines(self):
+        """The enclosed voxels of the outlines that the image and the distances do not contradict.
+
+        A voxel contradicts an outline when the image forest gives it the outline's class with
+        at least ``pseudo_image_confidence`` and it is geodesically nearer the outline's class
+        than the inner class; an outline is dropped when such voxels are more than
+        :data:`OUTLINE_CONTRADICTION_SHARE` of those it would teach (:func:`enclosed_pseudo_labels`).
+        A stroke drawn tight around an object encloses mostly the object, which either looks
+        unlike the outline's class or lies behind an edge; a loop drawn far around it (around
+        the whole body, or through the fluid around a fetus) encloses mostly the tissue it is
+        drawn in.
+        """
+        by_class = dict(zip(self._classes, self._distances))
+        image_rows = self._features.reshape(-1, self._features.shape[-1])
+
+        def contradicts(index, outline_value, inner_value):
+            scores = self._image_forest.predict_proba(_take_rows(image_rows, index))
+            looks_outside = scores[:, np.searchsorted(self._image_forest.classes_, outline_value)]
+            nearer_outside = (self._costs.values_at_index(by_class[outline_value], index)
+                              < self._costs.values_at_index(by_class[inner_value], index))
+            return (looks_outside >= self.pseudo_image_confidence) & nearer_outside
+
+        return enclosed_pseudo_labels(
+            self._strokes, self.spacing, self.enclosure_margin_mm, self._anisotropy_ratio, contradicts=contradicts
+        )
+
+    def _fit(self, training_context, pseudo):
+        """Fit a forest on the painted voxels (at most ``max_training_voxels`` per class) and the
+        ``pseudo`` list of (flat indices, labels) pairs, at ``pseudo_weight``;
+        ``training_context`` None fits on image features only."""
+        flat = self._strokes.reshape(-1)
         image_rows = self._features.reshape(-1, self._features.shape[-1])
         rng = np.random.default_rng(self.random_state)
         tables, labels = [], []
@@ -616,39 +717,36 @@ class AnnotationSession:
             tables.append(table)
             labels.append(np.full(index.size, value, flat.dtype))
         weights = [np.ones(len(t), np.float32) for t in tables]
-        if self._distances is not None:
-            pseudo = []
-            if self.pseudo_labels > 0:
-                pseudo.append(self._geodesic_pseudo_labels(rng))
-            if self._enclosed is not None:
-                index, label = self._enclosed
-                keep = _random_subset(index.size, self.pseudo_labels, rng)
-                pseudo.append((index[keep], label[keep]))
-            rows = self._rows(None if training_context is None else self._distances)
-            for index, label in pseudo:
-                tables.append(rows(index))
-                labels.append(label.astype(flat.dtype))
-                weights.append(np.full(label.size, self.pseudo_weight, np.float32))
+        rows = self._rows(None if training_context is None else self._distances)
+        for index, label in pseudo:
+            tables.append(rows(index))
+            labels.append(label.astype(flat.dtype))
+            weights.append(np.full(label.size, self.pseudo_weight, np.float32))
         forest = RandomForestClassifier(**self._forest_params)
         forest.fit(np.concatenate(tables), np.concatenate(labels), sample_weight=np.concatenate(weights))
         return forest
 
-    def _geodesic_pseudo_labels(self, rng):
-        """Flat indices and labels of random voxels that clearly belong to one stroke class.
+    def _pseudo_label_candidates(self):
+        """Random voxels to pseudo-label, and the class their geodesic distances give them (0: none).
 
         A voxel whose geodesic distance to its nearest stroke class is shorter by more than
         ``pseudo_margin_mm`` than to any other class gets that class. Painted voxels alone
-        are easily separable, so every tree stops after one split on some feature and the
-        forest votes feature by feature; these samples spread training over the volume and
-        let the trees learn what the classes look like away from the strokes.
+        are easily separable, so every tree would stop after one split on some feature and
+        the forest vote feature by feature; pseudo-labels spread training over the volume and
+        let the trees learn what the classes look like away from the strokes. No candidates
+        without spatial context or with ``pseudo_labels`` 0.
         """
+        dtype = self._strokes.dtype
+        if self._distances is None or self.pseudo_labels <= 0:
+            return np.zeros(0, np.int64), np.zeros(0, dtype)
+        rng = np.random.default_rng(self.random_state)
         n_voxels = int(np.prod(self.shape))
         index = np.sort(rng.choice(n_voxels, min(self.pseudo_labels, n_voxels), replace=False))
         at_voxels = np.stack([self._costs.values_at_index(d, index) for d in self._distances])
         nearest_two = np.sort(at_voxels, axis=0)[:2]
         clear = (nearest_two[1] - nearest_two[0]) > self.pseudo_margin_mm
-        labels = np.asarray(self._classes)[np.argmin(at_voxels[:, clear], axis=0)]
-        return index[clear], labels
+        labels = np.asarray(self._classes, dtype)[np.argmin(at_voxels, axis=0)]
+        return index, np.where(clear, labels, 0).astype(dtype)
 
     def _predict(self, region, progress):
         """Probabilities and stroke-consistent labels of the image or a region."""
@@ -861,7 +959,7 @@ def distance_features(distances):
     return np.stack(columns, axis=1).astype(np.float32, copy=False)
 
 
-def enclosed_pseudo_labels(strokes, spacing, margin_mm, anisotropy_ratio=1.5):
+def enclosed_pseudo_labels(strokes, spacing, margin_mm, anisotropy_ratio=1.5, contradicts=None):
     """Voxels inside a closed stroke outline, labelled with the class scribbled inside it.
 
     In every painted 2D plane (a 2D image; the slices of a thick-slice stack; the planes along
@@ -884,6 +982,11 @@ def enclosed_pseudo_labels(strokes, spacing, margin_mm, anisotropy_ratio=1.5):
     anisotropy_ratio : float
         A volume is a stack of slices when its largest spacing exceeds this times the smallest
         (:func:`~FetalAnnotateLib.features.slice_axis`).
+    contradicts : callable, optional
+        ``contradicts(flat_index, outline_value, inner_value) -> ndarray of bool``: which of
+        the voxels an outline would teach as the inner class speak for the outline's class.
+        An outline is skipped where they are more than :data:`OUTLINE_CONTRADICTION_SHARE` of
+        them (judged on at most :data:`OUTLINE_CHECK_VOXELS` evenly spread voxels).
 
     Returns
     -------
@@ -917,9 +1020,28 @@ def enclosed_pseudo_labels(strokes, spacing, margin_mm, anisotropy_ratio=1.5):
                 inside = hole_class[holes]
                 keep = (inside != 0) & (plane == 0)
                 keep &= ndi.distance_transform_edt(~outline, sampling=plane_spacing) > margin_mm
+                if contradicts is not None:
+                    keep &= _uncontradicted_holes(keep, holes, (axis, position), strokes.shape, outline_value,
+                                                  inside, contradicts)
                 np.moveaxis(found, axis, 0)[position][keep] = inside[keep]
     index = np.flatnonzero(found)
     return index, found.reshape(-1)[index]
+
+
+def _uncontradicted_holes(keep, holes, plane, shape, outline_value, inside, contradicts):
+    """The voxels of ``keep`` (one plane, ``plane`` = (axis, position)) in holes that
+    ``contradicts`` accepts (see :func:`enclosed_pseudo_labels`)."""
+    axis, position = plane
+    accepted = np.zeros(keep.shape, bool)
+    for hole in np.unique(holes[keep]):
+        taught = keep & (holes == hole)
+        coordinates = list(np.nonzero(taught))
+        coordinates.insert(axis, np.full(coordinates[0].size, position))
+        index = np.ravel_multi_index(tuple(coordinates), shape)
+        index = index[:: -(-index.size // OUTLINE_CHECK_VOXELS)]
+        if np.mean(contradicts(index, outline_value, inside[taught][0])) <= OUTLINE_CONTRADICTION_SHARE:
+            accepted |= taught
+    return accepted
 
 
 def _random_subset(n_items, max_items, rng):
