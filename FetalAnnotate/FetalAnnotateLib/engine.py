@@ -25,7 +25,7 @@ from .features import (
     normalize_intensity,
     slice_axis,
 )
-from .geodesic import GeodesicCosts
+from .geodesic import GeodesicCosts, cells_to_voxels
 from .graphcut import edge_contrast, graph_cut_labels, near_boundary
 from .validation import (
     FetalAnnotateError,
@@ -787,15 +787,8 @@ def predict_coarse_to_fine(forest, shape, rows, stride, confidence=0.65, progres
         forest, coarse_index.size, lambda a, b: rows(coarse_index[a:b]), progress=_scaled(progress, 0.0, 0.5)
     ).reshape((-1,) + grid.shape)
     uncertain = (coarse.max(axis=0) < confidence) | near_boundary(np.argmax(coarse, axis=0))
-    probabilities = coarse
-    refine = uncertain
-    for axis, step in enumerate(stride):
-        if step > 1:
-            probabilities = np.repeat(probabilities, step, axis=axis + 1)
-            refine = np.repeat(refine, step, axis=axis)
-    crop = tuple(slice(0, n) for n in shape)
-    probabilities = np.ascontiguousarray(probabilities[(slice(None),) + crop])
-    fine_index = np.flatnonzero(refine[crop])
+    probabilities = cells_to_voxels(coarse, stride, shape)
+    fine_index = np.flatnonzero(cells_to_voxels(uncertain, stride, shape))
     fine = predict_blockwise(
         forest, fine_index.size, lambda a, b: rows(fine_index[a:b]), progress=_scaled(progress, 0.5, 1.0)
     )
