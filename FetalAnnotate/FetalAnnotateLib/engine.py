@@ -149,7 +149,7 @@ class PixelClassifier:
         ----------
         image : ndarray, (z, y, x) or (y, x)
         spacing : sequence of float or None
-            Voxel spacing in mm, in the image's axis order.
+            Voxel spacing in mm, in the image's axis order (as for :class:`AnnotationSession`).
         progress : callable or None
             ``progress(fraction, message)``; returning True cancels.
         extra_features : ndarray (C, *image.shape), optional
@@ -173,9 +173,13 @@ class AnnotationSession:
     Parameters
     ----------
     image : ndarray, shape (z, y, x) or (y, x)
-        Scalar image; a 2D image is segmented as one slice. Not modified.
+        Scalar image of finite values (bool is read as 0 and 1); a 2D image is segmented as
+        one slice. A negative constant padding outside the field of view (-1000, -32768) is
+        left out of the intensity normalisation and does not add edges
+        (:func:`~FetalAnnotateLib.features.normalize_intensity`). Not modified.
     spacing : sequence of float, optional
-        Voxel spacing in mm in the image's axis order (default 1 mm).
+        Voxel spacing in mm in the image's axis order (default 1 mm); values outside
+        :data:`~FetalAnnotateLib.validation.SPACING_RANGE_MM` raise :class:`ImageError`.
     preset : str
         Image feature preset, a key of :data:`FEATURE_PRESETS`.
     extra_features : ndarray of shape (C, *image.shape), optional
@@ -384,7 +388,9 @@ class AnnotationSession:
         Parameters
         ----------
         strokes : ndarray of int, image shape
-            0 = unpainted, k > 0 = class k; at least two classes. Not modified.
+            0 = unpainted, k > 0 = class k; at least two and at most
+            :data:`~FetalAnnotateLib.validation.MAX_CLASSES` classes (float arrays must hold
+            whole numbers). Not modified.
         region : tuple of slice, optional
             Predict only this part of the image (e.g. the slice on screen); its labels skip
             the connected-component step, which needs the whole image.
