@@ -17,8 +17,15 @@ import numpy as np
 from scipy import ndimage as ndi
 from sklearn.ensemble import RandomForestClassifier
 
-from .features import compute_features, feature_settings_for, filter_axes, normalize_intensity, slice_axis
-from .geodesic import GeodesicCosts
+from .features import (
+    compute_features,
+    feature_settings_for,
+    filter_axes,
+    gaussian_smooth,
+    normalize_intensity,
+    slice_axis,
+)
+from .geodesic import GeodesicCosts, cells_to_voxels
 from .graphcut import edge_contrast, graph_cut_labels, near_boundary
 from .validation import (
     FetalAnnotateError,
@@ -155,7 +162,7 @@ class PixelClassifier:
         ----------
         image : ndarray, (z, y, x) or (y, x)
         spacing : sequence of float or None
-            Voxel spacing in mm, in the image's axis order.
+            Voxel spacing in mm, in the image's axis order (as for :class:`AnnotationSession`).
         progress : callable or None
             ``progress(fraction, message)``; returning True cancels.
         extra_features : ndarray (C, *image.shape), optional
@@ -179,9 +186,13 @@ class AnnotationSession:
     Parameters
     ----------
     image : ndarray, shape (z, y, x) or (y, x)
-        Scalar image; a 2D image is segmented as one slice. Not modified.
+        Scalar image of finite values (bool is read as 0 and 1); a 2D image is segmented as
+        one slice. A negative constant padding outside the field of view (-1000, -32768) is
+        left out of the intensity normalisation and does not add edges
+        (:func:`~FetalAnnotateLib.features.normalize_intensity`). Not modified.
     spacing : sequence of float, optional
-        Voxel spacing in mm in the image's axis order (default 1 mm).
+        Voxel spacing in mm in the image's axis order (default 1 mm); values outside
+        :data:`~FetalAnnotateLib.validation.SPACING_RANGE_MM` raise :class:`ImageError`.
     preset : str
         Image feature preset, a key of :data:`FEATURE_PRESETS`.
     extra_features : ndarray of shape (C, *image.shape), optional
@@ -398,7 +409,9 @@ class AnnotationSession:
         Parameters
         ----------
         strokes : ndarray of int, image shape
-            0 = unpainted, k > 0 = class k; at least two classes. Not modified.
+            0 = unpainted, k > 0 = class k; at least two and at most
+            :data:`~FetalAnnotateLib.validation.MAX_CLASSES` classes (float arrays must hold
+            whole numbers). Not modified.
         region : tuple of slice, optional
             Predict only this part of the image (e.g. the slice on screen); its labels skip
             the connected-component step, which needs the whole image.
@@ -878,15 +891,8 @@ def predict_coarse_to_fine(forest, shape, rows, stride, confidence=0.65, progres
         forest, coarse_index.size, lambda a, b: rows(coarse_index[a:b]), progress=_scaled(progress, 0.0, 0.5)
     ).reshape((-1,) + grid.shape)
     uncertain = (coarse.max(axis=0) < confidence) | near_boundary(np.argmax(coarse, axis=0))
-    probabilities = coarse
-    refine = uncertain
-    for axis, step in enumerate(stride):
-        if step > 1:
-            probabilities = np.repeat(probabilities, step, axis=axis + 1)
-            refine = np.repeat(refine, step, axis=axis)
-    crop = tuple(slice(0, n) for n in shape)
-    probabilities = np.ascontiguousarray(probabilities[(slice(None),) + crop])
-    fine_index = np.flatnonzero(refine[crop])
+    probabilities = cells_to_voxels(coarse, stride, shape)
+    fine_index = np.flatnonzero(cells_to_voxels(uncertain, stride, shape))
     fine = predict_blockwise(
         forest, fine_index.size, lambda a, b: rows(fine_index[a:b]), progress=_scaled(progress, 0.5, 1.0)
     )
@@ -1201,10 +1207,10 @@ def _label_dtype(stroke_dtype, classes):
 
 def _geodesic_image(volume, spacing, settings, sigma_mm=1.0):
     """Normalised intensity smoothed in-plane: the image the geodesic costs are read from."""
-    image = normalize_intensity(volume, settings.get("normalize_percentiles", (0.5, 99.5)))
+    image = normalize_intensity(volume, settings.get("normalize_percentiles", (0.5, 99.5)), spacing)
     axes = filter_axes(spacing, image.shape, settings.get("anisotropy_ratio", 1.5))
     sigma = tuple(sigma_mm / spacing[axis] if axis in axes else 0.0 for axis in range(3))
-    return ndi.gaussian_filter(image, sigma, mode="nearest")
+    return gaussian_smooth(image, sigma)
 
 
 def _with_extra_features(features, extra_features, n_extra, image_shape):
@@ -1221,10 +1227,14 @@ def _with_extra_features(features, extra_features, n_extra, image_shape):
             f"extra_features of shape {extra.shape} must be (channels, *image.shape) = "
             f"({n_extra}, {', '.join(map(str, image_shape))})"
         )
+    with np.errstate(over="ignore"):  # reported below
+        extra = np.moveaxis(extra.reshape((n_extra,) + features.shape[:-1]), 0, -1).astype(np.float32)
     if not np.isfinite(extra).all():
-        raise ImageError("extra_features contain NaN or infinite values; replace them first")
-    extra = np.moveaxis(extra.reshape((n_extra,) + features.shape[:-1]), 0, -1)
-    return np.concatenate([features, extra.astype(np.float32)], axis=-1)
+        raise ImageError(
+            "extra_features contain NaN, infinite or float32-overflowing (|x| > 3.4e38) values; "
+            "replace or rescale them first"
+        )
+    return np.concatenate([features, extra], axis=-1)
 
 
 def _scaled(progress, start, stop):
