@@ -2,8 +2,9 @@
 
 An :class:`AnnotationSession` holds one image. Its filter-bank features are computed once;
 each :meth:`AnnotationSession.update` adds stroke-dependent spatial context (geodesic
-distance to every stroke class), trains a random forest on the painted voxels plus voxels
-the geodesic distances label clearly, predicts coarse-to-fine and blockwise, smooths the
+distance to every stroke class), trains a random forest on the painted voxels plus random
+voxels labelled by a forest on image features alone where it is sure and by the geodesic
+distances where they are clear, predicts coarse-to-fine and blockwise, smooths the
 labels along image edges by a graph cut, and makes the label map consistent with the strokes
 (painted voxels keep their class, components not connected to their class's strokes are
 dropped). While strokes are only added, each round's probabilities keep a share of the previous
@@ -250,8 +251,9 @@ class AnnotationSession:
         ``memory``); None gives every voxel the weight ``memory``. Default
         :data:`MEMORY_REACH_MM`; not positive raises :class:`FetalAnnotateError`.
     pseudo_labels : int
-        Random voxels labelled by the geodesic distances (when clearly nearer one class's
-        strokes) added to the training set; 0 trains on painted voxels only.
+        Random voxels added to the training set, labelled by the geodesic distances (when
+        clearly nearer one class's strokes) or by the image forest (see
+        ``pseudo_image_confidence``); 0 trains on painted voxels only.
     pseudo_margin_mm : float
         How much nearer (mm) a pseudo-labelled voxel must be to its class's strokes.
     pseudo_weight : float
@@ -272,9 +274,9 @@ class AnnotationSession:
         slice, the strokes of a class form a closed outline around strokes of exactly one
         other class, unpainted voxels inside that outline and farther than this from it are
         added as pseudo-labels of the inner class ("outline around, scribble inside";
-        :func:`enclosed_pseudo_labels`). Off by default because a background scribble that
-        happens to loop around a target far from it would teach the whole loop's inside as
-        target.
+        :func:`enclosed_pseudo_labels`). An outline is dropped when most of what it would teach
+        looks like, and lies geodesically nearer, the outline's own class (a loop drawn far
+        around the target; :meth:`_tight_outlines`).
     single_slice_cross_cost : float >= 1
         Outline mode on a thick-slice stack: while a class that a closed outline encloses is
         painted on a single slice, each step across slices in its stroke distances costs this
