@@ -73,6 +73,11 @@ SINGLE_SLICE_CROSS_COST = 1.25
 #: chosen on the robot-user benchmark (docs/engine.md).
 PSEUDO_IMAGE_CONFIDENCE = 0.9
 
+#: The image forest relabels no pseudo-label candidates when, held out by checkerboard folds,
+#: more than this share of some class's painted voxels get another class with
+#: ``pseudo_image_confidence`` (docs/engine.md).
+IMAGE_TRUST_ERROR = 0.1
+
 #: Weight of the boundary term of the graph-cut label refinement (``AnnotationSession(smoothness=...)``),
 #: chosen on the robot-user benchmark (docs/engine.md).
 SMOOTHNESS = 3.0
@@ -663,7 +668,7 @@ class AnnotationSession:
                 candidates, geodesic = self._fit_image_forest()
         self._distances, training = self._context_features(self._strokes, classes, added_distances)
         labels = geodesic
-        if candidates.size and self.pseudo_image_confidence <= 1.0:
+        if candidates.size and self.pseudo_image_confidence <= 1.0 and self._image_forest_trusted():
             image_rows = self._features.reshape(-1, self._features.shape[-1])
             scores = self._image_forest.predict_proba(_take_rows(image_rows, candidates))
             sure = scores.max(axis=1) >= self.pseudo_image_confidence
@@ -683,6 +688,36 @@ class AnnotationSession:
         clear = geodesic != 0
         self._image_forest = self._fit(None, [(candidates[clear], geodesic[clear])])
         return candidates, geodesic
+
+    def _image_forest_trusted(self):
+        """Whether the image forest's sure labels may relabel the pseudo-label candidates.
+
+        The painted voxels are split into the checkerboard folds of ``fold_mm`` blocks, and a
+        forest on image features trained on one fold's strokes labels the other fold's. When
+        more than :data:`IMAGE_TRUST_ERROR` of some class's held-out painted voxels get
+        another class with at least ``pseudo_image_confidence``, the image alone is sure and
+        wrong about that class (an ultrasound head whose inside looks like its outside), and
+        the candidates keep their geodesic labels.
+        """
+        flat = self._strokes.reshape(-1)
+        painted = np.flatnonzero(flat)
+        fold = _checkerboard_fold(np.unravel_index(painted, self.shape), self.spacing, self.fold_mm)
+        image_rows = self._features.reshape(-1, self._features.shape[-1])
+        wrong = dict.fromkeys(self._classes, 0)
+        held_out = dict.fromkeys(self._classes, 0)
+        for part in (0, 1):
+            train, test = painted[fold != part], painted[fold == part]
+            if np.unique(flat[train]).size < len(self._classes) or test.size == 0:
+                continue
+            forest = RandomForestClassifier(**self._forest_params).fit(_take_rows(image_rows, train), flat[train])
+            scores = forest.predict_proba(_take_rows(image_rows, test))
+            sure_and_wrong = (scores.max(axis=1) >= self.pseudo_image_confidence) & (
+                forest.classes_[np.argmax(scores, axis=1)] != flat[test])
+            for value in self._classes:
+                own = flat[test] == value
+                wrong[value] += int(np.count_nonzero(sure_and_wrong & own))
+                held_out[value] += int(np.count_nonzero(own))
+        return all(wrong[value] <= IMAGE_TRUST_ERROR * held_out[value] for value in self._classes)
 
     def _tight_outlines(self):
         """The enclosed voxels of the outlines that the image and the distances do not contradict.
