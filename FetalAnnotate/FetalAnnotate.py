@@ -200,6 +200,7 @@ class FetalAnnotateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.thresholdSlider.connect("valueChanged(double)", self.onThresholdChanged)
         self.ui.saveClassifierButton.connect("clicked(bool)", self.onSaveClassifier)
         self.ui.applyClassifierButton.connect("clicked(bool)", self.onApplyClassifier)
+        self.ui.applyClassifierToFilesButton.connect("clicked(bool)", self.onApplyClassifierToFiles)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
 
         self.initializeParameterNode()
@@ -279,6 +280,7 @@ class FetalAnnotateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.thresholdSlider.enabled = idle and parameters.thresholdClass in classNames
         self.ui.saveClassifierButton.enabled = idle and bool(classNames)
         self.ui.applyClassifierButton.enabled = idle and bool(parameters.inputVolume)
+        self.ui.applyClassifierToFilesButton.enabled = idle
 
     def onClassSegmentsChanged(self, segmentIds):
         if self._parameterNode:
@@ -406,6 +408,27 @@ class FetalAnnotateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if result is not None:
             self.ui.statusLabel.text = _("Applied {file}: segments in {segmentation}.").format(
                 file=os.path.basename(path), segmentation=result.outputSegmentationNode.GetName())
+
+    def onApplyClassifierToFiles(self):
+        window = slicer.util.mainWindow()
+        path = qt.QFileDialog.getOpenFileName(window, _("Apply saved classifier to files"), "",
+                                              _("FetalAnnotate classifier (*.skops)"))
+        if not path:
+            return
+        inputFolder = qt.QFileDialog.getExistingDirectory(window, _("Folder of the volumes to segment"))
+        if not inputFolder:
+            return
+        outputFolder = qt.QFileDialog.getExistingDirectory(window, _("Folder for the segmentations and the report"))
+        if not outputFolder:
+            return
+        result = self.runWithProgress(_("Segmenting files"), lambda progress: self.logic.applyClassifierToFiles(
+            path, inputFolder, outputFolder, progress=progress))
+        if result is not None:
+            done = sum(item.status == "segmented" for item in result.items)
+            self.ui.statusLabel.text = _(
+                "Segmented {done} of {total} volumes ({failed} failed, {skipped} files skipped); report: {report}"
+            ).format(done=done, total=len(result.items), failed=len(result.failed), skipped=len(result.skipped),
+                     report=result.report_csv)
 
 
 #

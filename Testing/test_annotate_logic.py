@@ -401,6 +401,42 @@ def test_saved_classifier_applies_to_a_second_volume(phantom_scene, tmp_path):
     assert dice(fetus > 0, second.label_map == 2) > 0.5
 
 
+def test_apply_classifier_to_files_reports_progress_and_stops_on_cancel(phantom_scene, tmp_path):
+    import SimpleITK as sitk
+
+    import slicer
+
+    import FetalAnnotateLogic
+    from FetalAnnotateLib.phantom import make_phantom
+
+    volume, segmentation, _, _, _ = phantom_scene
+    logic = FetalAnnotateLogic.FetalAnnotateLogic()
+    logic.segment(volume, segmentation)
+    classifier = logic.saveClassifier(volume, tmp_path / "phantom.skops")
+    inputs = tmp_path / "volumes"
+    inputs.mkdir()
+    for index in range(3):
+        image = sitk.GetImageFromArray(make_phantom(shape=(6, 40, 40), seed=index).image)
+        sitk.WriteImage(image, str(inputs / f"case{index}.nrrd"))
+    messages = []
+
+    def cancel_in_the_second_volume(fraction, message):
+        messages.append((fraction, message))
+        return message.startswith("case1.nrrd")
+
+    cancelled = logic.applyClassifierToFiles(classifier, inputs, tmp_path / "out", progress=cancel_in_the_second_volume)
+
+    assert [(item.source.name, item.status) for item in cancelled.items] == [("case0.nrrd", "segmented")]
+    assert messages and all(0.0 <= fraction <= 1.0 for fraction, _ in messages)
+    finished = logic.applyClassifierToFiles(classifier, inputs, tmp_path / "out")  # headless: no dialog
+    assert [item.status for item in finished.items] == ["existing", "segmented", "segmented"]
+    assert sorted(path.name for path in (tmp_path / "out").glob("*.seg.nrrd")) == [
+        "case0.seg.nrrd", "case1.seg.nrrd", "case2.seg.nrrd"]
+    loaded = [node.GetName() for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
+              if node.GetAttribute("FetalAnnotate.ClassName") is None]
+    assert loaded == ["phantom"]  # nothing was loaded into the scene
+
+
 @pytest.mark.parametrize("kind", ["random bytes", "truncated", "pickle", "foreign skops", "other sklearn"])
 def test_bad_classifier_files_are_refused(phantom_scene, tmp_path, kind):
     import pickle

@@ -17,7 +17,14 @@ import numpy as np
 from scipy import ndimage as ndi
 from sklearn.ensemble import RandomForestClassifier
 
-from .features import compute_features, feature_settings_for, filter_axes, normalize_intensity, slice_axis
+from .features import (
+    compute_features,
+    feature_settings_for,
+    filter_axes,
+    gaussian_smooth,
+    normalize_intensity,
+    slice_axis,
+)
 from .geodesic import GeodesicCosts
 from .graphcut import edge_contrast, graph_cut_labels, near_boundary
 from .validation import (
@@ -1079,10 +1086,10 @@ def _label_dtype(stroke_dtype, classes):
 
 def _geodesic_image(volume, spacing, settings, sigma_mm=1.0):
     """Normalised intensity smoothed in-plane: the image the geodesic costs are read from."""
-    image = normalize_intensity(volume, settings.get("normalize_percentiles", (0.5, 99.5)))
+    image = normalize_intensity(volume, settings.get("normalize_percentiles", (0.5, 99.5)), spacing)
     axes = filter_axes(spacing, image.shape, settings.get("anisotropy_ratio", 1.5))
     sigma = tuple(sigma_mm / spacing[axis] if axis in axes else 0.0 for axis in range(3))
-    return ndi.gaussian_filter(image, sigma, mode="nearest")
+    return gaussian_smooth(image, sigma)
 
 
 def _with_extra_features(features, extra_features, n_extra, image_shape):
@@ -1099,10 +1106,14 @@ def _with_extra_features(features, extra_features, n_extra, image_shape):
             f"extra_features of shape {extra.shape} must be (channels, *image.shape) = "
             f"({n_extra}, {', '.join(map(str, image_shape))})"
         )
+    with np.errstate(over="ignore"):  # reported below
+        extra = np.moveaxis(extra.reshape((n_extra,) + features.shape[:-1]), 0, -1).astype(np.float32)
     if not np.isfinite(extra).all():
-        raise ImageError("extra_features contain NaN or infinite values; replace them first")
-    extra = np.moveaxis(extra.reshape((n_extra,) + features.shape[:-1]), 0, -1)
-    return np.concatenate([features, extra.astype(np.float32)], axis=-1)
+        raise ImageError(
+            "extra_features contain NaN, infinite or float32-overflowing (|x| > 3.4e38) values; "
+            "replace or rescale them first"
+        )
+    return np.concatenate([features, extra], axis=-1)
 
 
 def _scaled(progress, start, stop):

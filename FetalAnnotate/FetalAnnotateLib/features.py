@@ -8,7 +8,7 @@ between, so smoothing across them mixes unrelated anatomy. Isotropic volumes get
 import numpy as np
 from scipy import ndimage as ndi
 
-from .validation import report_progress
+from .validation import check_spacing, report_progress
 
 #: Named feature settings. Every value is JSON-able so a trained classifier can be saved with
 #: the settings that rebuild its features on another volume.
@@ -83,18 +83,86 @@ def filter_axes(spacing, shape, anisotropy_ratio=1.5):
     return tuple(axis for axis in range(3) if shape[axis] > 1 and axis != thick)
 
 
-def normalize_intensity(volume, percentiles=(0.5, 99.5)):
-    """Map the robust intensity range of ``volume`` to [0, 1] (float32, not clipped).
+#: Normalised intensities are clipped to this many robust ranges below 0 and above 1. Real
+#: images stay within about 3; a voxel beyond is a corrupt value (1e30) whose square would
+#: overflow the float32 features.
+OUTLIER_RANGES = 10.0
 
-    A subsample estimates the percentiles so that large volumes stay fast.
+#: Below this magnitude float32 arithmetic is exact enough; beyond it (a float64 image x 1e300)
+#: normalisation runs in float64 so that nothing overflows in the float32 cast.
+_FLOAT32_SAFE = 1e30
+
+
+def padding_value(volume, sample):
+    """The constant value that fills ``volume`` outside its field of view, or None.
+
+    Resampled or reoriented volumes are often padded with one negative value far below every
+    intensity (-1000, -32768). It is recognised as the image minimum when it is negative,
+    covers more than 0.5 % of ``sample``, touches a face of the volume, and the other voxels
+    are not negative (MR magnitudes, ultrasound) or lie above it by more than their own robust
+    range. A zero background (air, a masked or skull-stripped image) is image, not padding.
+
+    Parameters
+    ----------
+    volume : ndarray, shape (z, y, x)
+    sample : ndarray
+        A subsample of ``volume``'s voxels.
+    """
+    value = volume.min()
+    on_value = sample == value
+    if not value < 0 or on_value.mean() <= 0.005 or on_value.all():
+        return None
+    rest_low, rest_high = np.percentile(sample[~on_value], (0.5, 99.5))
+    if not (rest_low >= 0 or rest_low - value > rest_high - rest_low) or rest_high <= rest_low:
+        return None
+    touches_border = any(
+        np.any(np.take(volume, end, axis=axis) == value) for axis in range(3) for end in (0, -1)
+    )
+    return value if touches_border else None
+
+
+def normalize_intensity(volume, percentiles=(0.5, 99.5), spacing=(1.0, 1.0, 1.0)):
+    """Map the robust intensity range of the field of view of ``volume`` to [0, 1] (float32).
+
+    A subsample estimates the percentiles so that large volumes stay fast. Padding outside
+    the field of view (:func:`padding_value`) is left out of them and replaced by the nearest
+    voxel of the field of view, so it adds no edges to the features. Values more than
+    :data:`OUTLIER_RANGES` robust ranges outside [0, 1] are clipped.
+
+    Parameters
+    ----------
+    volume : ndarray, shape (z, y, x)
+        Finite real values; not modified.
+    percentiles : pair of float
+        Percentiles mapped to 0 and 1.
+    spacing : tuple of float
+        Voxel spacing (z, y, x) in mm: which field-of-view voxel is nearest to the padding.
+
+    Returns
+    -------
+    ndarray of float32, shape (z, y, x)
     """
     sample = volume.ravel()[:: max(1, volume.size // 1_000_000)]
+    padding = padding_value(volume, sample)
+    if padding is not None:
+        sample = sample[sample != padding]
     low, high = np.percentile(sample, percentiles)
     if high <= low:
-        low, high = float(volume.min()), float(volume.max())
-    out = volume.astype(np.float32, copy=True)
-    out -= np.float32(low)
-    out *= np.float32(1.0 / (high - low))
+        field = volume if padding is None else volume[volume != padding]
+        low, high = float(field.min()), float(field.max())
+    extremes = (abs(float(volume.min())), abs(float(volume.max())), abs(float(low)), abs(float(high)))
+    small_range = float(high) - float(low) < 1.0 / _FLOAT32_SAFE
+    work = np.float64 if max(extremes) >= _FLOAT32_SAFE or small_range else np.float32
+    out = volume.astype(work, copy=True)
+    out -= work(low)
+    out *= work(1.0 / (high - low))
+    np.clip(out, -OUTLIER_RANGES, 1.0 + OUTLIER_RANGES, out=out)
+    out = out.astype(np.float32, copy=False)
+    if padding is not None:
+        nearest = ndi.distance_transform_edt(
+            volume == padding, sampling=spacing, return_distances=False, return_indices=True
+        )
+        out = out[tuple(nearest)]
     return out
 
 
@@ -126,7 +194,8 @@ def compute_features(volume, spacing, settings, progress=None):
     features : ndarray of float32, shape (z, y, x, n_features)
         Voxel-major, so that blocks of voxels are contiguous rows for the classifier.
     """
-    image = normalize_intensity(volume, settings["normalize_percentiles"])
+    spacing = check_spacing(spacing, 3)
+    image = normalize_intensity(volume, settings["normalize_percentiles"], spacing)
     axes = filter_axes(spacing, image.shape, settings["anisotropy_ratio"])
     features = np.empty(image.shape + (count_features(settings),), np.float32)
     if settings["preset"] == "paper-table1":
@@ -151,9 +220,10 @@ def _scale_space_features(image, spacing, axes, settings, out, progress):
     filters = settings["filters"]
     scales = settings["scales_mm"]
     for index, scale in enumerate(scales):
-        report_progress(progress, index / len(scales), f"image features at {scale:g} mm")
+        fraction, message = index / len(scales), f"image features at {scale:g} mm"
+        report_progress(progress, fraction, message)
         sigma = _sigmas(scale, spacing, axes)
-        smooth = ndi.gaussian_filter(image, sigma, mode="nearest")
+        smooth = gaussian_smooth(image, sigma, progress, fraction, message)
         for name in filters:
             if name == "gaussian":
                 out[..., channel] = smooth
@@ -162,11 +232,44 @@ def _scale_space_features(image, spacing, axes, settings, out, progress):
             elif name == "laplacian":
                 out[..., channel] = _laplacian(smooth, spacing, axes) * np.float32(scale**2)
             elif name == "std":
-                second_moment = ndi.gaussian_filter(image * image, sigma, mode="nearest")
+                second_moment = gaussian_smooth(image * image, sigma, progress, fraction, message)
                 np.sqrt(np.maximum(second_moment - smooth * smooth, 0.0), out=out[..., channel])
             else:
                 raise ValueError(f"unknown filter {name!r}")
             channel += 1
+
+
+def gaussian_smooth(image, sigma, progress=None, fraction=0.0, message="smoothing"):
+    """``scipy.ndimage.gaussian_filter(image, sigma, mode="nearest")``, one axis at a time.
+
+    A cancel request is honoured between axes, and each sigma is bounded by the length of
+    its axis: a wider kernel only flattens that axis further, at a cost that grows with its
+    width (millions of taps for a spacing given in metres).
+
+    Parameters
+    ----------
+    image : ndarray of float32, shape (z, y, x)
+    sigma : sequence of float
+        Per axis, in voxels; 0 leaves the axis unfiltered.
+    progress : callable or None
+        ``progress(fraction, message)``; returning True cancels.
+    fraction : float
+        Progress reported while smoothing.
+    message : str
+        What is being done.
+
+    Returns
+    -------
+    ndarray of float32, shape (z, y, x)
+        A new array, or ``image`` itself when no axis is filtered.
+    """
+    out = None
+    for axis, width in enumerate(sigma):
+        if width > 1e-15:  # as scipy.ndimage.gaussian_filter: smaller sigmas leave the axis alone
+            report_progress(progress, fraction, message)
+            source = image if out is None else out
+            out = ndi.gaussian_filter1d(source, min(width, image.shape[axis]), axis=axis, output=out, mode="nearest")
+    return image if out is None else out
 
 
 def _gradient_magnitude(smooth, spacing, axes):

@@ -5,6 +5,18 @@ Every check returns new arrays or read-only views; the caller's arrays are never
 
 import numpy as np
 
+#: Plausible voxel spacing in mm (fetal MRI 0.3-10 mm, ultrasound pixels from 0.05 mm). Outside
+#: it the unit is almost surely wrong (metres, micrometres), and the feature scales in mm
+#: would be filters of millions of taps or of less than one voxel.
+SPACING_RANGE_MM = (0.01, 20.0)
+
+#: Most stroke classes one session segments: class indices are stored in 8 bits, as in a
+#: uint8 labelmap.
+MAX_CLASSES = 255
+
+#: Largest class value of float strokes (they are converted to int64 labels).
+_MAX_FLOAT_CLASS_VALUE = 2**31 - 1
+
 
 class FetalAnnotateError(ValueError):
     """Base class of the errors raised by FetalAnnotateLib for bad input."""
@@ -49,7 +61,7 @@ def check_image(image):
     Returns
     -------
     volume : ndarray, shape (z, y, x)
-        A view of ``image`` (2D input gets a leading axis of length 1).
+        A view of ``image`` (2D input gets a leading axis of length 1; bool is viewed as uint8).
     """
     volume = np.asarray(image)
     if volume.dtype.kind == "c" or volume.dtype.kind not in "biuf":
@@ -57,6 +69,8 @@ def check_image(image):
             f"image of dtype {volume.dtype} is not a scalar intensity image; "
             "convert it to a real-valued scalar volume first"
         )
+    if volume.dtype == bool:  # a mask as an image: 0 and 1 intensities
+        volume = volume.view(np.uint8)
     if volume.ndim == 2:
         volume = volume[np.newaxis]
     elif volume.ndim == 4:
@@ -66,7 +80,9 @@ def check_image(image):
             "conversion)"
         )
     elif volume.ndim != 3:
-        raise ImageError(f"image must be 3D (z, y, x) or 2D (y, x), got {volume.ndim} dimensions")
+        raise ImageError(
+            f"image must be 3D (z, y, x) or 2D (y, x), got {volume.ndim} dimensions; pass one scalar volume"
+        )
     if volume.size == 0:
         raise ImageError("image is empty; load a volume with voxels before annotating")
     if volume.dtype.kind == "f" and not np.isfinite(volume).all():
@@ -79,12 +95,13 @@ def check_image(image):
 
 
 def check_spacing(spacing, ndim):
-    """Return the voxel spacing as a tuple of ``ndim`` positive floats in mm (None -> 1.0).
+    """Return the voxel spacing as a tuple of 3 floats in mm (None -> 1.0; 2D: (1.0, y, x)).
 
     Parameters
     ----------
     spacing : sequence of float or None
-        Spacing in (z, y, x) order for 3D, (y, x) for 2D, or None for 1 mm.
+        Spacing in mm, in (z, y, x) order for 3D, (y, x) for 2D, or None for 1 mm. Each value
+        must lie in :data:`SPACING_RANGE_MM`.
     ndim : int
         Number of dimensions of the image as given by the caller (2 or 3).
     """
@@ -93,8 +110,19 @@ def check_spacing(spacing, ndim):
     values = tuple(float(s) for s in np.ravel(spacing))
     if len(values) != ndim:
         raise ImageError(f"spacing {values} must have {ndim} values (one per image axis, z y x)")
+    how_to_fix = "set the volume's spacing in mm (in Slicer: Volumes module, Volume Information, Image Spacing)"
     if not all(np.isfinite(s) and s > 0 for s in values):
-        raise ImageError(f"spacing {values} must be positive millimetres")
+        raise ImageError(f"spacing {values} must be positive and finite; {how_to_fix}")
+    smallest, largest = SPACING_RANGE_MM
+    if min(values) < smallest:
+        raise ImageError(
+            f"spacing {values} has a value below {smallest} mm: it looks like metres; {how_to_fix}"
+        )
+    if max(values) > largest:
+        raise ImageError(
+            f"spacing {values} has a value above {largest:g} mm: it looks like micrometres or a "
+            f"wrong header; {how_to_fix}"
+        )
     return values if ndim == 3 else (1.0,) + values
 
 
@@ -117,10 +145,16 @@ def check_strokes(strokes, shape):
     """
     labels = np.asarray(strokes)
     if labels.dtype.kind not in "biu":
-        if labels.dtype.kind == "f" and np.all(np.mod(labels, 1) == 0):
-            labels = labels.astype(np.int64)
-        else:
-            raise StrokeError(f"strokes must be an integer label array, got dtype {labels.dtype}")
+        if not _whole_class_values(labels):
+            found = f"dtype {labels.dtype}"
+            if labels.dtype.kind == "f":
+                found += f" with values from {np.nanmin(labels):g} to {np.nanmax(labels):g}"
+            raise StrokeError(
+                f"strokes must be integer class labels (0 = unpainted, k > 0 = class k, at most "
+                f"{_MAX_FLOAT_CLASS_VALUE}), got {found}; paint the strokes in a labelmap or "
+                "segmentation, not in a scalar volume"
+            )
+        labels = labels.astype(np.int64)
     if labels.ndim == 2 and shape[0] == 1:
         labels = labels[np.newaxis]
     if labels.shape != tuple(shape):
@@ -129,8 +163,16 @@ def check_strokes(strokes, shape):
             "paint the strokes on a labelmap with the image's geometry"
         )
     if labels.dtype.kind == "i" and labels.min() < 0:
-        raise StrokeError("strokes must be >= 0 (0 = unpainted, k > 0 = class k)")
+        raise StrokeError(
+            f"strokes must be >= 0 (0 = unpainted, k > 0 = class k), got {labels.min()}; "
+            "paint every class with a positive label value"
+        )
     classes = tuple(int(c) for c in np.unique(labels) if c != 0)
+    if len(classes) > MAX_CLASSES:
+        raise StrokeError(
+            f"strokes have {len(classes)} classes, more than the {MAX_CLASSES} one session "
+            "segments; merge classes, or segment the image in several passes"
+        )
     if not classes:
         raise StrokeError("no strokes painted; paint at least one stroke of two different classes")
     if len(classes) < 2:
@@ -139,3 +181,12 @@ def check_strokes(strokes, shape):
             "(e.g. background) so the classifier can tell them apart"
         )
     return labels, classes
+
+
+def _whole_class_values(labels):
+    """Whether a float array holds only whole numbers from 0 to ``_MAX_FLOAT_CLASS_VALUE``."""
+    if labels.dtype.kind != "f":
+        return False
+    with np.errstate(invalid="ignore"):  # NaN fails every comparison
+        in_range = np.all((labels >= 0) & (labels <= _MAX_FLOAT_CLASS_VALUE))
+    return bool(in_range and np.all(np.mod(labels, 1) == 0))

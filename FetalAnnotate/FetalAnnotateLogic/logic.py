@@ -663,6 +663,66 @@ class FetalAnnotateLogic:
         resultIds = self.writeResultSegments(volumeNode, None, outputSegmentationNode, classNames, masks, None)
         return SegmentResult(tuple(classNames), tuple(resultIds), tuple(probabilityNodes), outputSegmentationNode)
 
+    @staticmethod
+    def applyClassifierToFiles(classifierPath, inputs, outputFolder, *, overwrite=False, extraFeatures=None,
+                               progress=None):
+        """Segment volume files with a saved classifier, one after the other in this process.
+
+        The same batch as ``fetalannotate apply`` and
+        :func:`FetalAnnotateLib.batch.apply_classifier_to_files` (see it for the inputs, the
+        outputs and the volumetry report): nothing is loaded into the scene, existing outputs are
+        kept unless ``overwrite``, and a volume that fails is reported without stopping the others.
+        For worker processes, run the command line outside Slicer.
+
+        Parameters
+        ----------
+        classifierPath : str or Path
+            A ``.skops`` file written by :meth:`saveClassifier`.
+        inputs : str, Path or sequence of them
+            Volume files, DICOM series folders, or folders of them.
+        outputFolder : str or Path
+            Where the ``.seg.nrrd`` files and the report go.
+        overwrite : bool
+            Segment volumes whose output exists again.
+        extraFeatures : str, optional
+            For a classifier trained with extra feature channels: each volume's feature file,
+            with ``{name}`` for the volume's name, e.g. ``"features/{name}_features.nrrd"``.
+        progress : callable, optional
+            ``progress(fraction, message) -> bool``; True stops after the current volume. When
+            omitted, in the Slicer application a progress dialog with a Cancel button shows the
+            progress (and the status bar the current volume); headless, nothing is shown.
+
+        Returns
+        -------
+        FetalAnnotateLib.batch.BatchResult
+            Also when cancelled: then it lists the volumes done before the stop (their outputs
+            and the report are kept).
+        """
+        import logging
+
+        from FetalAnnotateLib.batch import BatchCancelled, apply_classifier_to_files
+
+        dialog = None
+        if progress is None and getattr(slicer, "app", None) is not None and slicer.util.mainWindow() is not None:
+            dialog = slicer.util.createProgressDialog(windowTitle="Segmenting files", labelText="Starting")
+
+            def progress(fraction, message):
+                dialog.value = int(100 * fraction)
+                dialog.labelText = message
+                slicer.util.showStatusMessage(f"Segmenting files: {message}")
+                slicer.app.processEvents()
+                return dialog.wasCanceled
+
+        try:
+            return apply_classifier_to_files(classifierPath, inputs, outputFolder, overwrite=overwrite, jobs=1,
+                                             extra_features=extraFeatures, progress=progress, log=logging.info)
+        except BatchCancelled as cancelled:
+            logging.info(str(cancelled))
+            return cancelled.result
+        finally:
+            if dialog is not None:
+                dialog.close()
+
     def exportSegmentation(self, segmentationNode, segmentIds, volumeNode, path):
         """Write segments to a ``.seg.nrrd`` on the volume's voxel grid (world position, for linear transforms).
 

@@ -19,7 +19,7 @@ class TrainConfig:
     ----------
     corruptor : {"shapes", "holes", "toss"}, default "shapes"
     strength : float, default 0.2
-        Fraction of each patch hidden (seed paper: 20 %).
+        Fraction of each patch hidden (reference paper: 20 %).
     corruptor_params : dict
         Extra corruptor arguments (``size``, ``kinds``).
     epochs : int, default 20

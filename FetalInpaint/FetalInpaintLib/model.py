@@ -26,7 +26,7 @@ class InpaintingAutoencoder(nn.Module):
 
     The encoder has ``depth + 1`` conv blocks with ``base_channels * 2**i`` channels and a 2x2
     max-pooling between consecutive blocks, so the bottleneck has ``base_channels * 2**depth``
-    channels at 1 / 2**depth of the input resolution (seed paper: 32 -> 512 channels in five
+    channels at 1 / 2**depth of the input resolution (reference paper: 32 -> 512 channels in five
     blocks, i.e. ``base_channels=32, depth=4``). The decoder mirrors it with nearest-neighbour
     upsampling. Being fully convolutional, the encoder runs on whole slices of any size; inputs
     whose sides are not multiples of 2**depth are edge-padded and the output cropped back.
