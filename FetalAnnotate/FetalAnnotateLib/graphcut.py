@@ -89,6 +89,8 @@ def graph_cut_labels(probabilities, labels, image, spacing, smoothness, contrast
         stay = np.zeros(voxels.size, np.uint8)
         flat_labels[voxels] = _solve_moves(costs[0], costs[1], pairs, stay, 1, flat_labels[pairs[1][1]])
         return labels
+    # The band's pairs once; each move takes its share of them (_move_pairs).
+    band_pairs = _neighbour_pairs(voxels, shape, image, spacing, smoothness, contrast)
     for _ in range(cycles):
         for alpha in range(n_classes):
             # An expansion move only concerns voxels not labelled alpha yet and not unlikely to be
@@ -97,7 +99,7 @@ def graph_cut_labels(probabilities, labels, image, spacing, smoothness, contrast
             if movable.size == 0:
                 continue
             moving = voxels[movable]
-            pairs = _neighbour_pairs(moving, shape, image, spacing, smoothness, contrast)
+            pairs = _move_pairs(band_pairs, voxels, movable)
             stay = flat_labels[moving]
             stay_cost = np.take_along_axis(costs[:, movable], stay[None].astype(np.intp), axis=0)[0]
             move = _solve_moves(stay_cost, costs[alpha, movable], pairs, stay, alpha, flat_labels[pairs[1][1]])
@@ -160,6 +162,28 @@ def _neighbour_pairs(voxels, shape, image, spacing, smoothness, contrast):
             for store, values in zip(outer, (p[~both], q[~both], weight[~both])):
                 store.append(values)
     return tuple(np.concatenate(s) for s in inner), tuple(np.concatenate(s) for s in outer)
+
+
+def _move_pairs(band_pairs, voxels, movable):
+    """The :func:`_neighbour_pairs` of ``voxels[movable]``, taken from those of ``voxels``.
+
+    A pair of two band voxels of which only one moves becomes a pair with a fixed neighbour.
+    """
+    (i, j, w_inner), (p, q, w_outer) = band_pairs
+    position = np.full(voxels.size, -1, np.int64)
+    position[movable] = np.arange(movable.size)
+    i_node, j_node, p_node = position[i], position[j], position[p]
+    both = (i_node >= 0) & (j_node >= 0)
+    only_i = (i_node >= 0) & (j_node < 0)
+    only_j = (i_node < 0) & (j_node >= 0)
+    outer = p_node >= 0
+    inner = (i_node[both], j_node[both], w_inner[both])
+    outer = (
+        np.concatenate([p_node[outer], i_node[only_i], j_node[only_j]]),
+        np.concatenate([q[outer], voxels[j[only_i]], voxels[i[only_j]]]),
+        np.concatenate([w_outer[outer], w_inner[only_i], w_inner[only_j]]),
+    )
+    return inner, outer
 
 
 def _solve_moves(unary0, unary1, pairs, stay, move_to, fixed_labels):
