@@ -105,7 +105,7 @@ def test_relative_links_of_the_docs_exist(document):
 
 
 #: Import names of distributions whose import name is not their project name.
-IMPORT_NAMES = {"scikit-learn": "sklearn", "scikit-image": "skimage", "pynrrd": "nrrd", "PyMaxflow": "maxflow"}
+IMPORT_NAMES = {"scikit-learn": "sklearn", "scikit-image": "skimage", "pynrrd": "nrrd"}
 
 
 def test_every_runtime_dependency_is_imported():

@@ -3,13 +3,18 @@
 The forest labels each voxel on its own; :func:`graph_cut_labels` trades its probabilities
 against the length of the label boundary, where a boundary across an intensity edge costs
 little and one through homogeneous tissue a lot. Only an uncertain band of voxels is solved,
-so a round stays interactive; minimum cuts come from PyMaxflow (Boykov-Kolmogorov).
+so a round stays interactive; maximum flows come from :func:`scipy.sparse.csgraph.maximum_flow`.
 """
 
-import maxflow
 import numpy as np
 from scipy import ndimage as ndi
+from scipy import sparse
+from scipy.sparse import csgraph
 
+#: Capacities are integers for scipy's maximum flow: energies (nats) times this, or less when
+#: the total source capacity (which bounds the flow) would not fit in int32.
+_CAPACITY_SCALE = 1000.0
+_MAX_TOTAL_CAPACITY = 2.0**30
 #: Probabilities are clipped here before the log, so one voxel costs at most ~9 nats.
 _MIN_PROBABILITY = 1e-4
 #: Alpha-expansion leaves out voxels whose probability of alpha is below 5 %.
@@ -203,17 +208,23 @@ def _solve_moves(unary0, unary1, pairs, stay, move_to, fixed_labels):
 
 
 def _min_cut(unary0, unary1, i, j, pair_capacity):
-    """x in {0, 1} per node minimising sum unary_x + sum pair_capacity * [x_i = 0, x_j = 1].
-
-    Boykov-Kolmogorov maximum flow (PyMaxflow), made for grid graphs like these: on the 9-class
-    atlas volumes about 10x faster than :func:`scipy.sparse.csgraph.maximum_flow`.
-    """
+    """x in {0, 1} per node minimising sum unary_x + sum pair_capacity * [x_i = 0, x_j = 1]."""
     n = unary0.size
-    graph = maxflow.Graph[float](n, i.size)
-    nodes = graph.add_nodes(n)
-    difference = (unary1 - unary0).astype(np.float64)
-    # Node on the source side: x = 0; cutting its source edge puts it on the sink side (x = 1).
-    graph.add_grid_tedges(nodes, np.maximum(difference, 0.0), np.maximum(-difference, 0.0))
-    graph.add_edges(i, j, pair_capacity.astype(np.float64), np.zeros(i.size))
-    graph.maxflow()
-    return graph.get_grid_segments(nodes).view(np.uint8)
+    source, sink = n, n + 1
+    difference = unary1 - unary0
+    nodes = np.arange(n)
+    rows = np.concatenate([np.full(n, source), nodes, i])
+    cols = np.concatenate([nodes, np.full(n, sink), j])
+    capacity = np.concatenate([np.maximum(difference, 0), np.maximum(-difference, 0), pair_capacity])
+    scale = min(_CAPACITY_SCALE, _MAX_TOTAL_CAPACITY / max(float(capacity[:n].sum()), 1.0))
+    capacity = np.rint(capacity * scale).astype(np.int32)
+    keep = capacity > 0
+    graph = sparse.csr_matrix((capacity[keep], (rows[keep], cols[keep])), shape=(n + 2, n + 2))
+    flow = csgraph.maximum_flow(graph, source, sink).flow
+    residual = (graph + 0 * graph.T).tocsr() - flow
+    residual.data = np.maximum(residual.data, 0)
+    residual.eliminate_zeros()
+    reachable = csgraph.breadth_first_order(residual, source, directed=True, return_predecessors=False)
+    x = np.ones(n, np.uint8)
+    x[reachable[reachable < n]] = 0
+    return x
