@@ -25,7 +25,7 @@ from .features import (
     normalize_intensity,
     slice_axis,
 )
-from .geodesic import GeodesicCosts
+from .geodesic import GeodesicCosts, cells_to_voxels
 from .graphcut import edge_contrast, graph_cut_labels, near_boundary
 from .validation import (
     FetalAnnotateError,
@@ -149,7 +149,7 @@ class PixelClassifier:
         ----------
         image : ndarray, (z, y, x) or (y, x)
         spacing : sequence of float or None
-            Voxel spacing in mm, in the image's axis order.
+            Voxel spacing in mm, in the image's axis order (as for :class:`AnnotationSession`).
         progress : callable or None
             ``progress(fraction, message)``; returning True cancels.
         extra_features : ndarray (C, *image.shape), optional
@@ -173,9 +173,13 @@ class AnnotationSession:
     Parameters
     ----------
     image : ndarray, shape (z, y, x) or (y, x)
-        Scalar image; a 2D image is segmented as one slice. Not modified.
+        Scalar image of finite values (bool is read as 0 and 1); a 2D image is segmented as
+        one slice. A negative constant padding outside the field of view (-1000, -32768) is
+        left out of the intensity normalisation and does not add edges
+        (:func:`~FetalAnnotateLib.features.normalize_intensity`). Not modified.
     spacing : sequence of float, optional
-        Voxel spacing in mm in the image's axis order (default 1 mm).
+        Voxel spacing in mm in the image's axis order (default 1 mm); values outside
+        :data:`~FetalAnnotateLib.validation.SPACING_RANGE_MM` raise :class:`ImageError`.
     preset : str
         Image feature preset, a key of :data:`FEATURE_PRESETS`.
     extra_features : ndarray of shape (C, *image.shape), optional
@@ -384,7 +388,9 @@ class AnnotationSession:
         Parameters
         ----------
         strokes : ndarray of int, image shape
-            0 = unpainted, k > 0 = class k; at least two classes. Not modified.
+            0 = unpainted, k > 0 = class k; at least two and at most
+            :data:`~FetalAnnotateLib.validation.MAX_CLASSES` classes (float arrays must hold
+            whole numbers). Not modified.
         region : tuple of slice, optional
             Predict only this part of the image (e.g. the slice on screen); its labels skip
             the connected-component step, which needs the whole image.
@@ -787,15 +793,8 @@ def predict_coarse_to_fine(forest, shape, rows, stride, confidence=0.65, progres
         forest, coarse_index.size, lambda a, b: rows(coarse_index[a:b]), progress=_scaled(progress, 0.0, 0.5)
     ).reshape((-1,) + grid.shape)
     uncertain = (coarse.max(axis=0) < confidence) | near_boundary(np.argmax(coarse, axis=0))
-    probabilities = coarse
-    refine = uncertain
-    # Each voxel takes its cell's value; the last axis first, while the array is smallest
-    # (3x faster than numpy.repeat and a crop).
-    for axis in reversed(range(3)):
-        cell = np.arange(shape[axis]) // stride[axis]
-        probabilities = np.take(probabilities, cell, axis=axis + 1)
-        refine = np.take(refine, cell, axis=axis)
-    fine_index = np.flatnonzero(refine)
+    probabilities = cells_to_voxels(coarse, stride, shape)
+    fine_index = np.flatnonzero(cells_to_voxels(uncertain, stride, shape))
     fine = predict_blockwise(
         forest, fine_index.size, lambda a, b: rows(fine_index[a:b]), progress=_scaled(progress, 0.5, 1.0)
     )
