@@ -183,12 +183,12 @@ def _move_pairs(band_pairs, voxels, movable):
     both = (i_node >= 0) & (j_node >= 0)
     only_i = (i_node >= 0) & (j_node < 0)
     only_j = (i_node < 0) & (j_node >= 0)
-    outer = p_node >= 0
+    p_moves = p_node >= 0
     inner = (i_node[both], j_node[both], w_inner[both])
     outer = (
-        np.concatenate([p_node[outer], i_node[only_i], j_node[only_j]]),
-        np.concatenate([q[outer], voxels[j[only_i]], voxels[i[only_j]]]),
-        np.concatenate([w_outer[outer], w_inner[only_i], w_inner[only_j]]),
+        np.concatenate([p_node[p_moves], i_node[only_i], j_node[only_j]]),
+        np.concatenate([q[p_moves], voxels[j[only_i]], voxels[i[only_j]]]),
+        np.concatenate([w_outer[p_moves], w_inner[only_i], w_inner[only_j]]),
     )
     return inner, outer
 
