@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from FetalAnnotateLib import AnnotationSession
-from FetalAnnotateLib.graphcut import edge_contrast, graph_cut_labels
+from FetalAnnotateLib.graphcut import _min_cut, _move_pairs, _neighbour_pairs, edge_contrast, graph_cut_labels
 
 SPACING = (3.0, 1.0, 1.0)
 
@@ -61,6 +61,43 @@ def cut_and_brute_force(n_classes, seed, smoothness=1.5, contrast=0.2):
 def test_two_classes_reach_the_exact_minimum(seed):
     _, energy, best = cut_and_brute_force(2, seed)
     assert energy == pytest.approx(best, abs=0.01)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_move_pairs_are_the_pairs_of_the_moving_voxels(seed):
+    rng = np.random.default_rng(seed)
+    shape = (3, 6, 7)
+    image = rng.random(shape).astype(np.float32).reshape(-1)
+    voxels = np.flatnonzero(rng.random(shape) < 0.6)
+    movable = np.flatnonzero(rng.random(voxels.size) < 0.5)
+    band_pairs = _neighbour_pairs(voxels, shape, image, SPACING, 1.5, 0.2)
+
+    def as_sets(pairs, nodes):
+        (i, j, w_inner), (p, q, w_outer) = pairs
+        inner = {(nodes[a], nodes[b], round(float(w), 6)) for a, b, w in zip(i, j, w_inner)}
+        outer = {(nodes[a], int(b), round(float(w), 6)) for a, b, w in zip(p, q, w_outer)}
+        return inner, outer
+
+    moving = voxels[movable]
+    expected = as_sets(_neighbour_pairs(moving, shape, image, SPACING, 1.5, 0.2), moving)
+    assert as_sets(_move_pairs(band_pairs, voxels, movable), moving) == expected
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_min_cut_is_the_minimum_with_the_smallest_source_side(seed):
+    # Small integer energies have many minimisers: the cut must be the one scipy's residual graph
+    # gives on the whole graph, whose sink side is the union of the minimisers' (some nodes
+    # are decided before the maximum flow, and that must not change which minimiser comes back).
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 11))
+    i, j = (a.ravel() for a in np.nonzero(rng.random((n, n)) < 0.3))
+    unary0, unary1 = (rng.integers(0, 6, n).astype(float) for _ in range(2))
+    pair_capacity = rng.integers(0, 4, i.size).astype(float)
+    configurations = np.array(list(itertools.product((0, 1), repeat=n)))
+    energies = [np.where(x, unary1, unary0).sum() + (pair_capacity * ((x[i] == 0) & (x[j] == 1))).sum()
+                for x in configurations]
+    minimisers = configurations[np.isclose(energies, min(energies))]
+    np.testing.assert_array_equal(_min_cut(unary0, unary1, i, j, pair_capacity), minimisers.any(axis=0))
 
 
 @pytest.mark.parametrize("seed", range(3))

