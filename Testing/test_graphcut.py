@@ -159,6 +159,9 @@ def test_session_smoothness_removes_speckle_of_a_noisy_image():
     strokes[3, 16, 4:16] = 1
     errors = {}
     for smoothness in (0.0, 3.0):
-        session = AnnotationSession(image, SPACING, smoothness=smoothness)
+        # Geodesic pseudo-labels only: on this image (signal-to-noise 1) the image forest's sure
+        # labels put errors beside the step that the cut cannot remove (0.015 after the cut,
+        # against 0.005; docs/engine.md, Known limits), which is not what this test measures.
+        session = AnnotationSession(image, SPACING, smoothness=smoothness, pseudo_image_confidence=2.0)
         errors[smoothness] = (session.update(strokes).labels != inside + 1).mean()
     assert errors[3.0] < 0.6 * errors[0.0]  # measured 0.42
