@@ -602,3 +602,21 @@ def test_progress_is_a_bar_with_eta_on_a_terminal_and_plain_lines_when_piped():
     display.progress(1.0, "done")
     display.close()
     assert "\r\x1b[K[########################] 100% ETA 00:00  done" in terminal.getvalue()
+
+
+def test_leftovers_of_a_killed_run_are_matched_by_their_exact_volume_name(trained, tmp_path):
+    from FetalAnnotateLib.batch import apply_classifier_to_files
+
+    path, _, second = trained
+    write_image(tmp_path / "case[1].nrrd", second.image, second.spacing)
+    out = tmp_path / "out"
+    out.mkdir()
+    own = out / ".case[1].seg.nrrd.x1y2.partial.seg.nrrd"
+    own.write_bytes(b"left by a killed run")
+    # What a glob bracket would match: the write in progress of volume "case1" (e.g. by another shard).
+    other = out / ".case1.seg.nrrd.x1y2.partial.seg.nrrd"
+    other.write_bytes(b"being written by another run")
+
+    apply_classifier_to_files(path, tmp_path / "case[1].nrrd", out)
+
+    assert not own.exists() and other.exists()

@@ -10,6 +10,7 @@ no input is overwritten; inputs whose outputs would collide are refused before a
 """
 
 import csv
+import glob
 import hashlib
 import json
 import multiprocessing
@@ -365,7 +366,7 @@ def apply_classifier_to_files(classifier_path, inputs, output_dir, *, overwrite=
             log(_item_line(done[source]))
         else:
             todo.append(source)
-            for leftover in output_dir.glob(f".{outputs[source].name}.*.partial.seg.nrrd"):
+            for leftover in output_dir.glob(glob.escape(f".{outputs[source].name}.") + "*.partial.seg.nrrd"):
                 leftover.unlink()  # from a run killed while writing this output
     settings = {"classifier": str(classifier_path), "inputs": [str(path) for path in volumes], "jobs": int(jobs),
                 "shard": None if shard is None else f"{shard[0]}/{shard[1]}", "memory_budget_bytes": budget,
