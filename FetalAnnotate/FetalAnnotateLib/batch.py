@@ -427,8 +427,8 @@ def _run_here(saved, tasks, n_done, n_total, progress, finished):
 def _run_in_workers(classifier_path, tasks, jobs, context, budget, estimates, finished):
     """Segment the tasks in ``jobs`` worker processes within the memory budget; True when cancelled.
 
-    A worker that dies (e.g. killed for lack of memory) fails the volumes it held; a new pool
-    takes the rest.
+    A worker that dies (e.g. killed for lack of memory) breaks the whole pool: every volume
+    running then fails (running the batch again retries them) and a new pool takes the rest.
     """
     pending = list(tasks)
     running = {}
