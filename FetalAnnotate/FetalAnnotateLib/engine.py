@@ -513,7 +513,8 @@ class AnnotationSession:
         return self._predict(region, self.progress)
 
     def pixel_classifier(self):
-        """A :class:`PixelClassifier` trained on the last strokes with image features only.
+        """A :class:`PixelClassifier` trained with image features only, on the last strokes and
+        the geodesic pseudo-labels of the last update (the image forest of :meth:`_fit_forests`).
 
         The stroke distances are not part of it, so it applies to other volumes.
         """
