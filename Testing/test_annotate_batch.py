@@ -620,3 +620,23 @@ def test_leftovers_of_a_killed_run_are_matched_by_their_exact_volume_name(traine
     apply_classifier_to_files(path, tmp_path / "case[1].nrrd", out)
 
     assert not own.exists() and other.exists()
+
+
+@pytest.mark.parametrize("flag", [b"CompressedData = true", b"CompressedData=True", b"CompressedData = 1"])
+def test_compressed_metaimage_headers_in_any_spelling_metaio_reads_are_accepted(tmp_path, flag):
+    import SimpleITK as sitk
+
+    from FetalAnnotateLib.segio import VolumeFileError, check_volume_file, read_volume
+
+    array = np.arange(8 * 16 * 16, dtype=np.float32).reshape(8, 16, 16)
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / "written.mha"), useCompression=True)
+    data = (tmp_path / "written.mha").read_bytes()
+    assert b"CompressedData = True\n" in data
+    (tmp_path / "case.mha").write_bytes(data.replace(b"CompressedData = True", flag))
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "case.mha"))), array)
+
+    check_volume_file(tmp_path / "case.mha")
+    assert np.array_equal(read_volume(tmp_path / "case.mha").array, array)
+    (tmp_path / "cut.mha").write_bytes((tmp_path / "case.mha").read_bytes()[:-100])
+    with pytest.raises(VolumeFileError, match="truncated"):
+        check_volume_file(tmp_path / "cut.mha")

@@ -220,13 +220,23 @@ def _nrrd_data_start(data):
 
 
 def _metaimage_data_start(data):
-    """(offset of the attached data, encoding) of a ``.mha`` file; encoding None for detached data."""
-    marker = data.find(b"ElementDataFile")
-    end = data.find(b"\n", marker)
-    if marker < 0 or end < 0 or data[marker:end].split(b"=")[-1].strip().upper() != b"LOCAL":
+    """(offset of the attached data, encoding) of a ``.mha`` file; encoding None for detached data.
+
+    The header is ``Key = Value`` lines up to ``ElementDataFile``; as in MetaIO, a value
+    starting with T, t or 1 is true, with or without spaces around ``=``.
+    """
+    fields, start = {}, 0
+    while b"ElementDataFile" not in fields:
+        end = data.find(b"\n", start)
+        if end < 0:
+            return 0, None
+        key, _, value = data[start:end].partition(b"=")
+        fields[key.strip()] = value.strip()
+        start = end + 1
+    if fields[b"ElementDataFile"].upper() != b"LOCAL":
         return 0, None
-    compressed = b"CompressedData = True" in data[:marker]
-    return end + 1, ("zlib" if compressed else "raw")
+    compressed = fields.get(b"CompressedData", b"")[:1] in (b"T", b"t", b"1")
+    return start, ("zlib" if compressed else "raw")
 
 
 def is_dicom_folder(path):
