@@ -673,6 +673,29 @@ def test_masking_outside_segments_writes_results_every_round(phantom_scene, mode
         np.testing.assert_array_equal(second, first)
 
 
+def test_rethreshold_uses_the_editable_area_of_training(phantom_scene):
+    """A segment left out of the classes (a region of interest) bounds the results when re-thresholding too."""
+    import slicer
+
+    import FetalAnnotateLogic
+
+    volume, segmentation, ids, _, _ = phantom_scene
+    region = np.zeros(slicer.util.arrayFromVolume(volume).shape, np.uint8)
+    region[:, :, :40] = 1
+    region_id = segmentation.GetSegmentation().AddEmptySegment("", "region")
+    slicer.util.updateSegmentBinaryLabelmapFromArray(region, segmentation, region_id, volume)
+    masking = FetalAnnotateLogic.Masking(slicer.vtkMRMLSegmentationNode.EditAllowedInsideAllSegments)
+    logic = FetalAnnotateLogic.FetalAnnotateLogic()
+
+    trained = logic.segment(volume, segmentation, ids, masking=masking)
+    rethresholded = logic.rethreshold(volume, segmentation, {trained.classNames[0]: 0.3}, masking=masking)
+
+    assert rethresholded.resultSegmentIds == trained.resultSegmentIds
+    for segment_id in rethresholded.resultSegmentIds:
+        written = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segment_id, volume) > 0
+        assert written.any() and not (written & (region == 0)).any()
+
+
 def test_hand_edited_result_is_kept_and_a_new_result_written(phantom_scene):
     import slicer
 

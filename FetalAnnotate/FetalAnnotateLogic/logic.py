@@ -563,16 +563,19 @@ class FetalAnnotateLogic:
                                             "training (e.g. cropped or resampled); train again ('Train and segment')")
         classNames = list(nodes)
         probabilities = np.stack([slicer.util.arrayFromVolume(node) for node in nodes.values()]).astype(np.float32)
-        strokes, strokeNames = self.strokeLabels(volumeNode, segmentationNode)
+        segmentIds = self.classSegmentIds(segmentationNode)
+        strokes, strokeNames = self.strokeLabels(volumeNode, segmentationNode, segmentIds)
         # Strokes are matched to probability maps by class name, so renamed or added segments cannot mislabel.
         classStrokes = np.zeros(strokes.shape, np.uint8)
         for value, name in enumerate(strokeNames, start=1):
             if name in classNames:
                 classStrokes[strokes == value] = classNames.index(name) + 1
+        # As in segment(): segments that were not trained (e.g. a region of interest) define the editable area.
+        trainedSegmentIds = [segmentId for segmentId, name in zip(segmentIds, strokeNames) if name in classNames]
         classes = tuple(range(1, len(classNames) + 1))
         masks = classMasks(probabilities, classStrokes, classes, classNames, thresholds)
         outputSegmentationNode = outputSegmentationNode or segmentationNode
-        editable = self.editableArea(volumeNode, segmentationNode, masking)
+        editable = self.editableArea(volumeNode, segmentationNode, masking, trainedSegmentIds)
         resultIds = self.writeResultSegments(volumeNode, segmentationNode, outputSegmentationNode, classNames, masks,
                                               editable)
         return SegmentResult(tuple(classNames), tuple(resultIds), tuple(nodes.values()), outputSegmentationNode)
