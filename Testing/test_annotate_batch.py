@@ -640,3 +640,25 @@ def test_compressed_metaimage_headers_in_any_spelling_metaio_reads_are_accepted(
     (tmp_path / "cut.mha").write_bytes((tmp_path / "case.mha").read_bytes()[:-100])
     with pytest.raises(VolumeFileError, match="truncated"):
         check_volume_file(tmp_path / "cut.mha")
+
+
+def test_an_interrupted_classifier_save_keeps_the_previous_file(trained, tmp_path, monkeypatch):
+    import skops.io
+
+    from FetalAnnotateLib.classifier_io import load_classifier, save_classifier
+
+    path, classifier, _ = trained
+    saved = save_classifier(tmp_path / "model.skops", classifier, ["background", "fetus", "placenta"])
+    before = saved.read_bytes()
+
+    def write_half_then_fail(content, file, **kwargs):
+        with open(file, "wb") as stream:
+            stream.write(before[: len(before) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(skops.io, "dump", write_half_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        save_classifier(saved, classifier, ["background", "fetus", "placenta"])
+
+    assert saved.read_bytes() == before and load_classifier(saved).class_names == ("background", "fetus", "placenta")
+    assert [child.name for child in tmp_path.iterdir()] == ["model.skops"]

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from .segio import atomic_path
 from .validation import FetalAnnotateError
 
 FORMAT_NAME = "FetalAnnotate pixel classifier"
@@ -93,8 +94,8 @@ def save_classifier(path, classifier, class_names, metadata=None):
         "metadata": json.dumps(metadata or {}),
         "forest": classifier.forest,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    skops.io.dump(content, path, compression=8)
+    with atomic_path(path) as temporary:  # an interrupted save keeps the previous file
+        skops.io.dump(content, temporary, compression=8)
     return path
 
 
