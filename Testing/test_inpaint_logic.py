@@ -485,6 +485,32 @@ def test_a_stale_lock_is_taken_over(mrml_scene, tmp_path):
     assert not (tmp_path / "training.lock").exists()
 
 
+def test_killing_a_training_spares_the_process_named_by_another_computers_lock(tmp_path):
+    import subprocess
+    import sys
+
+    from FetalInpaintLib.control import new_process_group_options
+
+    sleep = [sys.executable, "-c", "import time; time.sleep(600)"]
+    training = subprocess.Popen(sleep, **new_process_group_options())
+    bystander = subprocess.Popen(sleep)  # a process of this computer with the PID the remote lock names
+    try:
+        run = TrainingProcess(process=training, command=sleep, outputDirectory=tmp_path, epochs=1, startTime=0.0,
+                              startedAt=time.time() - 1.0)
+        (tmp_path / "training.lock").write_text(
+            json.dumps({"pid": bystander.pid, "host": "another-computer", "started": time.time()}))
+        FetalInpaintLogic._killTraining(run)
+        assert training.poll() is not None
+        time.sleep(0.2)
+        assert bystander.poll() is None
+        assert (tmp_path / "training.lock").exists()  # the remote training's lock stays
+    finally:
+        for process in (training, bystander):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
 def test_a_failed_resume_shows_its_own_error_not_the_previous_one(mrml_scene, tmp_path):
     logic = FetalInpaintLogic()
     volumes = _trainingVolumes(mrml_scene, 1)

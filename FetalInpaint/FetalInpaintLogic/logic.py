@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -696,9 +697,11 @@ class FetalInpaintLogic:
         logging.warning(f"FetalInpaint: the training in {run.outputDirectory} is killed with its process tree.")
         run.killed = True
         returnCode = kill_process_tree(run.process)
-        # Where the launcher's child escaped the tree (Windows), the lock it took after our start names it.
+        # Where the launcher's child escaped the tree (Windows), the lock it took after our start names it;
+        # a lock taken on another computer (shared folder) names a process there, not here.
         owner = read_lock(run.outputDirectory)
-        if owner is not None and float(owner.get("started", 0)) >= run.startedAt and owner["pid"] != run.process.pid:
+        if (owner is not None and owner.get("host") == socket.gethostname()
+                and float(owner.get("started", 0)) >= run.startedAt and owner["pid"] != run.process.pid):
             kill_process(owner["pid"])
         if lock_owner(run.outputDirectory) is None:
             (run.outputDirectory / LOCK_FILE_NAME).unlink(missing_ok=True)  # stale: its owner is dead
