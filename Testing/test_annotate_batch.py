@@ -440,7 +440,8 @@ def test_the_memory_budget_respects_a_container_or_slurm_job_limit(tmp_path):
 
 
 def test_worker_processes_are_refused_inside_the_slicer_application(trained, tmp_path, monkeypatch):
-    """Worker processes start from sys.executable, which in Slicer is the application (slicer/__init__.py)."""
+    """Worker processes start from sys.executable, which must be a Python executable (the other case, slicer.app
+    present, needs the application)."""
     from FetalAnnotateLib import FetalAnnotateError
     from FetalAnnotateLib.batch import apply_classifier_to_files
 

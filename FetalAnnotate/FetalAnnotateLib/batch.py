@@ -470,10 +470,12 @@ def _worker_context():
 
     Where available, a fork server that imported the libraries once forks the workers, so
     ``--jobs N`` pays the imports once instead of N times; elsewhere (Windows) workers are
-    spawned. Both start a fresh interpreter from ``sys.executable``, which in Slicer is the
-    application itself, not Python.
+    spawned. Both start a fresh interpreter from ``sys.executable``: that must be a Python
+    executable, and not the application's embedded Python (where ``slicer.app`` exists and
+    ``sys.executable`` names the PythonSlicer launcher), whose GUI process must not fork.
     """
-    if "python" not in Path(sys.executable).name.lower():
+    inside_slicer_application = getattr(sys.modules.get("slicer"), "app", None) is not None
+    if inside_slicer_application or "python" not in Path(sys.executable).name.lower():
         raise FetalAnnotateError("worker processes need a Python executable: inside Slicer use jobs=1, or run "
                                  "'fetalannotate apply --jobs N ...' in a terminal (pip install the repository)")
     if "forkserver" not in multiprocessing.get_all_start_methods():
