@@ -321,6 +321,24 @@ def test_existing_outputs_are_kept_reported_and_overwritten_only_on_request(trai
     assert redone.status == "segmented" and first.output.stat().st_mtime_ns != stamp
 
 
+def test_a_damaged_existing_output_fails_its_item_only(trained, tmp_path):
+    from FetalAnnotateLib.batch import apply_classifier_to_files
+
+    path, _, second = trained
+    for name in ("a", "b", "c"):
+        write_image(tmp_path / f"{name}.nrrd", second.image, second.spacing)
+    first = apply_classifier_to_files(path, tmp_path, tmp_path / "out")
+    truncated, bad_label = first.items[0].output, first.items[1].output
+    truncated.write_bytes(truncated.read_bytes()[:-200])
+    header = bad_label.read_bytes()
+    bad_label.write_bytes(header.replace(b"Segment0_LabelValue:=1", b"Segment0_LabelValue:=one", 1))
+
+    again = apply_classifier_to_files(path, tmp_path, tmp_path / "out")
+
+    assert [item.status for item in again.items] == ["failed", "failed", "existing"]
+    assert all("delete it or give --overwrite" in item.error for item in again.items[:2])
+
+
 def test_an_interrupted_write_leaves_no_file_and_a_cancelled_batch_resumes(trained, tmp_path, monkeypatch):
     import SimpleITK as sitk
 

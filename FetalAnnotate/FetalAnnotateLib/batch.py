@@ -28,8 +28,8 @@ from typing import Optional
 import numpy as np
 
 from .classifier_io import load_classifier
-from .segio import (VOLUME_SUFFIXES, atomic_path, is_dicom_folder, not_an_image_volume, read_feature_volume,
-                    read_segmentation, read_volume, volume_name, write_segmentation)
+from .segio import (VOLUME_SUFFIXES, atomic_path, check_volume_file, is_dicom_folder, not_an_image_volume,
+                    read_feature_volume, read_segmentation, read_volume, volume_name, write_segmentation)
 from .validation import FetalAnnotateError, OperationCancelled, report_progress
 
 #: Stem of the report files written into the output folder (``.csv`` and ``.json``).
@@ -531,11 +531,12 @@ def _existing_item(source, output, class_names):
 
     started = time.perf_counter()
     try:
+        check_volume_file(output)  # a truncated output would report wrong volumes
         labels, names = read_segmentation(output)
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(output))
         reader.ReadImageInformation()
-    except (FetalAnnotateError, RuntimeError) as error:
+    except (FetalAnnotateError, RuntimeError, ValueError, OSError) as error:
         return BatchItem(source, None, "failed", error=f"the existing output {output} cannot be read ({error}); "
                          "delete it or give --overwrite")
     if list(names) != list(class_names):
