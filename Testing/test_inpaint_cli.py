@@ -44,3 +44,12 @@ def test_user_errors_are_one_message_and_exit_code_1(tmp_path, capsys):
     assert "Traceback" in capsys.readouterr().err
     assert main(["train", "--out", str(tmp_path / "run"), "--volumes", missing, "--strength", "2"]) == 1
     assert "strength must be in (0, 1)" in capsys.readouterr().err
+
+
+def test_export_never_writes_over_its_input_volume(tmp_path, capsys):
+    volume = tmp_path / "volume.nrrd"
+    volume.write_bytes(b"the user's volume")
+    assert main(["export", "--model", str(tmp_path / "model.pt"), "--volume", str(volume), "--output",
+                 str(tmp_path / "." / "volume.nrrd")]) == 1
+    assert "is the input volume" in capsys.readouterr().err
+    assert volume.read_bytes() == b"the user's volume"

@@ -48,17 +48,25 @@ def run_export(args):
     import numpy as np
     import SimpleITK as sitk
 
+    from pathlib import Path
+
     from .features import encode_volume
     from .training import load_checkpoint
 
+    output = Path(args.output)
+    if output.resolve() == Path(args.volume).resolve():
+        raise FetalInpaintError(f"--output {output} is the input volume; give another file name")
     model, metadata = load_checkpoint(args.model, device=args.device)
     array, spacing = read_volume(args.volume)
     features = encode_volume(model, array, spacing, metadata, pca_components=args.pca or None, device=args.device)
     image = sitk.GetImageFromArray(np.moveaxis(features, 0, -1), isVector=True)
     image.CopyInformation(sitk.ReadImage(str(args.volume)))  # origin, spacing and axis directions of the volume
+    partial = output.with_name(f".partial-{output.name}")  # same extension, so the same writer
     try:
-        sitk.WriteImage(image, str(args.output))
-    except RuntimeError as error:
+        sitk.WriteImage(image, str(partial))
+        partial.replace(output)  # complete or absent: an interrupted export leaves no half-written file
+    except (RuntimeError, OSError) as error:
+        partial.unlink(missing_ok=True)
         raise FetalInpaintError(f"cannot write {args.output} ({error}); check the folder and the extension "
                                 "(.nrrd, .nii.gz, .mha).") from error
     print(json.dumps({"output": str(args.output), "channels": int(features.shape[0])}))
