@@ -696,6 +696,32 @@ def test_rethreshold_uses_the_editable_area_of_training(phantom_scene):
         assert written.any() and not (written & (region == 0)).any()
 
 
+def test_correction_strokes_painted_over_results_are_no_hand_edit(phantom_scene):
+    import slicer
+
+    import FetalAnnotateLogic
+
+    volume, segmentation, ids, phantom, strokes = phantom_scene
+    logic = FetalAnnotateLogic.FetalAnnotateLogic()
+    first = logic.segment(volume, segmentation)
+    count = segmentation.GetSegmentation().GetNumberOfSegments()
+    # A "placenta" correction stroke painted in "overwrite all segments" mode (the Segment Editor's
+    # default): it joins the placenta strokes and leaves every other segment, the results included.
+    stroke = np.zeros(strokes.shape, bool)
+    stroke[strokes.shape[0] // 2, 10:14, 5:50] = True
+    for segment_id in ids + list(first.resultSegmentIds):
+        voxels = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segment_id, volume) > 0
+        voxels = voxels | stroke if segment_id == ids[2] else voxels & ~stroke
+        slicer.util.updateSegmentBinaryLabelmapFromArray(voxels.astype(np.uint8), segmentation, segment_id, volume)
+
+    second = logic.segment(volume, segmentation)
+
+    assert segmentation.GetSegmentation().GetNumberOfSegments() == count  # no "(edited)" segment
+    assert list(second.resultSegmentIds) == list(first.resultSegmentIds)
+    assert all(name.endswith(" (auto)") for name in
+               (segmentation.GetSegmentation().GetSegment(i).GetName() for i in second.resultSegmentIds))
+
+
 def test_hand_edited_result_is_kept_and_a_new_result_written(phantom_scene):
     import slicer
 

@@ -132,6 +132,7 @@ class SessionCache:
 
     def __init__(self, scene):
         self._sessions = {}  # volume node ID -> _VolumeSession
+        self._writtenResults = {}  # (segmentation node ID, segment ID) -> (shape, packed voxels) as last written
         # The observers hold this cache, not the other way round: the cache lives as long as the scene.
         scene.AddObserver(slicer.vtkMRMLScene.NodeRemovedEvent, self._onNodeRemoved)
         scene.AddObserver(slicer.vtkMRMLScene.EndCloseEvent, self._onSceneClosed)
@@ -156,13 +157,28 @@ class SessionCache:
         """IDs of the volume nodes that have a cached session."""
         return list(self._sessions)
 
+    def rememberWrittenResult(self, segmentationNodeId, segmentId, voxels):
+        """Keep the voxels (boolean array on the volume's grid) last written to a result segment."""
+        self._writtenResults[(segmentationNodeId, segmentId)] = (voxels.shape, np.packbits(voxels))
+
+    def writtenResult(self, segmentationNodeId, segmentId):
+        """The voxels last written to a result segment in this scene, or None when not known here."""
+        written = self._writtenResults.get((segmentationNodeId, segmentId))
+        if written is None:
+            return None
+        shape, packed = written
+        return np.unpackbits(packed, count=int(np.prod(shape))).reshape(shape).astype(bool)
+
     def _onNodeRemoved(self, scene, event, node):
         self.release(node.GetID())
+        for key in [key for key in self._writtenResults if key[0] == node.GetID()]:
+            del self._writtenResults[key]
 
     _onNodeRemoved.CallDataType = vtk.VTK_OBJECT  # the removed node comes as call data
 
     def _onSceneClosed(self, scene, event):
         self.clear()  # node IDs are reused after a close: no session may outlive it
+        self._writtenResults.clear()
 
 
 _SESSION_CACHES = {}  # scene address -> SessionCache; an entry leaves when its scene is deleted
@@ -808,7 +824,9 @@ class FetalAnnotateLogic:
         with the scene). Before writing, every ``"(auto)"`` segment is checked against it:
 
         - edited since it was written (or not matching a digest on this volume's grid: named so by
-          hand, or written for another volume): kept, renamed
+          hand, or written for another volume; voxels that class strokes painted over it took out,
+          as the Segment Editor's default "overwrite all segments" mode does, are no edit while the
+          scene's cache holds what was written, i.e. until the scene is closed): kept, renamed
           ``"<class> (edited)"`` (``"(edited 2)"``, ... if taken) and tagged as an edited result, so
           it is neither a class nor overwritten; the new result goes to a new ``"<class> (auto)"``;
         - unedited, of a class in ``classNames``: overwritten with the new result;
@@ -868,9 +886,10 @@ class FetalAnnotateLogic:
                     if not slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
                             image, outputSegmentationNode, segmentId):
                         raise _lib().FetalAnnotateError(f"could not write segment {segmentName!r}")
-                # The digest of what reading the segment back gives, so a later check compares like with like.
-                segmentation.GetSegment(segmentId).SetTag(
-                    FINGERPRINT_TAG, self._resultFingerprint(volumeNode, outputSegmentationNode, segmentId))
+                # What reading the segment back gives, so a later check compares like with like.
+                written = self.segmentArray(volumeNode, outputSegmentationNode, segmentId)
+                segmentation.GetSegment(segmentId).SetTag(FINGERPRINT_TAG, _fingerprint(written))
+                self.sessionCache.rememberWrittenResult(outputSegmentationNode.GetID(), segmentId, written)
                 resultIds.append(segmentId)
         finally:
             outputSegmentationNode.EndModify(wasModifying)
@@ -882,27 +901,32 @@ class FetalAnnotateLogic:
         See :meth:`writeResultSegments`.
         """
         segmentation = segmentationNode.GetSegmentation()
+        strokes = None
         for segmentId in _segmentIds(segmentationNode):
             segment = segmentation.GetSegment(segmentId)
             if not segment.GetName().endswith(AUTO_SUFFIX):
                 continue
             className = segment.GetName()[:-len(AUTO_SUFFIX)]
-            written = vtk.reference("")
-            unedited = segment.GetTag(FINGERPRINT_TAG, written) and \
-                str(written) == self._resultFingerprint(volumeNode, segmentationNode, segmentId)
+            voxels = self.segmentArray(volumeNode, segmentationNode, segmentId)
+            written = self.sessionCache.writtenResult(segmentationNode.GetID(), segmentId)
+            if written is not None and written.shape == voxels.shape:
+                # Painting a class stroke in the Segment Editor's default "overwrite all" mode takes
+                # its voxels out of the results: that is a correction stroke, not an edit of the result.
+                changed = voxels != written
+                if changed.any() and strokes is None:
+                    strokes = np.zeros(voxels.shape, bool)
+                    for classId in self.classSegmentIds(segmentationNode):
+                        strokes |= self.segmentArray(volumeNode, segmentationNode, classId)
+                unedited = not (changed.any() and (changed & ~strokes).any())
+            else:  # written in an earlier Slicer session: the saved digest tells
+                digest = vtk.reference("")
+                unedited = segment.GetTag(FINGERPRINT_TAG, digest) and str(digest) == _fingerprint(voxels)
             if not unedited:
                 segment.SetName(_unusedSegmentName(segmentation, f"{className}{EDITED_SUFFIX}"))
                 segment.SetTag(RESULT_TAG, "edited")
                 segment.RemoveTag(FINGERPRINT_TAG)
             elif className not in classNames:
                 segmentation.RemoveSegment(segmentId)
-
-    def _resultFingerprint(self, volumeNode, segmentationNode, segmentId):
-        """Digest of a segment's voxels on the volume's grid (with the grid's shape)."""
-        voxels = self.segmentArray(volumeNode, segmentationNode, segmentId)
-        digest = hashlib.sha256(np.asarray(voxels.shape, np.int64).tobytes())
-        digest.update(np.packbits(voxels).tobytes())
-        return digest.hexdigest()
 
     @staticmethod
     def labelmapInSegmentationFrame(volumeNode, segmentationNode, array):
@@ -1002,6 +1026,13 @@ def _checkSegmentation(segmentationNode):
     """Raise FetalAnnotateError unless ``segmentationNode`` is a segmentation node."""
     if segmentationNode is None or not segmentationNode.IsA("vtkMRMLSegmentationNode"):
         raise _lib().FetalAnnotateError("select a segmentation that holds the painted class segments")
+
+
+def _fingerprint(voxels):
+    """Digest of a boolean array on a volume's grid (with the grid's shape)."""
+    digest = hashlib.sha256(np.asarray(voxels.shape, np.int64).tobytes())
+    digest.update(np.packbits(voxels).tobytes())
+    return digest.hexdigest()
 
 
 def _segmentIds(segmentationNode):
