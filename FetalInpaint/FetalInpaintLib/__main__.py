@@ -50,12 +50,12 @@ def run_export(args):
 
     from pathlib import Path
 
-    from .features import encode_volume
-    from .training import load_checkpoint
-
     output = Path(args.output)
     if output.resolve() == Path(args.volume).resolve():
         raise FetalInpaintError(f"--output {output} is the input volume; give another file name")
+    from .features import encode_volume  # torch: after the checks that need none
+    from .training import load_checkpoint
+
     model, metadata = load_checkpoint(args.model, device=args.device)
     array, spacing = read_volume(args.volume)
     features = encode_volume(model, array, spacing, metadata, pca_components=args.pca or None, device=args.device)
