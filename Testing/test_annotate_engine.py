@@ -323,7 +323,7 @@ def test_memory_blends_each_round_with_the_previous_one(reach):
         assert weights[2, 20, 30] < weights[2, 20, 40] < weights[2, 20, 46]
         assert weights[11].min() > 0.4
     # The session keeps the previous round in half precision.
-    expected = blend_probabilities(without.update(strokes).probabilities, first.probabilities.astype(np.float16), weights)
+    expected = blend_probabilities(without.update(strokes).probabilities, first.probabilities, weights)
     np.testing.assert_allclose(second.probabilities, expected, atol=1e-6)
     # predict(), a region update and a repeated update reproduce the round, prior included.
     np.testing.assert_allclose(with_memory.predict().probabilities, second.probabilities, atol=1e-6)

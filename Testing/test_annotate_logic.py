@@ -180,7 +180,7 @@ def test_real_case_end_to_end(mrml_scene, shared_data):
     logic.segment(volume, segmentation, outlineMode=True)
     weights = logic.session(volume, outlineMode=True).memory_weights
     assert weights.max() == pytest.approx(MEMORY, abs=1e-3)  # fades in away from the new stroke
-    blended = blend_probabilities(fresh, previous.astype(np.float16), weights)  # the session keeps half precision
+    blended = blend_probabilities(fresh, previous, weights)
     np.testing.assert_allclose(probability_arrays(), blended, atol=1e-5)
 
 

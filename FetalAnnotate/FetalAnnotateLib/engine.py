@@ -12,6 +12,8 @@ round's (``memory``) that fades in with the geodesic distance from the new strok
 correction stroke changes what it was drawn on, not what earlier rounds settled elsewhere.
 """
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -448,9 +450,9 @@ class AnnotationSession:
         self._memory_fade = None if prior is None else self._fade_from(added_distances)
         result = self._predict(region, _scaled(progress, 0.3, 0.95))
         if region is None:
-            # A half-precision copy (the caller owns the result's arrays): plenty for a prior, and
-            # half the memory on large volumes.
-            probabilities = result.probabilities.reshape((len(classes),) + self.shape).astype(np.float16)
+            # A copy, since the caller owns the result's arrays. Single precision: a half-precision
+            # copy took half the memory but 0.15 s more per 9-class atlas round (conversions).
+            probabilities = result.probabilities.reshape((len(classes),) + self.shape).copy()
             self._last_round = (self._strokes, classes, probabilities, prior, added)
         return result
 
@@ -714,7 +716,9 @@ class AnnotationSession:
             train, test = painted[fold != part], painted[fold == part]
             if np.unique(flat[train]).size < len(self._classes) or test.size == 0:
                 continue
-            forest = RandomForestClassifier(**{**self._forest_params, "n_estimators": TRUST_CHECK_TREES})
+            # One thread: on a few thousand painted voxels, starting threads takes longer than the fit.
+            forest = RandomForestClassifier(
+                **{**self._forest_params, "n_estimators": TRUST_CHECK_TREES, "n_jobs": 1})
             forest.fit(_take_rows(image_rows, train), flat[train])
             scores = forest.predict_proba(_take_rows(image_rows, test))
             sure_and_wrong = (scores.max(axis=1) >= self.pseudo_image_confidence) & (
@@ -956,7 +960,7 @@ def blend_probabilities(new, previous, memory, floor=1e-4, block_voxels=BLOCK_VO
     floor : float
         Probabilities are clipped here before the logarithm, so no class is ever ruled out.
     block_voxels : int
-        Voxels blended at a time (bounds the temporary arrays).
+        Voxels blended at a time (bounds the temporary arrays); blocks run on all cores.
 
     Returns
     -------
@@ -968,7 +972,8 @@ def blend_probabilities(new, previous, memory, floor=1e-4, block_voxels=BLOCK_VO
     if per_voxel:
         memory = np.asarray(memory, np.float32).reshape(-1)
     out = np.empty(new_flat.shape, np.float32)
-    for start in range(0, new_flat.shape[1], block_voxels):
+
+    def blend_block(start):
         part = slice(start, start + block_voxels)
         weight = memory[part] if per_voxel else np.float32(memory)
         # In place: 2.4x faster than the plain expression on a 320x320x22 stack.
@@ -983,7 +988,22 @@ def blend_probabilities(new, previous, memory, floor=1e-4, block_voxels=BLOCK_VO
         np.exp(blend, out=blend)
         blend /= blend.sum(axis=0)
         out[:, part] = blend
+
+    _on_all_cores(blend_block, range(0, new_flat.shape[1], block_voxels))
     return out.reshape(new.shape)
+
+
+def _on_all_cores(function, items):
+    """``function(item)`` for every item, in threads on all cores (numpy releases the GIL)."""
+    items = list(items)
+    n_threads = min(os.cpu_count() or 1, len(items))
+    if n_threads <= 1:
+        for item in items:
+            function(item)
+        return
+    with ThreadPoolExecutor(n_threads) as pool:
+        for _ in pool.map(function, items):
+            pass
 
 
 def distance_features(distances):
