@@ -599,6 +599,34 @@ def test_progress_can_cancel():
     assert all(0.0 <= f <= 1.0 for f, _ in messages)
 
 
+def test_a_cancelled_update_stops_between_distance_maps_and_leaves_the_last_round():
+    image, inside = two_tissue_phantom(shape=(6, 40, 40))
+    strokes = phantom_strokes(inside)
+    strokes[3, 5:9, 30:34] = 3  # a third class
+    messages = []
+    session = AnnotationSession(image)
+    first = session.update(strokes)
+    corrected = strokes.copy()
+    corrected[1, 20, 10:30] = 2
+
+    def cancel_at_the_second_map(fraction, message):
+        messages.append(message)
+        return messages.count("stroke distances") == 2
+
+    session.progress = cancel_at_the_second_map
+    with pytest.raises(OperationCancelled, match="stroke distances"):
+        session.update(corrected)
+    assert messages.count("training the forests") == 0  # stopped before the forests
+    session.progress = None
+    again = session.predict()
+    np.testing.assert_array_equal(again.labels, first.labels)
+    np.testing.assert_allclose(again.probabilities, first.probabilities, atol=1e-6)
+    # The next update is that of a session that never saw the cancelled one.
+    fresh = AnnotationSession(image)
+    fresh.update(strokes)
+    np.testing.assert_array_equal(session.update(corrected).labels, fresh.update(corrected).labels)
+
+
 # ------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize(
     "image, message",
@@ -650,6 +678,21 @@ def test_gaussian_smoothing_is_bounded_and_polls_cancel_between_axes():
     with pytest.raises(OperationCancelled, match="image features at 1 mm"):
         compute_features(image, (1.0, 1.0, 1.0), feature_settings_for("default"),
                          progress=lambda fraction, message: calls.append(message) or len(calls) > 1)
+
+
+def test_paper_table1_filters_poll_cancel_between_gaussian_axes():
+    image = np.random.default_rng(0).random((3, 30, 30)).astype(np.float32)
+    settings = feature_settings_for("paper-table1")
+    calls = []
+    with pytest.raises(OperationCancelled, match="Table I filters"):
+        compute_features(image, (3.0, 1.0, 1.0), settings,
+                         progress=lambda fraction, message: calls.append(message) or calls.count("Table I filters") > 3)
+    # The paper's filters are unchanged: scipy's Gaussian with its default (reflecting) border.
+    spacing = (3.0, 1.0, 1.0)
+    features = compute_features(image, spacing, settings)
+    first_gaussian = 1 + len(settings["entropy_radius"]) + len(settings["std_size"])
+    normalised = normalize_intensity(image, settings["normalize_percentiles"], spacing)
+    np.testing.assert_array_equal(features[..., first_gaussian], ndi.gaussian_filter(normalised, (0.0, 3.0, 3.0)))
 
 
 def test_padding_outside_the_field_of_view_is_left_out_and_filled():

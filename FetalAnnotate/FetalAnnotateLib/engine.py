@@ -96,6 +96,10 @@ MEMORY = 0.7
 #: (``AnnotationSession(memory_reach_mm=...)``), chosen on the robot-user benchmark (docs/engine.md).
 MEMORY_REACH_MM = 20.0
 
+#: What an update changes in an :class:`AnnotationSession` (restored when it is cancelled).
+_ROUND_STATE = ("_strokes", "_classes", "_distances", "_enclosed", "_forest", "_image_forest",
+                "_output_dtype", "_prior", "_memory_fade", "_last_round")
+
 #: Voxels per prediction block: bounds the temporary (block x features) float32 array.
 BLOCK_VOXELS = 1 << 18
 
@@ -387,6 +391,7 @@ class AnnotationSession:
         self._last_round = None
         self._prior = None
         self._memory_fade = None
+        self._output_dtype = None
         report_progress(progress, 1.0, "features ready")
 
     # ------------------------------------------------------------------ public API
@@ -432,8 +437,24 @@ class AnnotationSession:
         Returns
         -------
         SegmentationResult
+
+        Raises
+        ------
+        OperationCancelled
+            When ``progress`` asks to cancel; the session is then as the last finished update
+            left it.
         """
         strokes3d, classes = check_strokes(strokes, self.shape)
+        before = {name: getattr(self, name) for name in _ROUND_STATE}
+        try:
+            return self._update(strokes, strokes3d, classes, region)
+        except BaseException:
+            # A cancel (or any failure) leaves the session as the last finished update left it.
+            for name, value in before.items():
+                setattr(self, name, value)
+            raise
+
+    def _update(self, strokes, strokes3d, classes, region):
         progress = self.progress
         report_progress(progress, 0.0, "stroke context")
         prior, added = self._round_prior(strokes3d, classes)
@@ -526,8 +547,11 @@ class AnnotationSession:
         return PixelClassifier(settings, self._image_forest, self._classes)
 
     # ------------------------------------------------------------------ internals
-    def _class_distances(self, strokes, classes, added_distances=None):
-        """Per class (in ``classes`` order) its painted voxels (flat), step costs and distance map."""
+    def _class_distances(self, strokes, classes, added_distances=None, progress=None):
+        """Per class (in ``classes`` order) its painted voxels (flat), step costs and distance map.
+
+        ``progress`` is told before each map, so a cancel is honoured between them.
+        """
         for cache in (self._distance_cache, self._fold_cache):
             for value in [v for v in cache if v not in classes]:
                 del cache[value]
@@ -536,10 +560,10 @@ class AnnotationSession:
         indices = [painted[flat_strokes[painted] == value] for value in classes]
         added_distances = added_distances or {}
         costs = [self._class_costs(value, index) for value, index in zip(classes, indices)]
-        distances = [
-            self._cached_distance(value, index, c, added_distances.get(value))
-            for value, index, c in zip(classes, indices, costs)
-        ]
+        distances = []
+        for k, (value, index, c) in enumerate(zip(classes, indices, costs)):
+            report_progress(progress, k / len(classes), "stroke distances")
+            distances.append(self._cached_distance(value, index, c, added_distances.get(value)))
         return indices, costs, distances
 
     def _context_features(self, strokes, classes, added_distances=None):
@@ -660,7 +684,7 @@ class AnnotationSession:
                 self._enclosed = enclosed_pseudo_labels(
                     self._strokes, self.spacing, self.enclosure_margin_mm, self._anisotropy_ratio
                 )
-            self._distances = self._class_distances(self._strokes, classes, added_distances)[2]
+            self._distances = self._class_distances(self._strokes, classes, added_distances, _scaled(progress, 0.0, 0.5))[2]
         report_progress(progress, 0.5, "training the forests")
         candidates, geodesic = self._fit_image_forest()
         if not self.spatial_context:

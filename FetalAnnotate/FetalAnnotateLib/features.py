@@ -239,8 +239,8 @@ def _scale_space_features(image, spacing, axes, settings, out, progress):
             channel += 1
 
 
-def gaussian_smooth(image, sigma, progress=None, fraction=0.0, message="smoothing"):
-    """``scipy.ndimage.gaussian_filter(image, sigma, mode="nearest")``, one axis at a time.
+def gaussian_smooth(image, sigma, progress=None, fraction=0.0, message="smoothing", mode="nearest"):
+    """``scipy.ndimage.gaussian_filter(image, sigma, mode=mode)``, one axis at a time.
 
     A cancel request is honoured between axes, and each sigma is bounded by the length of
     its axis: a wider kernel only flattens that axis further, at a cost that grows with its
@@ -257,6 +257,8 @@ def gaussian_smooth(image, sigma, progress=None, fraction=0.0, message="smoothin
         Progress reported while smoothing.
     message : str
         What is being done.
+    mode : str
+        How the image is extended beyond its border (:func:`scipy.ndimage.gaussian_filter1d`).
 
     Returns
     -------
@@ -268,7 +270,7 @@ def gaussian_smooth(image, sigma, progress=None, fraction=0.0, message="smoothin
         if width > 1e-15:  # as scipy.ndimage.gaussian_filter: smaller sigmas leave the axis alone
             report_progress(progress, fraction, message)
             source = image if out is None else out
-            out = ndi.gaussian_filter1d(source, min(width, image.shape[axis]), axis=axis, output=out, mode="nearest")
+            out = ndi.gaussian_filter1d(source, min(width, image.shape[axis]), axis=axis, output=out, mode=mode)
     return image if out is None else out
 
 
@@ -315,14 +317,20 @@ def _paper_table1_features(image, axes, settings, out, progress):
         mean = ndi.uniform_filter(image, size(k))
         out[..., channel] = np.sqrt(np.maximum(ndi.uniform_filter(image * image, size(k)) - mean * mean, 0.0))
         channel += 1
+
+    def smoothed(s):
+        # scipy's default border (reflect), as the paper's filters; a cancel is honoured between axes.
+        fraction = 0.4 + 0.6 * channel / out.shape[-1]
+        return gaussian_smooth(image, sigma(s), progress, fraction, "Table I filters", mode="reflect")
+
     for s in settings["gaussian_sigma"]:
-        out[..., channel] = ndi.gaussian_filter(image, sigma(s))
+        out[..., channel] = smoothed(s)
         channel += 1
     for s in settings["gradient_sigma"]:
-        out[..., channel] = _gradient_magnitude(ndi.gaussian_filter(image, sigma(s)), (1.0, 1.0, 1.0), axes)
+        out[..., channel] = _gradient_magnitude(smoothed(s), (1.0, 1.0, 1.0), axes)
         channel += 1
     for s in settings["laplacian_sigma"]:
-        out[..., channel] = _laplacian(ndi.gaussian_filter(image, sigma(s)), (1.0, 1.0, 1.0), axes)
+        out[..., channel] = _laplacian(smoothed(s), (1.0, 1.0, 1.0), axes)
         channel += 1
     for k in settings["maximum_size"]:
         out[..., channel] = ndi.maximum_filter(image, size(k))
