@@ -512,11 +512,10 @@ class AnnotationSession:
         returns ``{value: (flat indices, distance on the working grid)}``.
         """
         values = self._strokes.reshape(-1)[added]
-        distances = {}
-        for value in np.unique(values):
-            index = added[values == value]
-            distances[int(value)] = (index, self._costs.distance(np.unravel_index(index, self.shape)))
-        return distances
+        indices = {int(value): added[values == value] for value in np.unique(values)}
+        maps = _map_on_all_cores(lambda index: self._costs.distance(np.unravel_index(index, self.shape)),
+                                 list(indices.values()))
+        return {value: (index, distance) for (value, index), distance in zip(indices.items(), maps)}
 
     def _fade_from(self, added_distances):
         """``1 - exp(-d / memory_reach_mm)`` (float16, image shape) for the geodesic distance
@@ -550,7 +549,8 @@ class AnnotationSession:
     def _class_distances(self, strokes, classes, added_distances=None, progress=None):
         """Per class (in ``classes`` order) its painted voxels (flat), step costs and distance map.
 
-        ``progress`` is told before each map, so a cancel is honoured between them.
+        The maps are computed on all cores; ``progress`` is told before each batch of them, so
+        a cancel is honoured between batches.
         """
         for cache in (self._distance_cache, self._fold_cache):
             for value in [v for v in cache if v not in classes]:
@@ -560,10 +560,10 @@ class AnnotationSession:
         indices = [painted[flat_strokes[painted] == value] for value in classes]
         added_distances = added_distances or {}
         costs = [self._class_costs(value, index) for value, index in zip(classes, indices)]
-        distances = []
-        for k, (value, index, c) in enumerate(zip(classes, indices, costs)):
-            report_progress(progress, k / len(classes), "stroke distances")
-            distances.append(self._cached_distance(value, index, c, added_distances.get(value)))
+        distances = _map_on_all_cores(
+            lambda k: self._cached_distance(classes[k], indices[k], costs[k], added_distances.get(classes[k])),
+            range(len(classes)), progress, "stroke distances",
+        )
         return indices, costs, distances
 
     def _context_features(self, strokes, classes, added_distances=None):
@@ -587,11 +587,14 @@ class AnnotationSession:
             Per class, its painted voxels and their leave-fold-out features.
         """
         indices, costs, distances = self._class_distances(strokes, classes, added_distances)
+        coordinates = [np.unravel_index(index, self.shape) for index in indices]
+        own = _map_on_all_cores(
+            lambda k: self._cached_fold_distance(classes[k], indices[k], coordinates[k], costs[k]), range(len(classes))
+        )
         training = {}
         for k, (value, index) in enumerate(zip(classes, indices)):
-            coordinates = np.unravel_index(index, self.shape)
-            at_voxels = [self._costs.values_at(d, coordinates) for d in distances]
-            at_voxels[k] = self._cached_fold_distance(value, index, coordinates, costs[k])
+            at_voxels = [self._costs.values_at(d, coordinates[k]) for d in distances]
+            at_voxels[k] = own[k]
             training[value] = (index, distance_features(at_voxels))
         return distances, training
 
@@ -1013,21 +1016,31 @@ def blend_probabilities(new, previous, memory, floor=1e-4, block_voxels=BLOCK_VO
         blend /= blend.sum(axis=0)
         out[:, part] = blend
 
-    _on_all_cores(blend_block, range(0, new_flat.shape[1], block_voxels))
+    _map_on_all_cores(blend_block, range(0, new_flat.shape[1], block_voxels))
     return out.reshape(new.shape)
 
 
-def _on_all_cores(function, items):
-    """``function(item)`` for every item, in threads on all cores (numpy releases the GIL)."""
+def _map_on_all_cores(function, items, progress=None, message=""):
+    """``[function(item) for item in items]``, in threads on all cores (numpy releases the GIL).
+
+    Items run in batches of one per core; ``progress(fraction, message)`` is told before each
+    batch, from the calling thread (a Qt progress dialog must not be touched from another), so
+    a cancel is honoured between batches.
+    """
     items = list(items)
     n_threads = min(os.cpu_count() or 1, len(items))
     if n_threads <= 1:
-        for item in items:
-            function(item)
-        return
+        results = []
+        for k, item in enumerate(items):
+            report_progress(progress, k / max(len(items), 1), message)
+            results.append(function(item))
+        return results
+    results = []
     with ThreadPoolExecutor(n_threads) as pool:
-        for _ in pool.map(function, items):
-            pass
+        for start in range(0, len(items), n_threads):
+            report_progress(progress, start / len(items), message)
+            results.extend(pool.map(function, items[start:start + n_threads]))
+    return results
 
 
 def distance_features(distances):
