@@ -299,6 +299,9 @@ def test_blend_probabilities_is_a_normalised_weighted_geometric_mean():
     expected = new ** (1 - per_voxel) * previous**per_voxel
     np.testing.assert_allclose(blend_probabilities(new, previous, per_voxel, block_voxels=16),
                                expected / expected.sum(axis=0), rtol=1e-5)
+    in_place = new.copy()  # blocks run on several cores; writing over the input changes nothing
+    assert blend_probabilities(in_place, previous, per_voxel, block_voxels=16, out=in_place) is in_place
+    np.testing.assert_array_equal(in_place, blend_probabilities(new, previous, per_voxel, block_voxels=16))
     # A sure previous answer and an unsure new one: the previous class stays the most probable.
     held = blend_probabilities(np.array([[0.3], [0.7]]), np.array([[0.99], [0.01]]), 0.5)
     assert held[0, 0] > held[1, 0]

@@ -865,7 +865,7 @@ class AnnotationSession:
             strokes = self._strokes[region3d]
         if self._prior is not None and self.memory > 0:
             prior = self._prior if region3d is None else self._prior[(slice(None),) + region3d]
-            probabilities = blend_probabilities(probabilities, prior, self._blend_weights(region3d))
+            probabilities = blend_probabilities(probabilities, prior, self._blend_weights(region3d), out=probabilities)
         smoothing = None
         if self.smoothness > 0:
             edges = self._edge_image if region3d is None else self._edge_image[region3d]
@@ -975,7 +975,7 @@ def predict_coarse_to_fine(forest, shape, rows, stride, confidence=0.65, progres
     return probabilities
 
 
-def blend_probabilities(new, previous, memory, floor=1e-4, block_voxels=BLOCK_VOXELS):
+def blend_probabilities(new, previous, memory, floor=1e-4, block_voxels=BLOCK_VOXELS, out=None):
     """Normalised weighted geometric mean ``new^(1 - memory) * previous^memory`` per voxel.
 
     Parameters
@@ -988,6 +988,8 @@ def blend_probabilities(new, previous, memory, floor=1e-4, block_voxels=BLOCK_VO
         Probabilities are clipped here before the logarithm, so no class is ever ruled out.
     block_voxels : int
         Voxels blended at a time (bounds the temporary arrays); blocks run on all cores.
+    out : ndarray of float32, shape of ``new``, optional
+        Where to write the result; may be ``new`` itself (no new whole-volume array).
 
     Returns
     -------
@@ -998,7 +1000,8 @@ def blend_probabilities(new, previous, memory, floor=1e-4, block_voxels=BLOCK_VO
     per_voxel = np.ndim(memory) > 0
     if per_voxel:
         memory = np.asarray(memory, np.float32).reshape(-1)
-    out = np.empty(new_flat.shape, np.float32)
+    result = np.empty(new.shape, np.float32) if out is None else out
+    out = result.reshape(n_classes, -1)
 
     def blend_block(start):
         part = slice(start, start + block_voxels)
@@ -1017,7 +1020,7 @@ def blend_probabilities(new, previous, memory, floor=1e-4, block_voxels=BLOCK_VO
         out[:, part] = blend
 
     _map_on_all_cores(blend_block, range(0, new_flat.shape[1], block_voxels))
-    return out.reshape(new.shape)
+    return result
 
 
 def _map_on_all_cores(function, items, progress=None, message=""):
