@@ -698,6 +698,17 @@ def test_paper_table1_filters_poll_cancel_between_gaussian_axes():
     np.testing.assert_array_equal(features[..., first_gaussian], ndi.gaussian_filter(normalised, (0.0, 3.0, 3.0)))
 
 
+def test_features_from_a_given_normalised_image_are_the_same():
+    image = (np.random.default_rng(0).random((4, 30, 30)) * 900 - 100).astype(np.int16)
+    image[:, :, :5] = -1000  # padding: its normalisation costs a distance transform
+    spacing = (3.0, 1.0, 1.0)
+    for preset in FEATURE_PRESETS:
+        settings = feature_settings_for(preset)
+        normalized = normalize_intensity(image, settings["normalize_percentiles"], spacing)
+        np.testing.assert_array_equal(compute_features(image, spacing, settings, normalized=normalized),
+                                      compute_features(image, spacing, settings))
+
+
 def test_padding_outside_the_field_of_view_is_left_out_and_filled():
     rng = np.random.default_rng(0)
     image = (rng.random((5, 30, 40)) * 500).astype(np.int16)

@@ -361,13 +361,16 @@ class AnnotationSession:
         self.coarse_voxels = int(coarse_voxels)
         self.progress = progress
         self._forest_params = {**DEFAULT_FOREST, **(forest or {}), "random_state": random_state}
-        features = compute_features(volume, self.spacing, self.feature_settings, _scaled(progress, 0.0, 0.8))
+        # One normalised image for the features and the geodesic image.
+        normalized = normalize_intensity(volume, self.feature_settings["normalize_percentiles"], self.spacing)
+        features = compute_features(volume, self.spacing, self.feature_settings, _scaled(progress, 0.0, 0.8),
+                                    normalized=normalized)
         self._n_extra = 0 if extra_features is None else int(np.shape(extra_features)[0])
         self._features = _with_extra_features(features, extra_features, self._n_extra, self._input_shape)
         report_progress(progress, 0.9, "geodesic step costs")
         # Read by the geodesic distances and by the graph-cut refinement (``smoothness`` may be
         # changed between updates).
-        self._edge_image = _geodesic_image(volume, self.spacing, self.feature_settings, geodesic_sigma_mm)
+        self._edge_image = _geodesic_image(normalized, self.spacing, self.feature_settings, geodesic_sigma_mm)
         self._contrast = edge_contrast(self._edge_image, self.spacing)
         # Also read by the round memory, so built without spatial context too.
         self._costs = GeodesicCosts(
@@ -1319,12 +1322,12 @@ def _label_dtype(stroke_dtype, classes):
     return np.min_scalar_type(max(classes))
 
 
-def _geodesic_image(volume, spacing, settings, sigma_mm=1.0):
-    """Normalised intensity smoothed in-plane: the image the geodesic costs are read from."""
-    image = normalize_intensity(volume, settings.get("normalize_percentiles", (0.5, 99.5)), spacing)
-    axes = filter_axes(spacing, image.shape, settings.get("anisotropy_ratio", 1.5))
+def _geodesic_image(normalized, spacing, settings, sigma_mm=1.0):
+    """The normalised intensity (:func:`normalize_intensity`) smoothed in-plane: the image the
+    geodesic costs are read from."""
+    axes = filter_axes(spacing, normalized.shape, settings.get("anisotropy_ratio", 1.5))
     sigma = tuple(sigma_mm / spacing[axis] if axis in axes else 0.0 for axis in range(3))
-    return gaussian_smooth(image, sigma)
+    return gaussian_smooth(normalized, sigma)
 
 
 def _with_extra_features(features, extra_features, n_extra, image_shape):

@@ -175,7 +175,7 @@ def count_features(settings):
     return int(settings["intensity"]) + len(settings["filters"]) * len(settings["scales_mm"])
 
 
-def compute_features(volume, spacing, settings, progress=None):
+def compute_features(volume, spacing, settings, progress=None, normalized=None):
     """Compute the feature channels of a 3D volume.
 
     Parameters
@@ -188,6 +188,9 @@ def compute_features(volume, spacing, settings, progress=None):
         Feature settings, e.g. ``feature_settings_for("default")``.
     progress : callable or None
         ``progress(fraction, message)``; returning True cancels.
+    normalized : ndarray of float32, shape (z, y, x), optional
+        ``normalize_intensity(volume, settings["normalize_percentiles"], spacing)``, when the
+        caller already has it (on padded volumes it costs a distance transform).
 
     Returns
     -------
@@ -195,7 +198,9 @@ def compute_features(volume, spacing, settings, progress=None):
         Voxel-major, so that blocks of voxels are contiguous rows for the classifier.
     """
     spacing = check_spacing(spacing, 3)
-    image = normalize_intensity(volume, settings["normalize_percentiles"], spacing)
+    if normalized is None:
+        normalized = normalize_intensity(volume, settings["normalize_percentiles"], spacing)
+    image = normalized
     axes = filter_axes(spacing, image.shape, settings["anisotropy_ratio"])
     features = np.empty(image.shape + (count_features(settings),), np.float32)
     if settings["preset"] == "paper-table1":
