@@ -329,8 +329,7 @@ def test_masking_restricts_results_to_the_editable_area(phantom_scene):
     volume, segmentation, ids, _, _ = phantom_scene
     region = np.zeros(slicer.util.arrayFromVolume(volume).shape, np.uint8)
     region[:, :, :28] = 1
-    mask_id = segmentation.GetSegmentation().AddEmptySegment("", "left half")
-    slicer.util.updateSegmentBinaryLabelmapFromArray(region, segmentation, mask_id, volume)
+    mask_id = paint(segmentation, volume, region, ["left half"])[0]
     editor = mrml_scene_node(volume.GetScene(), "vtkMRMLSegmentEditorNode")
     editor.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedInsideSingleSegment)
     editor.SetMaskSegmentID(mask_id)
@@ -654,8 +653,7 @@ def test_masking_outside_segments_writes_results_every_round(phantom_scene, mode
     volume, segmentation, ids, _, _ = phantom_scene
     excluded = np.zeros(slicer.util.arrayFromVolume(volume).shape, np.uint8)
     excluded[:, :, 40:] = 1
-    excluded_id = segmentation.GetSegmentation().AddEmptySegment("", "excluded")
-    slicer.util.updateSegmentBinaryLabelmapFromArray(excluded, segmentation, excluded_id, volume)
+    paint(segmentation, volume, excluded, ["excluded"])
     masking = FetalAnnotateLogic.Masking(getattr(slicer.vtkMRMLSegmentationNode, f"EditAllowed{mode}"))
     logic = FetalAnnotateLogic.FetalAnnotateLogic()
 
@@ -682,8 +680,7 @@ def test_rethreshold_uses_the_editable_area_of_training(phantom_scene):
     volume, segmentation, ids, _, _ = phantom_scene
     region = np.zeros(slicer.util.arrayFromVolume(volume).shape, np.uint8)
     region[:, :, :40] = 1
-    region_id = segmentation.GetSegmentation().AddEmptySegment("", "region")
-    slicer.util.updateSegmentBinaryLabelmapFromArray(region, segmentation, region_id, volume)
+    paint(segmentation, volume, region, ["region"])
     masking = FetalAnnotateLogic.Masking(slicer.vtkMRMLSegmentationNode.EditAllowedInsideAllSegments)
     logic = FetalAnnotateLogic.FetalAnnotateLogic()
 
