@@ -1034,13 +1034,7 @@ def _map_on_all_cores(function, items, progress=None, message=""):
     a cancel is honoured between batches.
     """
     items = list(items)
-    n_threads = min(os.cpu_count() or 1, len(items))
-    if n_threads <= 1:
-        results = []
-        for k, item in enumerate(items):
-            report_progress(progress, k / max(len(items), 1), message)
-            results.append(function(item))
-        return results
+    n_threads = max(min(os.cpu_count() or 1, len(items)), 1)
     results = []
     with ThreadPoolExecutor(n_threads) as pool:
         for start in range(0, len(items), n_threads):

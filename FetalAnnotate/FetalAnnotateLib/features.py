@@ -198,9 +198,7 @@ def compute_features(volume, spacing, settings, progress=None, normalized=None):
         Voxel-major, so that blocks of voxels are contiguous rows for the classifier.
     """
     spacing = check_spacing(spacing, 3)
-    if normalized is None:
-        normalized = normalize_intensity(volume, settings["normalize_percentiles"], spacing)
-    image = normalized
+    image = normalize_intensity(volume, settings["normalize_percentiles"], spacing) if normalized is None else normalized
     axes = filter_axes(spacing, image.shape, settings["anisotropy_ratio"])
     features = np.empty(image.shape + (count_features(settings),), np.float32)
     if settings["preset"] == "paper-table1":
