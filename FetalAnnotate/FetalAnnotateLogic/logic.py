@@ -914,9 +914,7 @@ class FetalAnnotateLogic:
                 # its voxels out of the results: that is a correction stroke, not an edit of the result.
                 changed = voxels != written
                 if changed.any() and strokes is None:
-                    strokes = np.zeros(voxels.shape, bool)
-                    for classId in self.classSegmentIds(segmentationNode):
-                        strokes |= self.segmentArray(volumeNode, segmentationNode, classId)
+                    strokes = self.strokeLabels(volumeNode, segmentationNode)[0] > 0
                 unedited = not (changed.any() and (changed & ~strokes).any())
             else:  # written in an earlier Slicer session: the saved digest tells
                 digest = vtk.reference("")
