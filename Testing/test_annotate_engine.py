@@ -686,12 +686,12 @@ def test_gaussian_smoothing_is_bounded_and_polls_cancel_between_axes():
 def test_paper_table1_filters_poll_cancel_between_gaussian_axes():
     image = np.random.default_rng(0).random((3, 30, 30)).astype(np.float32)
     settings = feature_settings_for("paper-table1")
+    spacing = (3.0, 1.0, 1.0)
     calls = []
     with pytest.raises(OperationCancelled, match="Table I filters"):
-        compute_features(image, (3.0, 1.0, 1.0), settings,
+        compute_features(image, spacing, settings,
                          progress=lambda fraction, message: calls.append(message) or calls.count("Table I filters") > 3)
     # The paper's filters are unchanged: scipy's Gaussian with its default (reflecting) border.
-    spacing = (3.0, 1.0, 1.0)
     features = compute_features(image, spacing, settings)
     first_gaussian = 1 + len(settings["entropy_radius"]) + len(settings["std_size"])
     normalised = normalize_intensity(image, settings["normalize_percentiles"], spacing)
