@@ -315,6 +315,8 @@ def test_memory_blends_each_round_with_the_previous_one(reach):
     without = AnnotationSession(image, (2.0, 1.0, 1.0), memory=0.0)
     first = with_memory.update(strokes)
     assert with_memory.memory_weights is None
+    with pytest.raises(ValueError, match="read-only"):  # kept as the next round's memory
+        first.probabilities[0, 0, 0, 0] = 1.0
     np.testing.assert_array_equal(first.probabilities, without.update(strokes).probabilities)
     strokes[2, 20:28, 20:26] = 1  # a correction on another slice: the forests stay the same
     second = with_memory.update(strokes)
@@ -325,7 +327,7 @@ def test_memory_blends_each_round_with_the_previous_one(reach):
         assert np.all(weights[2, 20:28, 20:26] == 0) and np.all(weights <= 0.5)
         assert weights[2, 20, 30] < weights[2, 20, 40] < weights[2, 20, 46]
         assert weights[11].min() > 0.4
-    # The session keeps the previous round in half precision.
+    # The session keeps the previous round as it was returned.
     expected = blend_probabilities(without.update(strokes).probabilities, first.probabilities, weights)
     np.testing.assert_allclose(second.probabilities, expected, atol=1e-6)
     # predict(), a region update and a repeated update reproduce the round, prior included.
