@@ -477,7 +477,7 @@ class AnnotationSession:
         result = self._predict(region, _scaled(progress, 0.3, 0.95))
         if region is None:
             # Kept as they are for the next round's memory, so read-only for the caller: a copy
-            # per round took 0.02-0.3 s on a 9-class atlas volume (mostly fresh-page faults).
+            # took about 0.2 s per 9-class atlas round (mostly faulting in fresh memory).
             result.probabilities.flags.writeable = False
             probabilities = result.probabilities.reshape((len(classes),) + self.shape)
             self._last_round = (self._strokes, classes, probabilities, prior, added)
