@@ -321,6 +321,39 @@ def test_existing_outputs_are_kept_reported_and_overwritten_only_on_request(trai
     assert redone.status == "segmented" and first.output.stat().st_mtime_ns != stamp
 
 
+def test_overwrite_keeps_an_output_corrected_and_saved_again_from_slicer(trained, tmp_path, mrml_scene):
+    import slicer
+
+    from FetalAnnotateLib.batch import OUTPUT_MARK, apply_classifier_to_files
+    from FetalAnnotateLib.segio import header_field
+
+    path, _, second = trained
+    for name in ("edited", "untouched"):
+        write_image(tmp_path / f"{name}.nrrd", second.image, second.spacing)
+    first = apply_classifier_to_files(path, tmp_path, tmp_path / "out")
+    edited, untouched = (item.output for item in first.items)
+    assert header_field(edited, OUTPUT_MARK) == hashlib.sha256(path.read_bytes()).hexdigest()
+    # The user opens the output in Slicer, corrects it and saves it over itself.
+    node = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    storage = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(edited))
+    assert storage.ReadData(node)
+    segment_id = node.GetSegmentation().GetNthSegmentID(0)
+    labelmap = slicer.util.arrayFromSegmentInternalBinaryLabelmap(node, segment_id)  # shared with VTK
+    labelmap[labelmap == 2] = 1  # the correction: the second class painted over with the first
+    node.GetSegmentation().GetSegment(segment_id).Modified()
+    assert storage.WriteData(node)
+    corrected = edited.read_bytes()
+    assert header_field(edited, OUTPUT_MARK) is None  # Slicer writes a header of its own
+
+    again = apply_classifier_to_files(path, tmp_path, tmp_path / "out", overwrite=True)
+
+    assert [item.status for item in again.items] == ["failed", "segmented"]
+    assert "saved again from Slicer" in again.items[0].error and "move it away" in again.items[0].error
+    assert edited.read_bytes() == corrected
+    assert header_field(untouched, OUTPUT_MARK) is not None
+
+
 def test_a_damaged_existing_output_fails_its_item_only(trained, tmp_path):
     from FetalAnnotateLib.batch import apply_classifier_to_files
 

@@ -4,7 +4,8 @@ Runs headless (plain Python with FetalAnnotateLib installed, or ``fetalannotate 
 Slicer's Python interactor alike; nothing here needs Slicer.
 
 Data safety: an existing output is kept (and its volumes reported) unless ``overwrite`` is
-given, so running the same command again continues an interrupted batch; every file is written
+given, so running the same command again continues an interrupted batch; even then an output
+that was not written by this batch (corrected and saved again from Slicer) is kept; every file is written
 under a temporary name and renamed when complete; segmentations are never taken as inputs, so
 no input is overwritten; inputs whose outputs would collide are refused before any work starts.
 """
@@ -29,11 +30,16 @@ import numpy as np
 
 from .classifier_io import load_classifier
 from .segio import (VOLUME_SUFFIXES, atomic_path, check_volume_file, is_dicom_folder, not_an_image_volume,
-                    read_feature_volume, read_segmentation, read_volume, volume_name, write_segmentation)
+                    header_field, read_feature_volume, read_segmentation, read_volume, volume_name,
+                    write_segmentation)
 from .validation import FetalAnnotateError, OperationCancelled, report_progress
 
 #: Stem of the report files written into the output folder (``.csv`` and ``.json``).
 REPORT_NAME = "fetalannotate-report"
+#: NRRD header field of every segmentation the batch writes; its value is the classifier's SHA-256.
+#: Slicer and other editors write their own header when they save a segmentation, so an output
+#: corrected and saved again by hand lacks it, and ``overwrite`` keeps that file.
+OUTPUT_MARK = "FetalAnnotate_Classifier_SHA256"
 #: Share of the available memory that the default memory budget takes, so the machine stays usable.
 DEFAULT_MEMORY_SHARE = 0.5
 # A worker process with numpy, scipy, scikit-learn, SimpleITK and a forest loaded.
@@ -295,7 +301,9 @@ def apply_classifier_to_files(classifier_path, inputs, output_dir, *, overwrite=
         Folder for the ``.seg.nrrd`` files and the report (created if needed).
     overwrite : bool, default False
         Segment volumes whose output exists again; by default they are kept and reported, so
-        a second run continues an interrupted one.
+        a second run continues an interrupted one. An existing output that this batch did not
+        write (no :data:`OUTPUT_MARK` in its header: corrected and saved again from Slicer, or
+        made elsewhere) is kept even so, and its volume fails with a message.
     jobs : int, default 1
         Volumes segmented at once, each in its own worker process (1: in this process, which
         is what Slicer's GUI needs). Outputs are the same for any value.
@@ -336,6 +344,7 @@ def apply_classifier_to_files(classifier_path, inputs, output_dir, *, overwrite=
     log = log or (lambda line: None)
     started = datetime.now(timezone.utc)
     saved = load_classifier(classifier_path)
+    digest = hashlib.sha256(Path(classifier_path).read_bytes()).hexdigest()
     n_extra = int(saved.classifier.feature_settings.get("n_extra_features", 0))
     _check_extra_features(extra_features, n_extra)
     if int(jobs) < 1:
@@ -364,6 +373,11 @@ def apply_classifier_to_files(classifier_path, inputs, output_dir, *, overwrite=
         if outputs[source].exists() and not overwrite:
             done[source] = _existing_item(source, outputs[source], saved.class_names)
             log(_item_line(done[source]))
+        elif outputs[source].exists() and header_field(outputs[source], OUTPUT_MARK) is None:
+            done[source] = BatchItem(source, None, "failed", error=(
+                f"{outputs[source]} was not written by this batch (corrected and saved again from Slicer, or made "
+                "elsewhere), so --overwrite keeps it; move it away to segment this volume again"))
+            log(_item_line(done[source]))
         else:
             todo.append(source)
             for leftover in output_dir.glob(glob.escape(f".{outputs[source].name}.") + "*.partial.seg.nrrd"):
@@ -380,7 +394,7 @@ def apply_classifier_to_files(classifier_path, inputs, output_dir, *, overwrite=
 
     cancelled = False
     try:
-        tasks = [(source, outputs[source], _extra_path(extra_features, source)) for source in todo]
+        tasks = [(source, outputs[source], _extra_path(extra_features, source), digest) for source in todo]
         if int(jobs) == 1:
             cancelled = _run_here(saved, tasks, len(done), len(volumes), progress, finished)
         else:
@@ -389,7 +403,7 @@ def apply_classifier_to_files(classifier_path, inputs, output_dir, *, overwrite=
         items = tuple(done[source] for source in volumes if source in done)
         result = BatchResult(items, tuple(skipped), tuple(saved.class_names), report_stem.with_suffix(".csv"),
                              report_stem.with_suffix(".json"))
-        _write_report(result, classifier_path, settings)
+        _write_report(result, digest, settings)
     summary = (f"{sum(item.status != 'failed' for item in items)} of {len(volumes)} volumes segmented "
                f"({sum(item.status == 'existing' for item in items)} kept from before), "
                f"{len(result.failed)} failed; report: {result.report_csv}")
@@ -411,12 +425,12 @@ def _asks_to_stop(progress, fraction, message):
 def _run_here(saved, tasks, n_done, n_total, progress, finished):
     """Segment the tasks one by one in this process; True when cancelled."""
     saved.classifier.forest.n_jobs = 1  # same sums in the same order as in worker processes
-    for index, (source, output, extra_path) in enumerate(tasks):
+    for index, (source, output, extra_path, digest) in enumerate(tasks):
         def volume_progress(fraction, message, _done=n_done + index, _name=source.name):
             return progress is not None and progress((_done + fraction) / n_total, f"{_name}: {message}")
 
         try:
-            item = _segment_volume(saved, source, output, extra_path, volume_progress)
+            item = _segment_volume(saved, source, output, extra_path, digest, volume_progress)
         except OperationCancelled:
             return True
         if finished(item):
@@ -448,7 +462,7 @@ def _run_in_workers(classifier_path, tasks, jobs, context, budget, estimates, fi
             finished_now, _ = wait(running, return_when=FIRST_COMPLETED)
             broken = False
             for future in finished_now:
-                source, output, _ = running.pop(future)
+                source = running.pop(future)[0]
                 try:
                     item = future.result()
                 except BrokenProcessPool:
@@ -495,12 +509,13 @@ def _start_worker(classifier_path):
     _worker_classifier.classifier.forest.n_jobs = 1  # one core per worker; same sums as in one process
 
 
-def _segment_in_worker(source, output, extra_path):
-    return _segment_volume(_worker_classifier, source, output, extra_path)
+def _segment_in_worker(source, output, extra_path, digest):
+    return _segment_volume(_worker_classifier, source, output, extra_path, digest)
 
 
-def _segment_volume(saved, source, output, extra_path, progress=None):
-    """Segment one volume and write its ``.seg.nrrd``; a failure becomes a failed item."""
+def _segment_volume(saved, source, output, extra_path, digest, progress=None):
+    """Segment one volume and write its ``.seg.nrrd`` (marked with the classifier's SHA-256
+    ``digest``, :data:`OUTPUT_MARK`); a failure becomes a failed item."""
     started = time.perf_counter()
     try:
         volume = read_volume(source)
@@ -510,7 +525,7 @@ def _segment_volume(saved, source, output, extra_path, progress=None):
         labels = (np.argmax(probabilities, axis=0) + 1).astype(np.uint8)
         del probabilities
         write_segmentation(output, labels, saved.class_names, spacing=volume.spacing, origin=volume.origin,
-                           direction=volume.direction)
+                           direction=volume.direction, header={OUTPUT_MARK: digest})
         voxels = np.bincount(labels.ravel(), minlength=len(saved.class_names) + 1)[1:]
         return BatchItem(source, output, "segmented", seconds=time.perf_counter() - started,
                          voxels=tuple(int(count) for count in voxels),
@@ -650,9 +665,9 @@ def _library_versions():
     return versions
 
 
-def _write_report(result, classifier_path, settings):
-    """Write the CSV and JSON volumetry report (each complete or not at all)."""
-    digest = hashlib.sha256(Path(classifier_path).read_bytes()).hexdigest()
+def _write_report(result, digest, settings):
+    """Write the CSV and JSON volumetry report (each complete or not at all); ``digest`` is the
+    classifier file's SHA-256."""
     header = ["source", "output", "status", "seconds", "voxel_ml", "error"]
     header += [f"{name}_{unit}" for name in result.class_names for unit in ("voxels", "ml")]
     with atomic_path(result.report_csv) as temporary:
