@@ -94,8 +94,6 @@ def not_an_image_volume(path):
     -------
     str or None
     """
-    import SimpleITK as sitk
-
     path = Path(path)
     if path.is_dir():
         return None if is_dicom_folder(path) else "a folder without a DICOM series"
@@ -105,13 +103,10 @@ def not_an_image_volume(path):
         return "not a volume file (" + ", ".join(VOLUME_SUFFIXES) + ")"
     if volume_name(path).lower().endswith("probability"):
         return "a probability map"
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError:
+    reader = _header_reader(path)
+    if reader is None:
         return None
-    if "Segmentation_MasterRepresentation" in reader.GetMetaDataKeys():
+    if reader.HasMetaDataKey("Segmentation_MasterRepresentation"):
         return "a segmentation (Slicer segmentation header)"
     if reader.GetNumberOfComponents() != 1:
         return f"a volume of {reader.GetNumberOfComponents()} components per voxel (e.g. exported features)"
@@ -453,6 +448,12 @@ def atomic_path(path):
 def header_field(path, key):
     """The value of header field ``key`` of an image file (read from the header alone), or None
     when the field is absent or the header cannot be read."""
+    reader = _header_reader(path)
+    return reader.GetMetaData(key) if reader is not None and reader.HasMetaDataKey(key) else None
+
+
+def _header_reader(path):
+    """A SimpleITK reader that has read the header of ``path``, or None when it cannot."""
     import SimpleITK as sitk
 
     reader = sitk.ImageFileReader()
@@ -461,7 +462,7 @@ def header_field(path, key):
         reader.ReadImageInformation()
     except RuntimeError:
         return None
-    return reader.GetMetaData(key) if reader.HasMetaDataKey(key) else None
+    return reader
 
 
 def read_segmentation(path):
