@@ -22,6 +22,7 @@ from FetalAnnotateLib.engine import (
     blend_probabilities,
     enclosed_pseudo_labels,
     predict_blockwise,
+    predict_coarse_to_fine,
     stroke_consistent_labels,
 )
 from FetalAnnotateLib.features import feature_settings_for, gaussian_smooth, normalize_intensity, padding_value
@@ -305,6 +306,34 @@ def test_blend_probabilities_is_a_normalised_weighted_geometric_mean():
     # A sure previous answer and an unsure new one: the previous class stays the most probable.
     held = blend_probabilities(np.array([[0.3], [0.7]]), np.array([[0.99], [0.01]]), 0.5)
     assert held[0, 0] > held[1, 0]
+
+
+@pytest.mark.parametrize("per_voxel", [False, True], ids=["uniform-memory", "per-voxel-memory"])
+def test_coarse_to_fine_blends_slab_by_slab_as_blending_the_whole_prediction(per_voxel, monkeypatch):
+    from sklearn.ensemble import RandomForestClassifier
+
+    import FetalAnnotateLib.engine as engine
+
+    rng = np.random.default_rng(0)
+    shape, stride = (23, 40, 30), (2, 2, 2)
+
+    def rows(index):
+        return np.stack(np.unravel_index(index, shape), axis=1).astype(np.float32) + rng.normal(0, 0.5, (len(index), 3))
+
+    train = rng.choice(int(np.prod(shape)), 3000, replace=False)
+    classes = 1 + (np.stack(np.unravel_index(train, shape)).sum(axis=0) // 30) % 3
+    forest = RandomForestClassifier(n_estimators=5, random_state=0).fit(rows(train), classes)
+    prior = rng.random((3,) + shape).astype(np.float32)
+    prior /= prior.sum(axis=0)
+    memory = rng.uniform(0, 0.7, shape).astype(np.float32) if per_voxel else 0.6
+    monkeypatch.setattr(engine, "BLOCK_VOXELS", 5000)  # slabs of 4 slices, the last one of 3
+    state = rng.bit_generator.state
+
+    blended = predict_coarse_to_fine(forest, shape, rows, stride, prior=prior, memory=memory)
+    rng.bit_generator.state = state  # the same feature noise
+    whole = predict_coarse_to_fine(forest, shape, rows, stride)
+
+    np.testing.assert_array_equal(blended, blend_probabilities(whole, prior, memory))
 
 
 @pytest.mark.parametrize("reach", [None, 20.0], ids=["uniform", "fading"])
