@@ -323,9 +323,10 @@ def test_coarse_to_fine_blends_slab_by_slab_as_blending_the_whole_prediction(per
     train = rng.choice(int(np.prod(shape)), 3000, replace=False)
     classes = 1 + (np.stack(np.unravel_index(train, shape)).sum(axis=0) // 30) % 3
     forest = RandomForestClassifier(n_estimators=5, random_state=0).fit(rows(train), classes)
-    prior = rng.random((3,) + shape).astype(np.float32)
+    # Views of larger arrays, as for a region of the image.
+    prior = rng.random((3, shape[0], shape[1] + 10, shape[2])).astype(np.float32)[:, :, 5:-5]
     prior /= prior.sum(axis=0)
-    memory = rng.uniform(0, 0.7, shape).astype(np.float32) if per_voxel else 0.6
+    memory = rng.uniform(0, 0.7, (shape[0], shape[1] + 10, shape[2])).astype(np.float32)[:, 5:-5] if per_voxel else 0.6
     monkeypatch.setattr(engine, "BLOCK_VOXELS", 5000)  # slabs of 4 slices, the last one of 3
     state = rng.bit_generator.state
 
