@@ -743,24 +743,30 @@ class AnnotationSession:
         painted = np.flatnonzero(flat)
         fold = _checkerboard_fold(np.unravel_index(painted, self.shape), self.spacing, self.fold_mm)
         image_rows = self._features.reshape(-1, self._features.shape[-1])
-        wrong = dict.fromkeys(self._classes, 0)
-        held_out = dict.fromkeys(self._classes, 0)
-        for part in (0, 1):
+
+        def sure_and_wrong(part):
+            """The held-out voxels of fold ``part`` and which of them the other fold's forest
+            labels wrongly with ``pseudo_image_confidence``; None when that fold cannot be checked."""
             train, test = painted[fold != part], painted[fold == part]
             if np.unique(flat[train]).size < len(self._classes) or test.size == 0:
-                continue
-            # One thread: on a few thousand painted voxels, starting threads takes longer than the fit.
+                return None
+            # One thread per fold: on a few thousand painted voxels, starting threads for the
+            # trees takes longer than the fit.
             forest = RandomForestClassifier(
                 **{**self._forest_params, "n_estimators": TRUST_CHECK_TREES, "n_jobs": 1})
             forest.fit(_take_rows(image_rows, train), flat[train])
             scores = forest.predict_proba(_take_rows(image_rows, test))
-            sure_and_wrong = (scores.max(axis=1) >= self.pseudo_image_confidence) & (
+            wrong = (scores.max(axis=1) >= self.pseudo_image_confidence) & (
                 forest.classes_[np.argmax(scores, axis=1)] != flat[test])
-            for value in self._classes:
-                own = flat[test] == value
-                wrong[value] += int(np.count_nonzero(sure_and_wrong & own))
-                held_out[value] += int(np.count_nonzero(own))
-        return all(wrong[value] <= IMAGE_TRUST_ERROR * held_out[value] for value in self._classes)
+            return flat[test], wrong
+
+        checked = [result for result in _map_on_all_cores(sure_and_wrong, (0, 1)) if result is not None]
+        for value in self._classes:
+            wrong = sum(int(np.count_nonzero(wrong & (labels == value))) for labels, wrong in checked)
+            held_out = sum(int(np.count_nonzero(labels == value)) for labels, _ in checked)
+            if wrong > IMAGE_TRUST_ERROR * held_out:
+                return False
+        return True
 
     def _tight_outlines(self):
         """The enclosed voxels of the outlines that the image and the distances do not contradict.
