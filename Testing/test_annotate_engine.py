@@ -26,7 +26,7 @@ from FetalAnnotateLib.engine import (
     stroke_consistent_labels,
 )
 from FetalAnnotateLib.features import feature_settings_for, gaussian_smooth, normalize_intensity, padding_value
-from FetalAnnotateLib.geodesic import GeodesicCosts, cells_to_voxels
+from FetalAnnotateLib.geodesic import GeodesicCosts, cells_to_voxels, grow_from_seeds
 
 
 def two_tissue_phantom(shape=(12, 48, 48), seed=0):
@@ -286,6 +286,115 @@ def test_corrections_and_more_than_two_classes():
     assert result.classes == (1, 2, 3)
     assert set(np.unique(result.labels)) <= {1, 2, 3}
     assert np.mean(result.labels[:, :, :5] == 3) > 0.9
+
+
+def cheapest_seed_paths(image, seeds):
+    """Exact costs and seed classes of :func:`grow_from_seeds` by Dijkstra's algorithm on the
+    26-neighbour graph whose edges cost the intensity difference."""
+    from scipy import sparse
+    from scipy.sparse import csgraph
+
+    index = np.arange(image.size).reshape(image.shape)
+    rows, columns = [], []
+    for step in np.ndindex(3, 3, 3):
+        offset = np.array(step) - 1
+        if not offset.any():
+            continue
+        source = tuple(slice(max(0, -o), n - max(0, o)) for o, n in zip(offset, image.shape))
+        target = tuple(slice(max(0, o), n - max(0, -o)) for o, n in zip(offset, image.shape))
+        rows.append(index[source].ravel())
+        columns.append(index[target].ravel())
+    rows, columns = np.concatenate(rows), np.concatenate(columns)
+    flat = image.ravel().astype(np.float64)
+    weights = np.abs(flat[rows] - flat[columns]) + 1e-12  # stored zeros would be no edge
+    graph = sparse.csr_matrix((weights, (rows, columns)), shape=(image.size, image.size))
+    cost, _, origin = csgraph.dijkstra(graph, indices=np.flatnonzero(seeds), min_only=True,
+                                       return_predecessors=True)
+    return cost.reshape(image.shape), seeds.ravel()[origin].reshape(image.shape)
+
+
+def test_grow_from_seeds_converges_to_the_cheapest_paths_also_when_seeds_are_added():
+    rng = np.random.default_rng(0)
+    image = (ndi.gaussian_filter(rng.random((8, 24, 20)), 1.0) * 10).astype(np.float32)
+    seeds = np.zeros(image.shape, np.int16)
+    seeds[2, 3, 3], seeds[6, 20, 5], seeds[4, 12, 17] = 1, 2, 300
+    labels, cost = grow_from_seeds(image, seeds, n_rounds=20)
+    exact_cost, exact_labels = cheapest_seed_paths(image, seeds)
+    np.testing.assert_allclose(cost, exact_cost, atol=1e-4)
+    np.testing.assert_array_equal(labels, exact_labels)
+    assert labels.dtype == seeds.dtype
+    # Added seeds relax only their own paths, in a box that grows while they lower its faces' costs.
+    more = seeds.copy()
+    more[7, 2:6, 10] = 2
+    labels, cost = grow_from_seeds(image, more, previous=(labels, cost), n_rounds=20)
+    exact_cost, exact_labels = cheapest_seed_paths(image, more)
+    np.testing.assert_allclose(cost, exact_cost, atol=1e-4)
+    np.testing.assert_array_equal(labels, exact_labels)
+
+
+def test_grow_from_seeds_labels_as_slicer_grow_from_seeds():
+    pytest.importorskip("slicer")
+    from baselines import GrowCut
+
+    from FetalAnnotateLib.phantom import make_phantom
+
+    phantom = make_phantom(seed=0)
+    image, truth = phantom.image, phantom.label_map
+    strokes = np.zeros(truth.shape, np.uint8)
+    plane = truth.shape[0] // 2
+    for value in np.unique(truth):
+        strokes[plane][ndi.binary_erosion(truth[plane] == value, iterations=3)
+                       & (np.indices(truth.shape[1:]).sum(axis=0) % 7 == 0)] = value
+    slicer_labels = GrowCut(image, (1.0, 1.0, 1.0), 0, restrict_extent=False).predict_labels(strokes)
+    labels, _ = grow_from_seeds(image, strokes)
+    assert np.mean(labels == slicer_labels) > 0.99
+
+
+def test_pseudo_labels_grow_by_intensity_with_more_than_two_classes():
+    image, inside = two_tissue_phantom(shape=(6, 40, 40))
+    image[:, :, :6] = 300.0  # a third tissue
+    two = phantom_strokes(inside, plane=3)
+    three = two.copy()
+    three[:, :, :6] = 0
+    three[3, 10:30, 2] = 3
+
+    def probabilities(strokes, source):
+        session = AnnotationSession(image, (2.0, 1.0, 1.0), pseudo_label_source=source)
+        return session.update(strokes).probabilities
+
+    np.testing.assert_array_equal(probabilities(two, "auto"), probabilities(two, "distances"))
+    np.testing.assert_array_equal(probabilities(three, "auto"), probabilities(three, "intensity"))
+    assert not np.array_equal(probabilities(three, "auto"), probabilities(three, "distances"))
+    with pytest.raises(FetalAnnotateError, match="pseudo_label_source must be one of"):
+        AnnotationSession(image, pseudo_label_source="growcut")
+
+
+def test_grown_pseudo_labels_grow_on_from_the_last_round_and_survive_a_cancel():
+    image, inside = two_tissue_phantom(shape=(6, 40, 40))
+    image[:, :, :6] = 300.0
+    strokes = phantom_strokes(inside, plane=3)
+    strokes[:, :, :6] = 0
+    strokes[3, 10:30, 2] = 3
+    session = AnnotationSession(image, (2.0, 1.0, 1.0))
+    session.update(strokes)
+    kept = session._grown
+    more = strokes.copy()
+    more[1, 20, 10:20] = 2
+
+    def cancel(fraction, message):
+        if fraction > 0.5:
+            raise OperationCancelled("cancelled")
+
+    session.progress = cancel
+    with pytest.raises(OperationCancelled):
+        session.update(more)
+    assert session._grown is kept  # the last finished round's result, untouched
+    np.testing.assert_array_equal(kept[1], grow_from_seeds(session._normalized, strokes)[0])
+    session.progress = None
+    session.update(more)
+    expected = grow_from_seeds(session._normalized, more, previous=(kept[1].copy(), kept[2].copy()), n_rounds=1)
+    np.testing.assert_array_equal(session._grown[1], expected[0])
+    np.testing.assert_array_equal(kept[1], grow_from_seeds(session._normalized, strokes)[0])  # not grown in place
 
 
 def test_blend_probabilities_is_a_normalised_weighted_geometric_mean():

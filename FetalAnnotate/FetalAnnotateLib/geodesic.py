@@ -7,6 +7,9 @@ mm. Each sweep visits the volume slice by slice along one axis, forward then bac
 updates a whole slice per numpy operation; a few rounds of sweeps over all axes converge for
 paths that bend around obstacles. Seconds-per-round matters more than exact paths here: the
 maps are classifier features, not measurements.
+
+:func:`grow_from_seeds` relaxes the same way the cost of Slicer's *Grow from seeds* (intensity
+change only, 26 neighbours) and carries along the class of the cheapest seed.
 """
 
 import copy
@@ -166,3 +169,102 @@ def _sweep(distance, cost):
     for index in range(distance.shape[0] - 2, -1, -1):
         np.add(distance[index + 1], cost[index], out=candidate)
         np.minimum(distance[index], candidate, out=distance[index])
+
+
+def grow_from_seeds(image, seeds, previous=None, n_rounds=2):
+    """Label every voxel with the seed class reached at the least intensity change.
+
+    The cost of a path is the sum of the absolute intensity differences of its steps, each
+    step to any of the 26 neighbours, with no length term: the cost of Slicer's *Grow from
+    seeds* (``vtkImageGrowCutSegment`` with distance penalty 0), here relaxed by rounds of
+    forward and backward raster sweeps along every axis instead of Dijkstra's algorithm
+    (repeated rounds converge to its costs). On the atlas volumes (4 M voxels, 9 classes) two
+    rounds give 99.7-99.9 % of the voxels the class of Slicer's filter, in 0.35-0.45 s against
+    its 1.4-2.3 s.
+
+    Parameters
+    ----------
+    image : ndarray of float, shape (z, y, x)
+        Intensity (unsmoothed: smoothing merges thin structures into their neighbours).
+    seeds : ndarray of int, shape (z, y, x)
+        Class values, 0 where unpainted.
+    previous : (labels, cost) or None
+        The result for seeds that ``seeds`` only adds to (same class wherever those were
+        painted); it is updated in place. The costs of a union of seed sets are the minimum
+        of theirs, so only the added seeds' paths are relaxed, in a box around them that
+        grows while their paths still lower the costs on its faces.
+    n_rounds : int
+        Rounds of sweeps (within each box).
+
+    Returns
+    -------
+    labels : ndarray of the dtype of ``seeds``, shape (z, y, x)
+        The class of the cheapest seed (0 everywhere when there are no seeds).
+    cost : ndarray of float32, shape (z, y, x)
+        That path's cost.
+    """
+    image = np.asarray(image, np.float32)
+    painted = seeds != 0
+    whole = tuple(slice(0, n) for n in image.shape)
+    if previous is None:
+        labels = np.where(painted, seeds, 0).astype(seeds.dtype)
+        cost = np.where(painted, np.float32(0.0), np.float32(np.inf)).astype(np.float32)
+        _relax(labels, cost, image, whole, n_rounds)
+        return labels, cost
+    labels, cost = previous
+    added = painted & ((cost != 0) | (labels != seeds))
+    if not added.any():
+        return labels, cost
+    labels[added] = seeds[added]
+    cost[added] = 0.0
+    low = np.array([c.min() for c in np.nonzero(added)])
+    high = np.array([c.max() + 1 for c in np.nonzero(added)])
+    margin = 8
+    while True:
+        box = tuple(slice(max(a - margin, 0), min(b + margin, n)) for a, b, n in zip(low, high, image.shape))
+        if not _relax(labels, cost, image, box, n_rounds) or box == whole:
+            return labels, cost
+        margin *= 4
+
+
+def _relax(labels, cost, image, box, n_rounds):
+    """Sweeps of :func:`grow_from_seeds` inside ``box``, in place; whether they lowered a cost
+    on a face of the box inside the volume (paths may then lower costs beyond it)."""
+    faces = [(axis, end) for axis in range(3) for end in (box[axis].start, box[axis].stop - 1)
+             if (end > 0 if end == box[axis].start else end < image.shape[axis] - 1)]
+    before = [np.take(cost[box], end - box[axis].start, axis=axis).copy() for axis, end in faces]
+    for _ in range(n_rounds):
+        for axis, offsets in ((0, _PLANE_OFFSETS), (1, _LINE_OFFSETS), (2, _POINT_OFFSETS)):
+            if box[axis].stop - box[axis].start < 2:
+                continue
+            views = [np.moveaxis(a[box], axis, 0) for a in (labels, cost, image)]
+            moved = [np.ascontiguousarray(v) for v in views]
+            _grow_sweep(*moved, offsets)
+            views[0][...] = moved[0]
+            views[1][...] = moved[1]
+    return any(np.any(np.take(cost[box], end - box[axis].start, axis=axis) < face)
+               for (axis, end), face in zip(faces, before))
+
+
+# In-plane offsets of the neighbours in the previous slice that each sweep reads: all nine
+# along the first axis, then the three (and the one) left for the other axes, 26 in all.
+_PLANE_OFFSETS = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+_LINE_OFFSETS = ((0, -1), (0, 0), (0, 1))
+_POINT_OFFSETS = ((0, 0),)
+
+
+def _grow_sweep(labels, cost, image, offsets):
+    """Forward and backward relaxation of :func:`grow_from_seeds` along axis 0, in place."""
+    n, ny, nx = cost.shape
+    for order in (range(1, n), range(n - 2, -1, -1)):
+        step = order.step
+        for index in order:
+            before = index - step
+            for dy, dx in offsets:
+                target = (slice(max(0, -dy), ny - max(0, dy)), slice(max(0, -dx), nx - max(0, dx)))
+                source = (slice(max(0, dy), ny - max(0, -dy)), slice(max(0, dx), nx - max(0, -dx)))
+                candidate = np.abs(image[index][target] - image[before][source])
+                candidate += cost[before][source]
+                better = candidate < cost[index][target]
+                np.copyto(cost[index][target], candidate, where=better)
+                np.copyto(labels[index][target], labels[before][source], where=better)
