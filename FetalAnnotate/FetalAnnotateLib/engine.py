@@ -285,8 +285,9 @@ class AnnotationSession:
         Slicer's *Grow from seeds*), for every candidate. ``"auto"`` (default): intensity with
         more than two classes, where tissues are told apart by their intensity and the length
         term of the distances leaves a class painted on a few voxels untaught (9-class atlas,
-        round 0: 0.485 to 0.535), distances with two, where the object's neighbours often look
-        like it (stacks, round 0: 0.784 against 0.735). Other values raise
+        ten volumes, round 0: 0.485 to 0.540), distances with two, where the object's
+        neighbours often look like it (stacks, round 0: 0.784, against 0.735 with grown
+        labels). Other values raise
         :class:`FetalAnnotateError`.
     pseudo_weight : float
         Sample weight of a pseudo-labelled voxel (a painted voxel weighs 1).

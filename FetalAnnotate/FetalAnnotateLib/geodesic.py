@@ -217,9 +217,10 @@ def grow_from_seeds(image, seeds, previous=None, n_rounds=2):
         return labels, cost
     labels[added] = seeds[added]
     cost[added] = 0.0
-    low = np.array([c.min() for c in np.nonzero(added)])
-    high = np.array([c.max() + 1 for c in np.nonzero(added)])
-    margin = 8
+    coordinates = np.nonzero(added)
+    low = np.array([c.min() for c in coordinates])
+    high = np.array([c.max() + 1 for c in coordinates])
+    margin = _GROWTH_MARGIN
     while True:
         box = tuple(slice(max(a - margin, 0), min(b + margin, n)) for a, b, n in zip(low, high, image.shape))
         if not _relax(labels, cost, image, box, n_rounds) or box == whole:
@@ -245,6 +246,10 @@ def _relax(labels, cost, image, box, n_rounds):
     return any(np.any(np.take(cost[box], end - box[axis].start, axis=axis) < face)
                for (axis, end), face in zip(faces, before))
 
+
+#: Voxels around added seeds within which :func:`grow_from_seeds` first relaxes their paths
+#: (the box then grows four-fold while they lower costs on its faces).
+_GROWTH_MARGIN = 8
 
 # In-plane offsets of the neighbours in the previous slice that each sweep reads: all nine
 # along the first axis, then the three (and the one) left for the other axes, 26 in all.
