@@ -287,8 +287,7 @@ class AnnotationSession:
         term of the distances leaves a class painted on a few voxels untaught (9-class atlas,
         ten volumes, round 0: 0.485 to 0.540), distances with two, where the object's
         neighbours often look like it (stacks, round 0: 0.784, against 0.735 with grown
-        labels). Other values raise
-        :class:`FetalAnnotateError`.
+        labels). Other values raise :class:`FetalAnnotateError`.
     pseudo_weight : float
         Sample weight of a pseudo-labelled voxel (a painted voxel weighs 1).
     pseudo_image_confidence : float

@@ -112,11 +112,7 @@ class GeodesicCosts:
                     continue
                 others = tuple(coarse_box[a] for a in range(3) if a != axis)
                 cost = self._costs[axis][(slice(coarse_box[axis].start, coarse_box[axis].stop - 1),) + others]
-                view = np.moveaxis(distance, axis, 0)
-                moved = np.ascontiguousarray(view)
-                _sweep(moved, cost)
-                if moved is not view:  # a copy (not the first axis): write it back
-                    view[...] = moved
+                _sweep_along(axis, (distance,), _sweep, cost)
         return distance
 
     def values_at(self, distance, coordinates, box=None):
@@ -158,6 +154,18 @@ def cells_to_voxels(cells, stride, shape):
         if stride[axis] > 1:
             cells = np.take(cells, np.arange(shape[axis]) // stride[axis], axis=offset + axis)
     return cells
+
+
+def _sweep_along(axis, arrays, sweep, *inputs):
+    """``sweep(*arrays, *inputs)`` along ``axis``: on sweep-major copies of ``arrays`` (the
+    swept axis first, contiguous, so each slice update touches contiguous memory), written
+    back into them; arrays already in that order are swept in place."""
+    views = [np.moveaxis(array, axis, 0) for array in arrays]
+    moved = [np.ascontiguousarray(view) for view in views]
+    sweep(*moved, *inputs)
+    for view, result in zip(views, moved):
+        if result is not view:
+            view[...] = result
 
 
 def _sweep(distance, cost):
@@ -234,15 +242,12 @@ def _relax(labels, cost, image, box, n_rounds):
     faces = [(axis, end) for axis in range(3) for end in (box[axis].start, box[axis].stop - 1)
              if (end > 0 if end == box[axis].start else end < image.shape[axis] - 1)]
     before = [np.take(cost[box], end - box[axis].start, axis=axis).copy() for axis, end in faces]
+    axes = [(axis, offsets, np.ascontiguousarray(np.moveaxis(image[box], axis, 0)))  # read-only: once
+            for axis, offsets in ((0, _PLANE_OFFSETS), (1, _LINE_OFFSETS), (2, _POINT_OFFSETS))
+            if box[axis].stop - box[axis].start > 1]
     for _ in range(n_rounds):
-        for axis, offsets in ((0, _PLANE_OFFSETS), (1, _LINE_OFFSETS), (2, _POINT_OFFSETS)):
-            if box[axis].stop - box[axis].start < 2:
-                continue
-            views = [np.moveaxis(a[box], axis, 0) for a in (labels, cost, image)]
-            moved = [np.ascontiguousarray(v) for v in views]
-            _grow_sweep(*moved, offsets)
-            views[0][...] = moved[0]
-            views[1][...] = moved[1]
+        for axis, offsets, swept_image in axes:
+            _sweep_along(axis, (labels[box], cost[box]), _grow_sweep, swept_image, offsets)
     return any(np.any(np.take(cost[box], end - box[axis].start, axis=axis) < face)
                for (axis, end), face in zip(faces, before))
 
