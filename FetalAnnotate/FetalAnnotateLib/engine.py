@@ -1096,18 +1096,17 @@ def blend_probabilities(new, previous, memory, floor=1e-4, block_voxels=BLOCK_VO
     def blend_block(start):
         part = slice(start, start + block_voxels)
         weight = memory[part] if per_voxel else np.float32(memory)
-        # In place: 2.4x faster than the plain expression on a 320x320x22 stack.
-        blend = np.maximum(new_flat[:, part], floor, dtype=np.float32)
+        # In place, in the output: 2.4x faster than the plain expression on a 320x320x22 stack.
+        # The logarithms lie in [log(floor), 0], so the exponential needs no shift by the maximum.
+        blend = np.maximum(new_flat[:, part], floor, out=out[:, part], dtype=np.float32)
         np.log(blend, out=blend)
         blend *= np.float32(1.0) - weight
         kept = np.maximum(previous_flat[:, part], floor, dtype=np.float32)
         np.log(kept, out=kept)
         kept *= weight
         blend += kept
-        blend -= blend.max(axis=0)
         np.exp(blend, out=blend)
         blend /= blend.sum(axis=0)
-        out[:, part] = blend
 
     _map_on_all_cores(blend_block, range(0, new_flat.shape[1], block_voxels))
     return result

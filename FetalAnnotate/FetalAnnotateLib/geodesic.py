@@ -199,8 +199,8 @@ def grow_from_seeds(image, seeds, previous=None, n_rounds=2):
     previous : (labels, cost) or None
         The result for seeds that ``seeds`` only adds to (same class wherever those were
         painted); it is updated in place. The costs of a union of seed sets are the minimum
-        of theirs, so only the added seeds' paths are relaxed, in a box around them that
-        grows while their paths still lower the costs on its faces.
+        of theirs, so only the added seeds' paths are relaxed, in a box around them
+        (:func:`_relax_in_growing_box`).
     n_rounds : int
         Rounds of sweeps (within each box).
 
@@ -225,35 +225,64 @@ def grow_from_seeds(image, seeds, previous=None, n_rounds=2):
         return labels, cost
     labels[added] = seeds[added]
     cost[added] = 0.0
-    coordinates = np.nonzero(added)
-    low = np.array([c.min() for c in coordinates])
-    high = np.array([c.max() + 1 for c in coordinates])
-    margin = _GROWTH_MARGIN
-    while True:
-        box = tuple(slice(max(a - margin, 0), min(b + margin, n)) for a, b, n in zip(low, high, image.shape))
-        if not _relax(labels, cost, image, box, n_rounds) or box == whole:
-            return labels, cost
-        margin *= 4
+    _relax_in_growing_box(lambda box: _relax(labels, cost, image, box, n_rounds), np.nonzero(added), image.shape)
+    return labels, cost
 
 
 def _relax(labels, cost, image, box, n_rounds):
-    """Sweeps of :func:`grow_from_seeds` inside ``box``, in place; whether they lowered a cost
-    on a face of the box inside the volume (paths may then lower costs beyond it)."""
-    faces = [(axis, end) for axis in range(3) for end in (box[axis].start, box[axis].stop - 1)
-             if (end > 0 if end == box[axis].start else end < image.shape[axis] - 1)]
-    before = [np.take(cost[box], end - box[axis].start, axis=axis).copy() for axis, end in faces]
+    """Sweeps of :func:`grow_from_seeds` inside ``box``, in place; the faces of the box on
+    which they lowered a cost (:func:`_lowered_faces`)."""
+    faces = _inner_faces(box, image.shape)
+    before = [_face(cost, box, face).copy() for face in faces]
     axes = [(axis, offsets, np.ascontiguousarray(np.moveaxis(image[box], axis, 0)))  # read-only: once
             for axis, offsets in ((0, _PLANE_OFFSETS), (1, _LINE_OFFSETS), (2, _POINT_OFFSETS))
             if box[axis].stop - box[axis].start > 1]
     for _ in range(n_rounds):
         for axis, offsets, swept_image in axes:
             _sweep_along(axis, (labels[box], cost[box]), _grow_sweep, swept_image, offsets)
-    return any(np.any(np.take(cost[box], end - box[axis].start, axis=axis) < face)
-               for (axis, end), face in zip(faces, before))
+    return _lowered_faces(cost, box, faces, before)
 
 
-#: Voxels around added seeds within which :func:`grow_from_seeds` first relaxes their paths
-#: (the box then grows four-fold while they lower costs on its faces).
+def _relax_in_growing_box(relax, coordinates, shape):
+    """``relax(box)`` in boxes around voxel ``coordinates`` until no face of the box is lowered.
+
+    Used where a map already relaxed for some seeds gets more seeds: only paths from the
+    added seeds can lower it, and a path that leaves the box lowers the map on a face of it.
+    The box first reaches :data:`_GROWTH_MARGIN` voxels beyond the seeds on every side; each
+    side whose face ``relax`` reports lowered (a list of (axis, side) pairs) then reaches four
+    times further, until the volume's edge.
+    """
+    low = [int(c.min()) for c in coordinates]
+    high = [int(c.max()) + 1 for c in coordinates]
+    margins = np.full((3, 2), _GROWTH_MARGIN)
+    while True:
+        box = tuple(slice(max(a - m[0], 0), min(b + m[1], n)) for a, b, m, n in zip(low, high, margins, shape))
+        lowered = relax(box)
+        if not lowered:
+            return
+        for axis, side in lowered:
+            margins[axis, side] *= 4
+
+
+def _inner_faces(box, shape):
+    """The faces of ``box`` inside a volume of ``shape``, as (axis, side, index) with side 0 the low face."""
+    return [(axis, side, end) for axis in range(3) for side, end in enumerate((box[axis].start, box[axis].stop - 1))
+            if (end > 0 if side == 0 else end < shape[axis] - 1)]
+
+
+def _face(values, box, face):
+    """The voxels of ``values`` on one face of ``box`` (an :func:`_inner_faces` entry)."""
+    axis, _, end = face
+    return np.take(values[box], end - box[axis].start, axis=axis)
+
+
+def _lowered_faces(values, box, faces, before):
+    """The (axis, side) of the ``faces`` of ``box`` where ``values`` fell below ``before``."""
+    return [face[:2] for face, was in zip(faces, before) if np.any(_face(values, box, face) < was)]
+
+
+#: Voxels around added seeds within which :func:`_relax_in_growing_box` first relaxes their
+#: paths (a side of the box then reaches four times further while they lower the map on its face).
 _GROWTH_MARGIN = 8
 
 # In-plane offsets of the neighbours in the previous slice that each sweep reads: all nine
