@@ -188,7 +188,9 @@ def grow_from_seeds(image, seeds, previous=None, n_rounds=2):
     forward and backward raster sweeps along every axis instead of Dijkstra's algorithm
     (repeated rounds converge to its costs). On the atlas volumes (4 M voxels, 9 classes) two
     rounds give 99.7-99.9 % of the voxels the class of Slicer's filter, in 0.35-0.45 s against
-    its 1.4-2.3 s.
+    its 1.4-2.3 s. In noisy tissue reached from few seeds the cheapest paths wind, and each
+    round of sweeps follows one more turn of them: on the generated phantom with four small
+    background dabs two rounds give 90 % of the voxels Slicer's class, sixteen 99.4 %.
 
     Parameters
     ----------
