@@ -315,21 +315,23 @@ def cheapest_seed_paths(image, seeds):
 
 def test_grow_from_seeds_converges_to_the_cheapest_paths_also_when_seeds_are_added():
     rng = np.random.default_rng(0)
-    image = (ndi.gaussian_filter(rng.random((8, 24, 20)), 1.0) * 10).astype(np.float32)
+    image = (ndi.gaussian_filter(rng.random((8, 24, 60)), 1.0) * 10).astype(np.float32)
     seeds = np.zeros(image.shape, np.int16)
     seeds[2, 3, 3], seeds[6, 20, 5], seeds[4, 12, 17] = 1, 2, 300
-    labels, cost = grow_from_seeds(image, seeds, n_rounds=20)
+    labels, cost = grow_from_seeds(image, seeds, n_rounds=40)
     exact_cost, exact_labels = cheapest_seed_paths(image, seeds)
     np.testing.assert_allclose(cost, exact_cost, atol=1e-4)
     np.testing.assert_array_equal(labels, exact_labels)
     assert labels.dtype == seeds.dtype
-    # Added seeds relax only their own paths, in a box that grows while they lower its faces' costs.
+    # Added seeds relax only their own paths, in a box whose sides grow while they lower the
+    # costs on their faces (here far along x, where the nearest other seed is 40 voxels away).
     more = seeds.copy()
-    more[7, 2:6, 10] = 2
-    labels, cost = grow_from_seeds(image, more, previous=(labels, cost), n_rounds=20)
-    exact_cost, exact_labels = cheapest_seed_paths(image, more)
-    np.testing.assert_allclose(cost, exact_cost, atol=1e-4)
-    np.testing.assert_array_equal(labels, exact_labels)
+    for added in (np.s_[7, 2:6, 10], np.s_[1, 20, 57]):
+        more[added] = 2
+        labels, cost = grow_from_seeds(image, more, previous=(labels, cost), n_rounds=40)
+        exact_cost, exact_labels = cheapest_seed_paths(image, more)
+        np.testing.assert_allclose(cost, exact_cost, atol=1e-4)
+        np.testing.assert_array_equal(labels, exact_labels)
 
 
 def test_grow_from_seeds_labels_as_slicer_grow_from_seeds():
