@@ -215,11 +215,10 @@ def grow_from_seeds(image, seeds, previous=None, n_rounds=2):
     """
     image = np.asarray(image, np.float32)
     painted = seeds != 0
-    whole = tuple(slice(0, n) for n in image.shape)
     if previous is None:
         labels = np.where(painted, seeds, 0).astype(seeds.dtype)
         cost = np.where(painted, np.float32(0.0), np.float32(np.inf)).astype(np.float32)
-        _relax(labels, cost, image, whole, n_rounds)
+        _relax(labels, cost, image, tuple(slice(0, n) for n in image.shape), n_rounds)
         return labels, cost
     labels, cost = previous
     added = painted & ((cost != 0) | (labels != seeds))
