@@ -1,6 +1,8 @@
 """Unit tests of the FetalAnnotate engine (FetalAnnotateLib): features, classifier, errors."""
 
+import copy
 import json
+import threading
 import time
 
 import numpy as np
@@ -19,6 +21,7 @@ from FetalAnnotateLib import (
     compute_features,
 )
 from FetalAnnotateLib.engine import (
+    DEFAULT_FOREST,
     blend_probabilities,
     enclosed_pseudo_labels,
     predict_blockwise,
@@ -252,6 +255,21 @@ def test_blockwise_and_whole_predictions_agree(phantom_session):
     whole = predict_blockwise(session._forest, n, lambda a, b: rows(slice(a, b)), block_voxels=n)
     blocks = predict_blockwise(session._forest, n, lambda a, b: rows(slice(a, b)), block_voxels=1000)
     np.testing.assert_array_equal(whole, blocks)
+    # The parts run in threads with a one-job copy of the forest; the forest itself is left as it was.
+    np.testing.assert_allclose(whole, session._forest.predict_proba(rows(slice(0, n))).T, atol=1e-6)
+    assert session._forest.n_jobs == DEFAULT_FOREST["n_jobs"]
+    assert predict_blockwise(session._forest, 0, lambda a, b: rows(slice(a, b))).shape == (2, 0)
+    # A forest set to one job (a batch worker's) is predicted by one thread.
+    threads = set()
+
+    def noted_rows(a, b):
+        threads.add(threading.get_ident())
+        return rows(slice(a, b))
+
+    one_job = copy.copy(session._forest)
+    one_job.n_jobs = 1
+    np.testing.assert_array_equal(predict_blockwise(one_job, n, noted_rows, block_voxels=1000), whole)
+    assert len(threads) == 1
 
 
 def test_coarse_to_fine_matches_exact_prediction():
@@ -428,8 +446,10 @@ def test_coarse_to_fine_blends_slab_by_slab_as_blending_the_whole_prediction(per
     rng = np.random.default_rng(0)
     shape, stride = (23, 40, 30), (2, 2, 2)
 
+    noise = rng.normal(0, 0.5, (int(np.prod(shape)), 3)).astype(np.float32)  # fixed per voxel: rows run in threads
+
     def rows(index):
-        return np.stack(np.unravel_index(index, shape), axis=1).astype(np.float32) + rng.normal(0, 0.5, (len(index), 3))
+        return np.stack(np.unravel_index(index, shape), axis=1).astype(np.float32) + noise[index]
 
     train = rng.choice(int(np.prod(shape)), 3000, replace=False)
     classes = 1 + (np.stack(np.unravel_index(train, shape)).sum(axis=0) // 30) % 3
@@ -439,10 +459,8 @@ def test_coarse_to_fine_blends_slab_by_slab_as_blending_the_whole_prediction(per
     prior /= prior.sum(axis=0)
     memory = rng.uniform(0, 0.7, (shape[0], shape[1] + 10, shape[2])).astype(np.float32)[:, 5:-5] if per_voxel else 0.6
     monkeypatch.setattr(engine, "BLOCK_VOXELS", 5000)  # slabs of 4 slices, the last one of 3
-    state = rng.bit_generator.state
 
     blended = predict_coarse_to_fine(forest, shape, rows, stride, prior=prior, memory=memory)
-    rng.bit_generator.state = state  # the same feature noise
     whole = predict_coarse_to_fine(forest, shape, rows, stride)
 
     np.testing.assert_array_equal(blended, blend_probabilities(whole, prior, memory))
