@@ -133,7 +133,7 @@ class SegmentationResult:
     region: tuple = None
 
 
-def predict_blockwise(forest, n_voxels, rows, block_voxels=BLOCK_VOXELS, progress=None):
+def predict_blockwise(forest, n_voxels, rows, block_voxels=BLOCK_VOXELS, progress=None, dtype=np.float32):
     """Class probabilities of ``n_voxels`` voxels, block by block.
 
     Parameters
@@ -146,10 +146,12 @@ def predict_blockwise(forest, n_voxels, rows, block_voxels=BLOCK_VOXELS, progres
     block_voxels : int
         Voxels per block; peak memory is about ``block_voxels x n_features x 4`` bytes.
     progress : callable or None
+    dtype : numpy dtype
+        Of the result (float64 keeps the forest's own precision).
 
     Returns
     -------
-    ndarray of float32, shape (n_classes, n_voxels)
+    ndarray of ``dtype``, shape (n_classes, n_voxels)
 
     Notes
     -----
@@ -159,7 +161,7 @@ def predict_blockwise(forest, n_voxels, rows, block_voxels=BLOCK_VOXELS, progres
     rows of a block were built serially and the threads polled for the result: 0.36-0.48 s
     against 0.23-0.26 s for 600 k atlas voxels (9 classes, 2 cores), the same probabilities.
     """
-    out = np.empty((len(forest.classes_), n_voxels), np.float32)
+    out = np.empty((len(forest.classes_), n_voxels), dtype)
     if n_voxels == 0:
         return out
     n_jobs = getattr(forest, "n_jobs", None) or 1
@@ -753,8 +755,7 @@ class AnnotationSession:
         self._distances, training = self._context_features(self._strokes, classes, added_distances)
         labels = geodesic
         if candidates.size and self.pseudo_image_confidence <= 1.0 and self._image_forest_trusted():
-            image_rows = self._features.reshape(-1, self._features.shape[-1])
-            scores = self._image_forest.predict_proba(_take_rows(image_rows, candidates))
+            scores = self._image_scores(candidates)
             sure = scores.max(axis=1) >= self.pseudo_image_confidence
             labels = np.where(sure, self._image_forest.classes_[np.argmax(scores, axis=1)], geodesic)
         taught = labels != 0
@@ -825,10 +826,9 @@ class AnnotationSession:
         drawn in.
         """
         by_class = dict(zip(self._classes, self._distances))
-        image_rows = self._features.reshape(-1, self._features.shape[-1])
 
         def contradicts(index, outline_value, inner_value):
-            scores = self._image_forest.predict_proba(_take_rows(image_rows, index))
+            scores = self._image_scores(index)
             looks_outside = scores[:, np.searchsorted(self._image_forest.classes_, outline_value)]
             nearer_outside = (self._costs.values_at_index(by_class[outline_value], index)
                               < self._costs.values_at_index(by_class[inner_value], index))
@@ -837,6 +837,12 @@ class AnnotationSession:
         return enclosed_pseudo_labels(
             self._strokes, self.spacing, self.enclosure_margin_mm, self._anisotropy_ratio, contradicts=contradicts
         )
+
+    def _image_scores(self, index):
+        """The image forest's class probabilities (float64, shape (n, n_classes)) at flat voxel ``index``."""
+        image_rows = self._features.reshape(-1, self._features.shape[-1])
+        return predict_blockwise(self._image_forest, index.size, lambda a, b: _take_rows(image_rows, index[a:b]),
+                                 dtype=np.float64).T
 
     def _fit(self, training_context, pseudo):
         """Fit a forest on the painted voxels (at most ``max_training_voxels`` per class) and the
