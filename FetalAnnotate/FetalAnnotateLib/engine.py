@@ -14,6 +14,7 @@ correction stroke changes what it was drawn on, not what earlier rounds settled 
 """
 
 import copy
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -575,10 +576,12 @@ class AnnotationSession:
         ``memory_reach_mm`` is None."""
         if self.memory_reach_mm is None:
             return None
-        maps = [d for _, d in added_distances.values()]
-        distance = maps[0] if len(maps) == 1 else np.minimum.reduce(maps)
-        fade = -np.expm1(distance * np.float32(-1.0 / self.memory_reach_mm)).astype(np.float16)
-        return self._costs.full_resolution(fade)
+        # Pairwise minima and in-place steps: np.minimum.reduce of a list first stacks the maps
+        # into one new array, and each fresh array's memory is faulted in (0.02-0.07 -> 0.02 s).
+        distance = functools.reduce(np.minimum, [d for _, d in added_distances.values()])
+        fade = np.multiply(distance, np.float32(-1.0 / self.memory_reach_mm))
+        np.negative(np.expm1(fade, out=fade), out=fade)
+        return self._costs.full_resolution(fade.astype(np.float16))
 
     def predict(self, region=None):
         """Predict the image (or ``region``) with the last trained forest (and the prior of its update)."""
@@ -960,12 +963,8 @@ class AnnotationSession:
         smoothing = None
         if self.smoothness > 0:
             edges = self._edge_image if region3d is None else self._edge_image[region3d]
-
-            def smoothing(best):
-                return graph_cut_labels(
-                    probabilities, best, edges, self.spacing, self.smoothness, self._contrast, fixed=strokes != 0
-                )
-
+            smoothing = functools.partial(graph_cut_labels, probabilities, image=edges, spacing=self.spacing,
+                                          smoothness=self.smoothness, contrast=self._contrast, fixed=strokes != 0)
         labels = stroke_consistent_labels(
             probabilities,
             strokes,
