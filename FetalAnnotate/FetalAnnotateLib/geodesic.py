@@ -296,13 +296,15 @@ _POINT_OFFSETS = ((0, 0),)
 def _grow_sweep(labels, cost, image, offsets):
     """Forward and backward relaxation of :func:`grow_from_seeds` along axis 0, in place."""
     n, ny, nx = cost.shape
+    # Per offset, the part of a slice it updates and the part of the previous slice it reads.
+    shifts = [((slice(max(0, -dy), ny - max(0, dy)), slice(max(0, -dx), nx - max(0, dx))),
+               (slice(max(0, dy), ny - max(0, -dy)), slice(max(0, dx), nx - max(0, -dx))))
+              for dy, dx in offsets]
     for order in (range(1, n), range(n - 2, -1, -1)):
         step = order.step
         for index in order:
             before = index - step
-            for dy, dx in offsets:
-                target = (slice(max(0, -dy), ny - max(0, dy)), slice(max(0, -dx), nx - max(0, dx)))
-                source = (slice(max(0, dy), ny - max(0, -dy)), slice(max(0, dx), nx - max(0, -dx)))
+            for target, source in shifts:
                 candidate = np.abs(image[index][target] - image[before][source])
                 candidate += cost[before][source]
                 better = candidate < cost[index][target]
