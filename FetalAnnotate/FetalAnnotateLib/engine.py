@@ -417,8 +417,9 @@ class AnnotationSession:
         # Read by the geodesic distances and by the graph-cut refinement (``smoothness`` may be
         # changed between updates).
         self._edge_image = _geodesic_image(normalized, self.spacing, self.feature_settings, geodesic_sigma_mm)
-        # Unsmoothed, for the pseudo-labels grown by intensity (smoothing merges thin tissues).
         self._normalized = normalized
+        # The image the pseudo-labels grow on (_grown_labels), made when first needed.
+        self._growth_image = None
         self._grown = None
         self._contrast = edge_contrast(self._edge_image, self.spacing)
         # Also read by the round memory, so built without spatial context too.
@@ -906,8 +907,9 @@ class AnnotationSession:
         return index, np.where(clear, labels, 0).astype(dtype)
 
     def _grown_labels(self):
-        """:func:`~FetalAnnotateLib.geodesic.grow_from_seeds` of the strokes, grown on from
-        the last call's result when the strokes only add to its strokes."""
+        """:func:`~FetalAnnotateLib.geodesic.grow_from_seeds` of the strokes on the normalised
+        image's :func:`median_filtered`, grown on from the last call's result when the strokes
+        only add to its strokes."""
         if self._grown is not None and self._grown[0] is self._strokes:
             return self._grown[1]
         previous = None
@@ -916,8 +918,11 @@ class AnnotationSession:
             painted = before != 0
             if np.array_equal(self._strokes[painted], before[painted]):
                 previous = (labels.copy(), cost.copy())  # the kept result survives a cancel
+        if self._growth_image is None:
+            self._growth_image = median_filtered(
+                self._normalized, filter_axes(self.spacing, self.shape, self._anisotropy_ratio))
         # One round of sweeps per box when growing on: the last round's paths are already relaxed.
-        labels, cost = grow_from_seeds(self._normalized, self._strokes, previous, n_rounds=2 if previous is None else 1)
+        labels, cost = grow_from_seeds(self._growth_image, self._strokes, previous, n_rounds=2 if previous is None else 1)
         self._grown = (self._strokes, labels, cost)
         return labels
 
@@ -1432,6 +1437,41 @@ def _geodesic_image(normalized, spacing, settings, sigma_mm=1.0):
     axes = filter_axes(spacing, normalized.shape, settings.get("anisotropy_ratio", 1.5))
     sigma = tuple(sigma_mm / spacing[axis] if axis in axes else 0.0 for axis in range(3))
     return gaussian_smooth(normalized, sigma)
+
+
+def median_filtered(image, axes):
+    """The median of each voxel's 3-voxel neighbourhood along ``axes`` (a 3 x 3 or 3 x 3 x 3
+    box), computed in slabs on all cores; the image the pseudo-labels grow on.
+
+    The growth's path cost sums intensity differences with no length term, so in noisy tissue
+    reached from a few seeds the cheapest paths wind from noise dip to noise dip: a class
+    painted across an edge then gets tissue that the seeds inside it reach only by long
+    winding paths, which the growth's two rounds of sweeps do not follow. The median removes
+    that noise but keeps the edges where they are, and thin tissues two voxels wide, which
+    Gaussian smoothing merges into their neighbours (docs/engine.md).
+
+    Parameters
+    ----------
+    image : ndarray of float32, shape (z, y, x)
+    axes : sequence of int
+        Axes along which the neighbourhood reaches (:func:`~FetalAnnotateLib.features.filter_axes`).
+
+    Returns
+    -------
+    ndarray of float32, shape (z, y, x)
+        Equal to ``scipy.ndimage.median_filter(image, size)``.
+    """
+    size = tuple(3 if axis in axes else 1 for axis in range(3))
+    reach, n = size[0] // 2, image.shape[0]
+    bounds = np.linspace(0, n, min(os.cpu_count() or 1, n) + 1).astype(int)
+
+    def slab(k):
+        # Each slab reads one more plane on either side, so it matches the whole-image filter.
+        start, stop = bounds[k], bounds[k + 1]
+        low, high = max(start - reach, 0), min(stop + reach, n)
+        return ndi.median_filter(image[low:high], size=size)[start - low:stop - low]
+
+    return np.concatenate(_map_on_all_cores(slab, range(len(bounds) - 1)))
 
 
 def _with_extra_features(features, extra_features, n_extra, image_shape):

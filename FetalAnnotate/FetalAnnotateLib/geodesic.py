@@ -190,12 +190,15 @@ def grow_from_seeds(image, seeds, previous=None, n_rounds=2):
     rounds give 99.7-99.9 % of the voxels the class of Slicer's filter, in 0.35-0.45 s against
     its 1.4-2.3 s. In noisy tissue reached from few seeds the cheapest paths wind, and each
     round of sweeps follows one more turn of them: on the generated phantom with four small
-    background dabs two rounds give 90 % of the voxels Slicer's class, sixteen 99.4 %.
+    background dabs two rounds give 90-94 % of the voxels Slicer's class, sixteen 99.4 %; after
+    a 3 x 3 median of the image (``engine.median_filtered``, what the engine grows on) two
+    rounds give 98.5-99.6 %.
 
     Parameters
     ----------
     image : ndarray of float, shape (z, y, x)
-        Intensity (unsmoothed: smoothing merges thin structures into their neighbours).
+        Intensity, denoised without moving edges if need be (a median: Gaussian smoothing
+        merges thin structures into their neighbours).
     seeds : ndarray of int, shape (z, y, x)
         Class values, 0 where unpainted.
     previous : (labels, cost) or None
