@@ -827,7 +827,10 @@ class AnnotationSession:
         A stroke drawn tight around an object encloses mostly the object, which either looks
         unlike the outline's class or lies behind an edge; a loop drawn far around it (around
         the whole body, or through the fluid around a fetus) encloses mostly the tissue it is
-        drawn in.
+        drawn in. Where the pseudo-labels are grown by intensity, a kept outline teaches only
+        the voxels that the growth gives its inner class: an outline drawn a few millimetres
+        out in the fluid around a placenta encloses, beyond the margin, fluid that the growth
+        gives the outline's class.
         """
         by_class = dict(zip(self._classes, self._distances))
 
@@ -838,9 +841,13 @@ class AnnotationSession:
                               < self._costs.values_at_index(by_class[inner_value], index))
             return (looks_outside >= self.pseudo_image_confidence) & nearer_outside
 
-        return enclosed_pseudo_labels(
+        index, labels = enclosed_pseudo_labels(
             self._strokes, self.spacing, self.enclosure_margin_mm, self._anisotropy_ratio, contradicts=contradicts
         )
+        if self._pseudo_labels_grown():
+            grown = self._grown_labels().reshape(-1)[index] == labels
+            index, labels = index[grown], labels[grown]
+        return index, labels
 
     def _image_scores(self, index):
         """The image forest's class probabilities (float64, shape (n, n_classes)) at flat voxel ``index``."""
@@ -897,14 +904,18 @@ class AnnotationSession:
         rng = np.random.default_rng(self.random_state)
         n_voxels = int(np.prod(self.shape))
         index = np.sort(rng.choice(n_voxels, min(self.pseudo_labels, n_voxels), replace=False))
-        source = self.pseudo_label_source
-        if source == "intensity" or (source == "auto" and len(self._classes) > 2):
+        if self._pseudo_labels_grown():
             return index, self._grown_labels().reshape(-1)[index].astype(dtype, copy=False)
         at_voxels = np.stack([self._costs.values_at_index(d, index) for d in self._distances])
         nearest_two = np.sort(at_voxels, axis=0)[:2]
         clear = (nearest_two[1] - nearest_two[0]) > self.pseudo_margin_mm
         labels = np.asarray(self._classes, dtype)[np.argmin(at_voxels, axis=0)]
         return index, np.where(clear, labels, 0).astype(dtype)
+
+    def _pseudo_labels_grown(self):
+        """Whether the pseudo-labels take the class grown by intensity (:meth:`_grown_labels`)."""
+        source = self.pseudo_label_source
+        return source == "intensity" or (source == "auto" and len(self._classes) > 2)
 
     def _grown_labels(self):
         """:func:`~FetalAnnotateLib.geodesic.grow_from_seeds` of the strokes on the normalised
