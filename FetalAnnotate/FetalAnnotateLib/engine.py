@@ -758,10 +758,13 @@ class AnnotationSession:
                 candidates, geodesic = self._fit_image_forest()
         self._distances, training = self._context_features(self._strokes, classes, added_distances)
         labels = geodesic
-        if candidates.size and self.pseudo_image_confidence <= 1.0 and self._image_forest_trusted():
+        confused = self._confused_classes() if candidates.size and self.pseudo_image_confidence <= 1.0 else None
+        if confused is not None and len(confused) < len(self._classes):
             scores = self._image_scores(candidates)
-            sure = scores.max(axis=1) >= self.pseudo_image_confidence
-            labels = np.where(sure, self._image_forest.classes_[np.argmax(scores, axis=1)], geodesic)
+            image_labels = self._image_forest.classes_[np.argmax(scores, axis=1)]
+            sure = ((scores.max(axis=1) >= self.pseudo_image_confidence)
+                    & ~np.isin(image_labels, confused) & ~np.isin(geodesic, confused))
+            labels = np.where(sure, image_labels, geodesic)
         taught = labels != 0
         pseudo = [(candidates[taught], labels[taught])]
         if self._enclosed is not None:
@@ -778,15 +781,24 @@ class AnnotationSession:
         self._image_forest = self._fit(None, [(candidates[clear], geodesic[clear])])
         return candidates, geodesic
 
-    def _image_forest_trusted(self):
-        """Whether the image forest's sure labels may relabel the pseudo-label candidates.
+    def _confused_classes(self):
+        """The classes whose pseudo-label candidates the image forest's sure labels may not relabel.
 
         The painted voxels are split into the checkerboard folds of ``fold_mm`` blocks, and a
         forest on image features trained on one fold's strokes labels the other fold's. When
         more than :data:`IMAGE_TRUST_ERROR` of some class's held-out painted voxels get
         another class with at least ``pseudo_image_confidence``, the image alone is sure and
-        wrong about that class (an ultrasound head whose inside looks like its outside), and
-        the candidates keep their geodesic labels.
+        wrong about that class (an ultrasound head whose inside looks like its outside): that
+        class and the classes it was taken for are confused, and no candidate is relabelled
+        from or to them. With two classes that is both, and the candidates keep their
+        geodesic labels; with more, the other classes are still relabelled (a few voxels of
+        the ventricles held out in one fold turned the relabelling off for all nine atlas
+        tissues, and the forest then gave the small tissues less than the growth it learnt).
+
+        Returns
+        -------
+        set
+            Class values, empty when the check finds no such class.
         """
         flat = self._strokes.reshape(-1)
         painted = np.flatnonzero(flat)
@@ -805,17 +817,19 @@ class AnnotationSession:
                 **{**self._forest_params, "n_estimators": TRUST_CHECK_TREES, "n_jobs": 1})
             forest.fit(_take_rows(image_rows, train), flat[train])
             scores = forest.predict_proba(_take_rows(image_rows, test))
-            wrong = (scores.max(axis=1) >= self.pseudo_image_confidence) & (
-                forest.classes_[np.argmax(scores, axis=1)] != flat[test])
-            return flat[test], wrong
+            given = forest.classes_[np.argmax(scores, axis=1)]
+            wrong = (scores.max(axis=1) >= self.pseudo_image_confidence) & (given != flat[test])
+            return flat[test], given, wrong
 
         checked = [result for result in _map_on_all_cores(sure_and_wrong, (0, 1)) if result is not None]
+        confused = set()
         for value in self._classes:
-            wrong = sum(int(np.count_nonzero(wrong & (labels == value))) for labels, wrong in checked)
-            held_out = sum(int(np.count_nonzero(labels == value)) for labels, _ in checked)
-            if wrong > IMAGE_TRUST_ERROR * held_out:
-                return False
-        return True
+            wrong = [wrong & (labels == value) for labels, _, wrong in checked]
+            held_out = sum(int(np.count_nonzero(labels == value)) for labels, _, _ in checked)
+            if sum(int(np.count_nonzero(w)) for w in wrong) > IMAGE_TRUST_ERROR * held_out:
+                confused.add(value)
+                confused.update(int(c) for (_, given, _), w in zip(checked, wrong) for c in np.unique(given[w]))
+        return confused
 
     def _tight_outlines(self):
         """The enclosed voxels of the outlines that the image and the distances do not contradict.
