@@ -27,6 +27,7 @@ from FetalAnnotateLib.engine import (
     median_filtered,
     predict_blockwise,
     predict_coarse_to_fine,
+    relabelled_where_sure,
     stroke_consistent_labels,
 )
 from FetalAnnotateLib.features import feature_settings_for, gaussian_smooth, normalize_intensity, padding_value
@@ -460,6 +461,17 @@ def test_a_loose_outline_teaches_its_inner_class_only_where_the_growth_agrees():
             index, labels = session._enclosed
             assert index.size and np.all(session._grown[1].reshape(-1)[index] == labels)
     assert dices[OUTLINE_MARGIN_MM] > dices[None] - 0.01
+
+
+def test_relabelled_where_sure_leaves_confused_classes_alone():
+    labels = np.array([1, 2, 3, 3, 0, 2], np.uint8)
+    scores = np.array([[0.95, 0.05, 0.0], [0.0, 0.05, 0.95], [0.97, 0.03, 0.0],
+                       [0.0, 0.95, 0.05], [0.0, 0.0, 1.0], [0.5, 0.0, 0.5]])
+    classes = np.array([1, 2, 3], np.uint8)
+    np.testing.assert_array_equal(relabelled_where_sure(labels, scores, classes, 0.9), [1, 3, 1, 2, 3, 2])
+    for confused in ([2], {2}):  # not from 2, not to 2
+        np.testing.assert_array_equal(relabelled_where_sure(labels, scores, classes, 0.9, confused),
+                                      [1, 2, 1, 3, 3, 2])
 
 
 def test_classes_the_image_confuses_leave_the_others_relabelled():

@@ -760,11 +760,8 @@ class AnnotationSession:
         labels = geodesic
         confused = self._confused_classes() if candidates.size and self.pseudo_image_confidence <= 1.0 else None
         if confused is not None and len(confused) < len(self._classes):
-            scores = self._image_scores(candidates)
-            image_labels = self._image_forest.classes_[np.argmax(scores, axis=1)]
-            sure = ((scores.max(axis=1) >= self.pseudo_image_confidence)
-                    & ~np.isin(image_labels, confused) & ~np.isin(geodesic, confused))
-            labels = np.where(sure, image_labels, geodesic)
+            labels = relabelled_where_sure(geodesic, self._image_scores(candidates), self._image_forest.classes_,
+                                           self.pseudo_image_confidence, confused)
         taught = labels != 0
         pseudo = [(candidates[taught], labels[taught])]
         if self._enclosed is not None:
@@ -791,14 +788,15 @@ class AnnotationSession:
         wrong about that class (an ultrasound head whose inside looks like its outside): that
         class and the classes it was taken for are confused, and no candidate is relabelled
         from or to them. With two classes that is both, and the candidates keep their
-        geodesic labels; with more, the other classes are still relabelled (a few voxels of
-        the ventricles held out in one fold turned the relabelling off for all nine atlas
-        tissues, and the forest then gave the small tissues less than the growth it learnt).
+        geodesic labels; with more, the other classes are still relabelled (the cerebellum's
+        few painted voxels, held out in one fold, turned the relabelling off for all nine
+        atlas tissues, and the forest then gave the small tissues less than the growth it
+        learnt).
 
         Returns
         -------
-        set
-            Class values, empty when the check finds no such class.
+        list of int
+            Sorted class values, empty when the check finds no such class.
         """
         flat = self._strokes.reshape(-1)
         painted = np.flatnonzero(flat)
@@ -829,7 +827,7 @@ class AnnotationSession:
             if sum(int(np.count_nonzero(w)) for w in wrong) > IMAGE_TRUST_ERROR * held_out:
                 confused.add(value)
                 confused.update(int(c) for (_, given, _), w in zip(checked, wrong) for c in np.unique(given[w]))
-        return confused
+        return sorted(confused)
 
     def _tight_outlines(self):
         """The enclosed voxels of the outlines that the image and the distances do not contradict.
@@ -1462,6 +1460,31 @@ def _geodesic_image(normalized, spacing, settings, sigma_mm=1.0):
     axes = filter_axes(spacing, normalized.shape, settings.get("anisotropy_ratio", 1.5))
     sigma = tuple(sigma_mm / spacing[axis] if axis in axes else 0.0 for axis in range(3))
     return gaussian_smooth(normalized, sigma)
+
+
+def relabelled_where_sure(labels, scores, classes, confidence, confused=()):
+    """Labels replaced by the most probable class wherever its probability reaches ``confidence``,
+    except from or to a ``confused`` class.
+
+    Parameters
+    ----------
+    labels : ndarray, shape (n,)
+        Class values (0: none).
+    scores : ndarray, shape (n, n_classes)
+        Class probabilities, columns in the order of ``classes``.
+    classes : ndarray, shape (n_classes,)
+    confidence : float
+    confused : sequence of int
+        Classes left as they are, and never given.
+
+    Returns
+    -------
+    ndarray, shape (n,)
+    """
+    given = np.asarray(classes)[np.argmax(scores, axis=1)]
+    confused = np.asarray(list(confused), dtype=given.dtype)  # np.isin reads a set as one object
+    sure = (scores.max(axis=1) >= confidence) & ~np.isin(given, confused) & ~np.isin(labels, confused)
+    return np.where(sure, given, labels)
 
 
 def median_filtered(image, axes):
