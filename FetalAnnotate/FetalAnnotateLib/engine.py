@@ -758,10 +758,11 @@ class AnnotationSession:
                 candidates, geodesic = self._fit_image_forest()
         self._distances, training = self._context_features(self._strokes, classes, added_distances)
         labels = geodesic
-        confused = self._confused_classes() if candidates.size and self.pseudo_image_confidence <= 1.0 else None
-        if confused is not None and len(confused) < len(self._classes):
-            labels = relabelled_where_sure(geodesic, self._image_scores(candidates), self._image_forest.classes_,
-                                           self.pseudo_image_confidence, confused)
+        if candidates.size and self.pseudo_image_confidence <= 1.0:
+            confused = self._confused_classes()
+            if len(confused) < len(self._classes):
+                labels = relabelled_where_sure(geodesic, self._image_scores(candidates), self._image_forest.classes_,
+                                               self.pseudo_image_confidence, confused)
         taught = labels != 0
         pseudo = [(candidates[taught], labels[taught])]
         if self._enclosed is not None:
