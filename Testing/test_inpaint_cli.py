@@ -35,14 +35,14 @@ def test_module_runs_and_usage_errors_exit_with_2():
         assert exited.value.code == 2
 
 
-def test_user_errors_are_one_message_and_exit_code_1(tmp_path, capsys):
+def test_user_errors_are_one_message_and_exit_code_2_as_fetalannotate_apply(tmp_path, capsys):
     missing = str(tmp_path / "missing.nrrd")
-    assert main(["train", "--out", str(tmp_path / "run"), "--volumes", missing]) == 1
+    assert main(["train", "--out", str(tmp_path / "run"), "--volumes", missing]) == 2
     error = capsys.readouterr().err
     assert error.startswith("error: volume file") and "not found" in error and "Traceback" not in error
-    assert main(["train", "--out", str(tmp_path / "run"), "--volumes", missing, "--verbose"]) == 1
+    assert main(["train", "--out", str(tmp_path / "run"), "--volumes", missing, "--verbose"]) == 2
     assert "Traceback" in capsys.readouterr().err
-    assert main(["train", "--out", str(tmp_path / "run"), "--volumes", missing, "--strength", "2"]) == 1
+    assert main(["train", "--out", str(tmp_path / "run"), "--volumes", missing, "--strength", "2"]) == 2
     assert "strength must be in (0, 1)" in capsys.readouterr().err
 
 
@@ -50,6 +50,6 @@ def test_export_never_writes_over_its_input_volume(tmp_path, capsys):
     volume = tmp_path / "volume.nrrd"
     volume.write_bytes(b"the user's volume")
     assert main(["export", "--model", str(tmp_path / "model.pt"), "--volume", str(volume), "--output",
-                 str(tmp_path / "." / "volume.nrrd")]) == 1
+                 str(tmp_path / "." / "volume.nrrd")]) == 2
     assert "is the input volume" in capsys.readouterr().err
     assert volume.read_bytes() == b"the user's volume"

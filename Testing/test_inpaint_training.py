@@ -337,5 +337,5 @@ def test_command_line_evaluates_and_exports_in_the_volume_geometry(tmp_path, cap
     features, source = sitk.ReadImage(str(output)), sitk.ReadImage(volume)
     assert features.GetNumberOfComponentsPerPixel() == 3 and features.GetSize() == source.GetSize()
     assert features.GetSpacing() == source.GetSpacing() and features.GetDirection() == source.GetDirection()
-    assert main(["export", "--model", str(tmp_path / "missing.pt"), "--volume", volume, "--output", str(output)]) == 1
+    assert main(["export", "--model", str(tmp_path / "missing.pt"), "--volume", volume, "--output", str(output)]) == 2
     assert "not found" in capsys.readouterr().err

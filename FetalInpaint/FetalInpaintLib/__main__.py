@@ -8,8 +8,9 @@ Examples
     python -m FetalInpaintLib evaluate --model runs/a/model.pt --volumes held_out.nii.gz
     python -m FetalInpaintLib export --model runs/a/model.pt --volume a.nii.gz --output a_features.nrrd --pca 8
 
-Exit codes: 0 success, 1 failure (the message says what to do; ``--verbose`` adds the traceback),
-2 usage error. Building the parser needs no torch: it is imported when a command runs.
+Exit codes, as those of ``fetalannotate``: 0 success, 2 nothing done (a usage error, or a failure whose
+message says what to do; ``--verbose`` adds the traceback), 130 interrupted. Building the parser needs
+no torch: it is imported when a command runs.
 """
 
 import argparse
@@ -20,6 +21,10 @@ import traceback
 from .config import CORRUPTOR_NAMES
 from .errors import FetalInpaintError
 from .train import add_train_arguments, read_volume, run_train
+
+#: Exit codes (the same as ``fetalannotate``'s): a failed command has done nothing, like a usage
+#: error, which argparse ends with 2.
+EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 2, 130
 
 
 def run_evaluate(args):
@@ -40,7 +45,7 @@ def run_evaluate(args):
     strength = float(metadata["corruptor"]["strength"]) if args.strength is None else args.strength
     rows = evaluate_inpainting(model, patches, tuple(args.corruptors), strength, tuple(args.seeds), device=args.device)
     print(json.dumps(rows, indent=2, allow_nan=False) if args.json else format_table(rows))
-    return 0
+    return EXIT_OK
 
 
 def run_export(args):
@@ -70,7 +75,7 @@ def run_export(args):
         raise FetalInpaintError(f"cannot write {args.output} ({error}); check the folder and the extension "
                                 "(.nrrd, .nii.gz, .mha).") from error
     print(json.dumps({"output": str(args.output), "channels": int(features.shape[0])}))
-    return 0
+    return EXIT_OK
 
 
 def _add_evaluate_arguments(parser):
@@ -110,7 +115,7 @@ def add_subcommands(subparsers):
     """Add the ``train``, ``evaluate`` and ``export`` commands to an ``argparse`` subparsers object.
 
     Each command's namespace gets ``func``: ``args.func(args)`` runs it and returns the exit code
-    (0 success, 1 failure with a message on standard error).
+    (:data:`EXIT_OK`, or :data:`EXIT_FAILED` with a message on standard error, or :data:`EXIT_INTERRUPTED`).
 
     Parameters
     ----------
@@ -132,7 +137,7 @@ def build_parser():
 
 
 def run_command(run, args):
-    """Run a command; a user error becomes a message on standard error and exit code 1.
+    """Run a command; a user error becomes a message on standard error and :data:`EXIT_FAILED`.
 
     Parameters
     ----------
@@ -152,10 +157,10 @@ def run_command(run, args):
             traceback.print_exc()
         message = str(error) if isinstance(error, FetalInpaintError) else f"{type(error).__name__}: {error}"
         print(f"error: {message}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 1
+        return EXIT_INTERRUPTED
 
 
 def main(argv=None):

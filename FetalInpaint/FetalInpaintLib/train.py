@@ -198,7 +198,8 @@ def run_train(args):
 
 
 def main(argv=None):
-    """``python -m FetalInpaintLib.train``: exit code 0 success, 1 failure, 2 usage error."""
+    """``python -m FetalInpaintLib.train``: exit code 0 success, 2 nothing done (failure or usage error),
+    130 interrupted."""
     from .__main__ import run_command
 
     return run_command(run_train, build_parser().parse_args(argv))
