@@ -666,6 +666,25 @@ def test_enclosed_pseudo_labels_follow_closed_outlines():
     assert set(np.unique(found[inner])) == {2}
 
 
+def test_enclosed_pseudo_labels_at_the_plane_border():
+    """Outlines are searched for in their bounding box: one on the plane's edge still encloses its
+    inside, and a loop left open towards the edge encloses nothing."""
+    strokes = np.zeros((1, 40, 90), np.uint8)
+    strokes[0, 0, 0:25] = strokes[0, 24, 0:25] = strokes[0, 0:25, 0] = strokes[0, 0:25, 24] = 1  # in the corner
+    strokes[0, 12, 8:17] = 2
+    strokes[0, 0:25, 50] = strokes[0, 0:25, 74] = strokes[0, 24, 50:75] = 1  # open towards the top edge
+    strokes[0, 12, 58:67] = 2
+    index, labels = enclosed_pseudo_labels(strokes, (1.0, 1.0, 1.0), 3.0)
+    found = np.zeros(strokes.size, np.uint8)
+    found[index] = labels
+    found = found.reshape(strokes.shape)[0]
+    inner = np.zeros(found.shape, bool)
+    inner[4:21, 4:21] = True  # farther than 3 mm from the corner outline
+    inner &= strokes[0] == 0
+    np.testing.assert_array_equal(found != 0, inner)
+    assert set(np.unique(found[inner])) == {2}
+
+
 def outlined_strokes(inside, plane):
     """A closed background ring drawn tight around the object (3 voxels out) and a foreground
     line inside it, on one slice."""
