@@ -655,12 +655,18 @@ def test_enclosed_pseudo_labels_follow_closed_outlines():
     strokes[0, 15, 55:65] = 2
     strokes[0, 25, 55:65] = 3  # two classes inside: ambiguous, nothing labelled
     strokes[0, 45, 5:80] = 1  # an open line encloses nothing
+    assert_only_labelled_2(strokes, (slice(9, 31), slice(9, 31)))  # farther than 3 mm from the first outline
+
+
+def assert_only_labelled_2(strokes, box):
+    """The enclosed pseudo-labels (margin 3 mm) of one plane of strokes are class 2 on the
+    unpainted pixels of ``box`` and nothing elsewhere."""
     index, labels = enclosed_pseudo_labels(strokes, (1.0, 1.0, 1.0), 3.0)
     found = np.zeros(strokes.size, np.uint8)
     found[index] = labels
     found = found.reshape(strokes.shape)[0]
     inner = np.zeros(found.shape, bool)
-    inner[9:31, 9:31] = True  # farther than 3 mm from the first outline
+    inner[box] = True
     inner &= strokes[0] == 0
     np.testing.assert_array_equal(found != 0, inner)
     assert set(np.unique(found[inner])) == {2}
@@ -674,15 +680,7 @@ def test_enclosed_pseudo_labels_at_the_plane_border():
     strokes[0, 12, 8:17] = 2
     strokes[0, 0:25, 50] = strokes[0, 0:25, 74] = strokes[0, 24, 50:75] = 1  # open towards the top edge
     strokes[0, 12, 58:67] = 2
-    index, labels = enclosed_pseudo_labels(strokes, (1.0, 1.0, 1.0), 3.0)
-    found = np.zeros(strokes.size, np.uint8)
-    found[index] = labels
-    found = found.reshape(strokes.shape)[0]
-    inner = np.zeros(found.shape, bool)
-    inner[4:21, 4:21] = True  # farther than 3 mm from the corner outline
-    inner &= strokes[0] == 0
-    np.testing.assert_array_equal(found != 0, inner)
-    assert set(np.unique(found[inner])) == {2}
+    assert_only_labelled_2(strokes, (slice(4, 21), slice(4, 21)))  # farther than 3 mm from the corner outline
 
 
 def outlined_strokes(inside, plane):
