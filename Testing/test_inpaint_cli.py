@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from FetalInpaintLib.__main__ import build_parser, main
+from FetalInpaintLib.__main__ import build_parser, main, run_command
 
 LIBRARY_PARENT = Path(__file__).resolve().parents[1] / "FetalInpaint"
 
@@ -44,6 +44,14 @@ def test_user_errors_are_one_message_and_exit_code_2_as_fetalannotate_apply(tmp_
     assert "Traceback" in capsys.readouterr().err
     assert main(["train", "--out", str(tmp_path / "run"), "--volumes", missing, "--strength", "2"]) == 2
     assert "strength must be in (0, 1)" in capsys.readouterr().err
+
+
+def test_interrupted_command_exits_with_130(capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    assert run_command(interrupted, argparse.Namespace(verbose=False)) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
 
 
 def test_export_never_writes_over_its_input_volume(tmp_path, capsys):

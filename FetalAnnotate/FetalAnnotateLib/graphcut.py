@@ -20,7 +20,7 @@ _FREE, _SOURCE, _SINK = 0, 1, 2
 #: Probabilities are clipped here before the log, so one voxel costs at most ~9 nats.
 _MIN_PROBABILITY = 1e-4
 #: Alpha-expansion leaves out voxels whose probability of alpha is below 10 %: on the largest
-#: atlas brain the moves' graphs shrink by a quarter and a few hundred voxels in 4 M change
+#: atlas brain the moves' graphs shrink by almost a third and a few hundred voxels in 4 M change
 #: (docs/engine.md).
 _MAX_MOVE_COST = -np.log(0.1)
 
