@@ -100,6 +100,12 @@ def graph_cut_labels(probabilities, labels, image, spacing, smoothness, contrast
         stay = np.zeros(voxels.size, np.uint8)
         flat_labels[voxels] = _solve_moves(costs[0], costs[1], pairs, stay, 1, flat_labels[pairs[1][1]])
         return labels
+    # A voxel no other class reaches the move threshold at is never moved: it takes part as a
+    # fixed neighbour, as outside the band (a third of the band on the largest atlas brain).
+    can_move = ((costs <= _MAX_MOVE_COST) & (np.arange(n_classes)[:, None] != flat_labels[voxels])).any(axis=0)
+    voxels, costs = voxels[can_move], costs[:, can_move]
+    if voxels.size == 0:
+        return labels
     # The band's pairs once; each move takes its share of them (_move_pairs).
     band_pairs = _neighbour_pairs(voxels, shape, image, spacing, smoothness, contrast)
     for _ in range(cycles):
