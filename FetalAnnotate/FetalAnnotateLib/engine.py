@@ -417,8 +417,9 @@ class AnnotationSession:
         # Read by the geodesic distances and by the graph-cut refinement (``smoothness`` may be
         # changed between updates).
         self._edge_image = _geodesic_image(normalized, self.spacing, self.feature_settings, geodesic_sigma_mm)
+        # The image the pseudo-labels grow on (_grown_labels), made from the normalised one
+        # when first needed; that one is kept until then only.
         self._normalized = normalized
-        # The image the pseudo-labels grow on (_grown_labels), made when first needed.
         self._growth_image = None
         self._grown = None
         self._contrast = edge_contrast(self._edge_image, self.spacing)
@@ -945,6 +946,7 @@ class AnnotationSession:
         if self._growth_image is None:
             self._growth_image = median_filtered(
                 self._normalized, filter_axes(self.spacing, self.shape, self._anisotropy_ratio))
+            self._normalized = None
         # One round of sweeps per box when growing on: the last round's paths are already relaxed.
         labels, cost = grow_from_seeds(self._growth_image, self._strokes, previous, n_rounds=2 if previous is None else 1)
         self._grown = (self._strokes, labels, cost)
@@ -1254,9 +1256,9 @@ def enclosed_pseudo_labels(strokes, spacing, margin_mm, anisotropy_ratio=1.5, co
                 # Holes lie within the outline's bounding box; one pixel more keeps the outside
                 # around it, so the box gives the plane's holes and distances at a fraction of the
                 # cost (on an isotropic volume most planes cut a painted slice in a line).
-                box = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in _mask_box(plane == outline_value))
-                crop = plane[box]
-                outline = crop == outline_value
+                outline = plane == outline_value
+                box = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in _mask_box(outline))
+                crop, outline = plane[box], outline[box]
                 holes, count = ndi.label(ndi.binary_fill_holes(outline) & ~outline)
                 inner_painted = (holes > 0) & (crop != 0)
                 if not inner_painted.any():
