@@ -165,27 +165,33 @@ def test_painted_voxels_keep_their_class(phantom_session):
     np.testing.assert_array_equal(result.labels[painted], strokes[painted])
 
 
-def whole_volume_consistent_labels(probabilities, strokes, classes):
-    """Reference for stroke_consistent_labels: every class's components labelled on the whole volume."""
+def whole_volume_consistent_labels(probabilities, strokes, classes, reach=None):
+    """Reference for stroke_consistent_labels: every class's components labelled on the whole
+    volume, joined by the box of ``reach`` voxels around each stroke voxel of the class."""
     from scipy import ndimage
 
     best = np.argmax(probabilities, axis=0)
     painted = strokes != 0
     best[painted] = np.searchsorted(classes, strokes[painted])
     for index, value in enumerate(classes):
-        components, count = ndimage.label(best == index, np.ones((3, 3, 3), bool))
+        mask = best == index
+        near = strokes == value
+        if reach is not None:
+            near = ndimage.binary_dilation(near, np.ones(tuple(2 * r + 1 for r in reach), bool))
+        components, count = ndimage.label(mask | near, np.ones((3, 3, 3), bool))
         keep = np.zeros(count + 1, bool)
         keep[np.unique(components[strokes == value])] = True
         keep[0] = True
-        dropped = ~keep[components]
+        dropped = ~keep[components] & mask
         scores = probabilities[:, dropped]
         scores[index] = -1.0
         best[dropped] = np.argmax(scores, axis=0)
     return np.asarray(classes)[best]
 
 
+@pytest.mark.parametrize("reach", [None, (1, 2, 3)])
 @pytest.mark.parametrize("seed", range(12))
-def test_connected_component_step_equals_whole_volume_labelling(seed):
+def test_connected_component_step_equals_whole_volume_labelling(seed, reach):
     # Random blobs of 2-3 classes; every 4th case is one small blob in one big outer class,
     # which labels only the box around the blob.
     rng = np.random.default_rng(seed)
@@ -202,8 +208,28 @@ def test_connected_component_step_equals_whole_volume_labelling(seed):
     for value in classes:
         for _ in range(1 + seed % 3):
             strokes[tuple(rng.integers(0, n, 2) for n in shape)] = value
-    expected = whole_volume_consistent_labels(probabilities, strokes, classes)
-    np.testing.assert_array_equal(stroke_consistent_labels(probabilities, strokes, classes), expected)
+    expected = whole_volume_consistent_labels(probabilities, strokes, classes, reach)
+    np.testing.assert_array_equal(stroke_consistent_labels(probabilities, strokes, classes, reach=reach), expected)
+
+
+@pytest.mark.parametrize("layer", [1, 2, 4])
+def test_component_within_reach_of_its_stroke_is_kept(layer):
+    # Class 2 is painted on a small patch; the region the forest gives it lies beyond a layer
+    # of class 1 that is ``layer`` voxels thick (what a thick brush across a boundary leaves).
+    shape = (5, 12, 30)
+    probabilities = np.zeros((2,) + shape)
+    probabilities[0] = 0.6
+    probabilities[1, :, :, 10 + layer:20 + layer] = 0.9
+    strokes = np.zeros(shape, np.uint8)
+    strokes[2, 5:7, 7:10] = 2
+    strokes[0, 0, 0] = strokes[0, 0, 29] = 1
+    region = np.zeros(shape, bool)
+    region[:, :, 10 + layer:20 + layer] = True
+    labels = stroke_consistent_labels(probabilities, strokes, (1, 2), reach=(2, 2, 2))
+    assert np.all(labels[region] == (2 if layer <= 2 else 1))
+    touching = stroke_consistent_labels(probabilities, strokes, (1, 2))
+    assert np.all(touching[region] == 1)
+    np.testing.assert_array_equal(labels[strokes > 0], strokes[strokes > 0])
 
 
 @pytest.mark.parametrize("case", ["outer stroke", "no outer stroke", "slab split", "one slab unpainted"])
@@ -606,6 +632,13 @@ def test_memory_outside_zero_one_is_refused(memory):
     session = AnnotationSession(image)
     with pytest.raises(FetalAnnotateError, match="memory"):
         session.memory = memory
+
+
+@pytest.mark.parametrize("reach", [-1.0, float("nan")])
+def test_negative_stroke_reach_is_refused(reach):
+    image, _ = two_tissue_phantom(shape=(4, 24, 24))
+    with pytest.raises(FetalAnnotateError, match="stroke_reach_mm"):
+        AnnotationSession(image, stroke_reach_mm=reach)
 
 
 @pytest.mark.parametrize("reach", [0.0, -5.0])

@@ -7,10 +7,11 @@ voxels labelled by a forest on image features alone where it is sure and elsewhe
 geodesic distances where they are clear (two classes) or by the class grown to them at the
 least intensity change (more classes), predicts coarse-to-fine and blockwise, smooths the
 labels along image edges by a graph cut, and makes the label map consistent with the strokes
-(painted voxels keep their class, components not connected to their class's strokes are
-dropped). While strokes are only added, each round's probabilities keep a share of the previous
-round's (``memory``) that fades in with the geodesic distance from the new strokes, so a
-correction stroke changes what it was drawn on, not what earlier rounds settled elsewhere.
+(painted voxels keep their class, components farther than ``stroke_reach_mm`` from their
+class's strokes are dropped). While strokes are only added, each round's probabilities keep a
+share of the previous round's (``memory``) that fades in with the geodesic distance from the
+new strokes, so a correction stroke changes what it was drawn on, not what earlier rounds
+settled elsewhere.
 """
 
 import copy
@@ -105,6 +106,11 @@ _ROUND_STATE = ("_strokes", "_classes", "_distances", "_enclosed", "_forest", "_
 
 #: Values of ``AnnotationSession(pseudo_label_source=...)``.
 PSEUDO_LABEL_SOURCES = ("auto", "distances", "intensity")
+
+#: A label component is kept when it comes within this distance (mm, along each axis) of a
+#: stroke of its class (``AnnotationSession(stroke_reach_mm=...)``): a forest region that a thin
+#: layer of another class separates from the strokes painted in it is not dropped (docs/engine.md).
+STROKE_REACH_MM = 3.0
 
 #: Voxels per prediction block: bounds the temporary (block x features) float32 array.
 BLOCK_VOXELS = 1 << 18
@@ -323,6 +329,13 @@ class AnnotationSession:
         except along intensity edges of the image the geodesic distances read. 0 labels each
         voxel by its own probabilities. Default :data:`SMOOTHNESS`; may be changed between
         updates.
+    stroke_reach_mm : float >= 0
+        With spatial context, each class keeps only the label components that touch one of its
+        strokes or come within this distance (mm, along each axis) of one; the others go to
+        their next most probable class (:func:`stroke_consistent_labels`). A thick brush
+        painted across a boundary leaves a thin layer of another class between a stroke and
+        the region the forest gives its class; 0 keeps only components that touch a stroke.
+        Default :data:`STROKE_REACH_MM`; negative raises :class:`FetalAnnotateError`.
     enclosure_margin_mm : float or None
         *Outline mode* (off by default; :data:`OUTLINE_MARGIN_MM` is the benchmarked value): where, within one
         slice, the strokes of a class form a closed outline around strokes of exactly one
@@ -368,6 +381,7 @@ class AnnotationSession:
         pseudo_weight=0.3,
         pseudo_image_confidence=PSEUDO_IMAGE_CONFIDENCE,
         smoothness=SMOOTHNESS,
+        stroke_reach_mm=STROKE_REACH_MM,
         enclosure_margin_mm=None,
         single_slice_cross_cost=SINGLE_SLICE_CROSS_COST,
     ):
@@ -397,6 +411,10 @@ class AnnotationSession:
         self.pseudo_weight = float(pseudo_weight)
         self.pseudo_image_confidence = float(pseudo_image_confidence)
         self.smoothness = float(smoothness)
+        if not float(stroke_reach_mm) >= 0:
+            raise FetalAnnotateError(
+                f"stroke_reach_mm must be at least 0 (0: components must touch a stroke), got {stroke_reach_mm}")
+        self.stroke_reach_mm = float(stroke_reach_mm)
         self.enclosure_margin_mm = None if enclosure_margin_mm is None else float(enclosure_margin_mm)
         if not float(single_slice_cross_cost) >= 1.0:
             raise FetalAnnotateError(
@@ -1003,6 +1021,7 @@ class AnnotationSession:
             keep_connected=self.spatial_context and region3d is None,
             dtype=_label_dtype(self._output_dtype, self._classes),
             smoothing=smoothing,
+            reach=tuple(int(self.stroke_reach_mm // h) for h in self.spacing),
         )
         out_shape = probabilities.shape[1:]
         if len(self._input_shape) == 2:
@@ -1318,13 +1337,15 @@ def _grown_box(coordinates, shape, spacing, margin_mm):
     return tuple(box)
 
 
-def stroke_consistent_labels(probabilities, strokes, classes, keep_connected=True, dtype=None, smoothing=None):
+def stroke_consistent_labels(probabilities, strokes, classes, keep_connected=True, dtype=None, smoothing=None,
+                             reach=None):
     """Label map from probabilities that agrees with the strokes.
 
     Painted voxels get their class; with ``keep_connected`` each class keeps only the
-    connected components (26-connectivity) that touch one of its strokes, and the voxels of
-    the other components go to their next most probable class. So a stroke always wins
-    where it is painted, and islands nobody painted do not survive.
+    connected components (26-connectivity) that touch one of its strokes, or come within
+    ``reach`` of one, and the voxels of the other components go to their next most probable
+    class. So a stroke always wins where it is painted, and islands nobody painted do not
+    survive.
 
     Parameters
     ----------
@@ -1337,6 +1358,10 @@ def stroke_consistent_labels(probabilities, strokes, classes, keep_connected=Tru
     smoothing : callable, optional
         ``smoothing(indices) -> indices``: refines the most probable class indices (uint8,
         painted voxels set) before the connected-component step, e.g. by graph cuts.
+    reach : sequence of 3 int, optional
+        Voxels per axis: a component within this box distance of a stroke of its class counts
+        as touching it (a thin layer of another class between a stroke and the region the
+        forest gives its class, as a thick brush painting a boundary leaves). Default: touching only.
 
     Returns
     -------
@@ -1353,7 +1378,7 @@ def stroke_consistent_labels(probabilities, strokes, classes, keep_connected=Tru
         for index in range(len(classes)):
             mask = best == index
             seeds = np.unravel_index(painted[painted_class == index], best.shape)
-            box, dropped = _unseeded_components(mask, seeds)
+            box, dropped = _unseeded_components(mask, seeds, reach)
             if dropped is not None and dropped.any():
                 scores = probabilities[(slice(None),) + box][:, dropped]
                 scores[index] = -1.0
@@ -1375,8 +1400,9 @@ def _most_probable(probabilities):
     return best
 
 
-def _unseeded_components(mask, seeds):
-    """The voxels of ``mask`` whose 26-connected component holds none of ``seeds``.
+def _unseeded_components(mask, seeds, reach=None):
+    """The voxels of ``mask`` whose 26-connected component holds none of ``seeds``, where
+    ``mask`` is joined by the box of ``reach`` voxels per axis around every seed.
 
     Labelling is the slow part, so it is confined to a box: the bounding box of ``mask``, or,
     when smaller, the bounding box of the other voxels grown by one voxel (``mask`` is
@@ -1391,6 +1417,8 @@ def _unseeded_components(mask, seeds):
     mask : ndarray of bool, shape (z, y, x)
     seeds : tuple of ndarray of int
         Voxel coordinates, all inside ``mask``.
+    reach : sequence of 3 int, optional
+        Half-size per axis of the box around each seed that joins the components it reaches.
 
     Returns
     -------
@@ -1399,21 +1427,36 @@ def _unseeded_components(mask, seeds):
     dropped : ndarray of bool or None
         Shape of ``mask[box]``.
     """
-    box = _mask_box(mask)
+    joined = mask if reach is None or not any(reach) or not seeds[0].size else _joined_near(mask, seeds, reach)
+    box = _mask_box(joined)
     if box is None:
         return None, None
-    rest = _mask_box(~mask)
+    rest = _mask_box(~joined)
     outer = None
     if rest is not None:
-        outer = tuple(slice(max(r.start - 1, 0), min(r.stop + 1, n)) for r, n in zip(rest, mask.shape))
+        outer = tuple(slice(max(r.start - 1, 0), min(r.stop + 1, n)) for r, n in zip(rest, joined.shape))
         if _box_size(outer) < _box_size(box):
             box = outer
     inside = tuple(np.clip(c, b.start, b.stop - 1) - b.start for c, b in zip(seeds, box))
-    dropped = _components_without(mask[box], inside)
-    if box is outer and _touches_outer_layer(dropped, box, mask.shape):
+    dropped = _components_without(joined[box], inside)
+    if box is outer and _touches_outer_layer(dropped, box, joined.shape):
         box = (slice(None),) * 3
-        dropped = _components_without(mask, seeds)
+        dropped = _components_without(joined, seeds)
+    if joined is not mask:
+        dropped &= mask[box]
     return box, dropped
+
+
+def _joined_near(mask, seeds, reach):
+    """``mask`` or within the box of ``reach`` voxels per axis around one of ``seeds``."""
+    near_box = tuple(slice(max(int(c.min()) - r, 0), min(int(c.max()) + r + 1, n))
+                     for c, r, n in zip(seeds, reach, mask.shape))
+    near = np.zeros(tuple(b.stop - b.start for b in near_box), np.uint8)
+    near[tuple(c - b.start for c, b in zip(seeds, near_box))] = 1
+    near = ndi.maximum_filter(near, size=tuple(2 * r + 1 for r in reach))
+    joined = mask.copy()
+    joined[near_box] |= near.view(bool)
+    return joined
 
 
 def _components_without(mask, seeds):
