@@ -701,7 +701,7 @@ class AnnotationSession:
         if cached is not None and cached[1] is costs and np.array_equal(cached[0], index):
             return cached[2]
         fold = _checkerboard_fold(coordinates, self.spacing, self.fold_mm)
-        box = _grown_box(coordinates, self.shape, self.spacing, 3 * self.fold_mm)
+        box = _grown_box(coordinates, self.shape, [int(np.ceil(3 * self.fold_mm / h)) for h in self.spacing])
         own = np.empty(index.size, np.float32)
         for part in (0, 1):
             seeds = tuple(c[fold != part] for c in coordinates)
@@ -1328,13 +1328,10 @@ def _checkerboard_fold(coordinates, spacing, block_mm):
     return (blocks % 2).astype(np.int8)
 
 
-def _grown_box(coordinates, shape, spacing, margin_mm):
-    """Bounding box of voxels grown by ``margin_mm`` per axis, as a tuple of slices."""
-    box = []
-    for axis, c in enumerate(coordinates):
-        margin = int(np.ceil(margin_mm / spacing[axis]))
-        box.append(slice(max(0, int(c.min()) - margin), min(shape[axis], int(c.max()) + 1 + margin)))
-    return tuple(box)
+def _grown_box(coordinates, shape, margins):
+    """Bounding box of voxels grown by ``margins`` voxels per axis (clipped to ``shape``), as a tuple of slices."""
+    return tuple(slice(max(0, int(c.min()) - m), min(n, int(c.max()) + 1 + m))
+                 for c, m, n in zip(coordinates, margins, shape))
 
 
 def stroke_consistent_labels(probabilities, strokes, classes, keep_connected=True, dtype=None, smoothing=None,
@@ -1449,8 +1446,7 @@ def _unseeded_components(mask, seeds, reach=None):
 
 def _joined_near(mask, seeds, reach):
     """``mask`` or within the box of ``reach`` voxels per axis around one of ``seeds``."""
-    near_box = tuple(slice(max(int(c.min()) - r, 0), min(int(c.max()) + r + 1, n))
-                     for c, r, n in zip(seeds, reach, mask.shape))
+    near_box = _grown_box(seeds, mask.shape, reach)
     near = np.zeros(tuple(b.stop - b.start for b in near_box), np.uint8)
     near[tuple(c - b.start for c, b in zip(seeds, near_box))] = 1
     near = ndi.maximum_filter(near, size=tuple(2 * r + 1 for r in reach))

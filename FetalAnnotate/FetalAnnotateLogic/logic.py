@@ -955,10 +955,10 @@ def classMasks(probabilities, strokes, classes, classNames, thresholds=None, lab
 
     Unthresholded classes: ``labels``, the engine's label map of that round
     (``SegmentationResult.labels``: graph-cut smoothed, painted voxels keep their class, islands
-    farther than 3 mm from a stroke of their class dropped); without it, the stroke-consistent labels of the probabilities
-    alone (most probable class, no smoothing: that needs the image). A thresholded class: voxels
-    with probability >= t plus its strokes, minus other classes' strokes, kept where connected to
-    its strokes.
+    farther than 3 mm from a stroke of their class dropped); without it, the stroke-consistent
+    labels of the probabilities alone (most probable class, no smoothing: that needs the image;
+    islands not touching a stroke dropped). A thresholded class: voxels with probability >= t
+    plus its strokes, minus other classes' strokes, kept where connected to its strokes.
     """
     thresholds = dict(thresholds or {})
     unknown = sorted(set(thresholds) - set(classNames))
