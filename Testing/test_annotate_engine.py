@@ -4,6 +4,7 @@ import copy
 import json
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -283,8 +284,8 @@ def test_blockwise_and_whole_predictions_agree(phantom_session):
     whole = predict_blockwise(session._forest, n, lambda a, b: rows(slice(a, b)), block_voxels=n)
     blocks = predict_blockwise(session._forest, n, lambda a, b: rows(slice(a, b)), block_voxels=1000)
     np.testing.assert_array_equal(whole, blocks)
-    # The parts run in threads with a one-job copy of the forest; the forest itself is left as it was.
-    np.testing.assert_allclose(whole, session._forest.predict_proba(rows(slice(0, n))).T, atol=1e-6)
+    # The parts run in threads, each summing the trees itself: scikit-learn's own probabilities.
+    np.testing.assert_array_equal(whole, session._forest.predict_proba(rows(slice(0, n))).T.astype(np.float32))
     assert session._forest.n_jobs == DEFAULT_FOREST["n_jobs"]
     assert predict_blockwise(session._forest, 0, lambda a, b: rows(slice(a, b))).shape == (2, 0)
     # A forest set to one job (a batch worker's) is predicted by one thread.
@@ -298,6 +299,21 @@ def test_blockwise_and_whole_predictions_agree(phantom_session):
     one_job.n_jobs = 1
     np.testing.assert_array_equal(predict_blockwise(one_job, n, noted_rows, block_voxels=1000), whole)
     assert len(threads) == 1
+
+
+def test_threaded_prediction_leaves_the_warning_filters_alone(phantom_session, monkeypatch):
+    # scikit-learn's joblib calls reset and rebuild the process-wide warning filters; from
+    # several threads at once that spilled warnings into the host's console.
+    session, _, _, _, _ = phantom_session
+    rows = session._rows(session._distances)
+    n = int(np.prod(session.shape))
+    resets = []
+    monkeypatch.setattr(warnings, "resetwarnings", lambda: resets.append(threading.get_ident()))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        threads = predict_blockwise(session._forest, n, lambda a, b: rows(slice(a, b)), block_voxels=1000)
+    assert resets == [] and caught == []
+    np.testing.assert_array_equal(threads, predict_blockwise(session._forest, n, lambda a, b: rows(slice(a, b))))
 
 
 def test_coarse_to_fine_matches_exact_prediction():

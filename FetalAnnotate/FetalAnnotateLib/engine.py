@@ -14,7 +14,6 @@ new strokes, so a correction stroke changes what it was drawn on, not what earli
 settled elsewhere.
 """
 
-import copy
 import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -163,27 +162,53 @@ def predict_blockwise(forest, n_voxels, rows, block_voxels=BLOCK_VOXELS, progres
     Notes
     -----
     A block is split between as many threads as the forest's ``n_jobs`` allows (all cores
-    for -1), each part built and predicted by one thread with a shallow copy of ``forest``
-    set to one job (the trees are shared). With the forest's own threads (one tree each) the
-    rows of a block were built serially and the threads polled for the result: 0.36-0.48 s
-    against 0.23-0.26 s for 600 k atlas voxels (9 classes, 2 cores), the same probabilities.
+    for -1), each part built and predicted by one thread (:func:`_forest_probabilities`).
+    With the forest's own threads (one tree each) the rows of a block were built serially
+    and the threads polled for the result: 0.36-0.48 s against 0.23-0.26 s for 600 k atlas
+    voxels (9 classes, 2 cores), the same probabilities.
     """
     out = np.empty((len(forest.classes_), n_voxels), dtype)
     if n_voxels == 0:
         return out
     n_jobs = getattr(forest, "n_jobs", None) or 1
     n_threads = max((os.cpu_count() or 1) + 1 + n_jobs, 1) if n_jobs < 0 else n_jobs  # joblib's count
-    one_thread = copy.copy(forest)
-    if hasattr(one_thread, "n_jobs"):
-        one_thread.n_jobs = 1
     part = max(1, min(block_voxels // n_threads, -(-n_voxels // n_threads)))
 
     def predict_part(start):
         stop = min(start + part, n_voxels)
-        out[:, start:stop] = one_thread.predict_proba(rows(start, stop)).T
+        out[:, start:stop] = _forest_probabilities(forest, rows(start, stop)).T
 
     _map_on_all_cores(predict_part, range(0, n_voxels, part), progress, "predicting", n_threads=n_threads)
     return out
+
+
+def _forest_probabilities(forest, rows):
+    """``forest.predict_proba(rows)``, from the trees of a fitted random forest in the calling thread.
+
+    The same sum in the same order as scikit-learn's own with one job, so the same
+    probabilities, but without its joblib call: that call resets and rebuilds the
+    process-wide warning filters, and from several threads at once it spilled "should be
+    used with sklearn.utils.parallel.Parallel" warnings (and can leave the host
+    application's filters changed). Other classifiers are asked for ``predict_proba``.
+
+    Parameters
+    ----------
+    forest : fitted classifier with ``predict_proba``
+    rows : ndarray of float32, shape (n, n_features)
+
+    Returns
+    -------
+    ndarray of float64, shape (n, n_classes)
+    """
+    trees = getattr(forest, "estimators_", None)
+    if not isinstance(forest, RandomForestClassifier) or not trees or forest.n_outputs_ != 1:
+        return forest.predict_proba(rows)
+    rows = np.asarray(rows, np.float32)  # the trees check the number of features, not the type
+    total = trees[0].predict_proba(rows, check_input=False)
+    for tree in trees[1:]:
+        total += tree.predict_proba(rows, check_input=False)
+    total /= len(trees)
+    return total
 
 
 class PixelClassifier:
@@ -829,17 +854,18 @@ class AnnotationSession:
             train, test = painted[fold != part], painted[fold == part]
             if np.unique(flat[train]).size < len(self._classes) or test.size == 0:
                 return None
-            # One thread per fold: on a few thousand painted voxels, starting threads for the
-            # trees takes longer than the fit.
+            # One job: on a few thousand painted voxels, starting threads for the trees takes
+            # longer than the fit. The folds are not fitted in two threads either: scikit-learn
+            # calls from two threads at once race on the warning filters (_forest_probabilities).
             forest = RandomForestClassifier(
                 **{**self._forest_params, "n_estimators": TRUST_CHECK_TREES, "n_jobs": 1})
             forest.fit(_take_rows(image_rows, train), flat[train])
-            scores = forest.predict_proba(_take_rows(image_rows, test))
+            scores = _forest_probabilities(forest, _take_rows(image_rows, test))
             given = forest.classes_[np.argmax(scores, axis=1)]
             wrong = (scores.max(axis=1) >= self.pseudo_image_confidence) & (given != flat[test])
             return flat[test], given, wrong
 
-        checked = [result for result in _map_on_all_cores(sure_and_wrong, (0, 1)) if result is not None]
+        checked = [result for result in map(sure_and_wrong, (0, 1)) if result is not None]
         confused = set()
         for value in self._classes:
             wrong = [wrong & (labels == value) for labels, _, wrong in checked]
