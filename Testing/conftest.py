@@ -12,7 +12,6 @@ import sys
 import types
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[1]

@@ -772,8 +772,6 @@ def vtk_string():
 
 def test_unedited_results_stay_unedited_after_saving_the_segmentation(phantom_scene, tmp_path):
     """The digest of a written result is a segment tag: it survives a .seg.nrrd save and load."""
-    import slicer
-
     import FetalAnnotateLogic
 
     volume, segmentation, _, _, _ = phantom_scene
