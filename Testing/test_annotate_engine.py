@@ -844,6 +844,56 @@ def test_enclosed_pseudo_labels_skip_contradicted_outlines():
     assert sorted(asked) == [(1, 2), (1, 2)]
 
 
+def test_enclosed_pseudo_labels_remember_rejected_outlines():
+    strokes = np.zeros((1, 40, 80), np.uint8)
+    for left in (5, 45):
+        strokes[0, 5:35, left] = strokes[0, 5:35, left + 29] = strokes[0, 5, left:left + 30] = 1
+        strokes[0, 34, left:left + 30] = 1
+        strokes[0, 20, left + 10:left + 20] = 2
+    asked = []
+
+    def contradicts(index, outline_value, inner_value):
+        asked.append(int(np.unravel_index(index[0], strokes.shape)[2]))
+        return np.unravel_index(index, strokes.shape)[2] > 40  # the right outline is contradicted
+
+    rejected = np.zeros(strokes.size, bool)
+    first = enclosed_pseudo_labels(strokes, (1.0, 1.0, 1.0), 3.0, contradicts=contradicts, rejected=rejected)
+    columns = np.unravel_index(np.flatnonzero(rejected), strokes.shape)[2]
+    assert rejected.any() and columns.min() > 45 and columns.max() < 74  # what the right one would teach
+    # Marked, the right outline is skipped unasked, even with more inner strokes that the
+    # contradiction test would now accept; the left one is asked and kept as before.
+    strokes[0, 25, 55:65] = 2
+    asked.clear()
+    again = enclosed_pseudo_labels(strokes, (1.0, 1.0, 1.0), 3.0, contradicts=lambda *a: contradicts(*a) & False,
+                                   rejected=rejected)
+    assert len(asked) == 1 and asked[0] < 40
+    np.testing.assert_array_equal(again[0], first[0])
+
+
+def test_outline_mode_keeps_a_rejected_loop_rejected_until_strokes_are_erased():
+    image, inside = two_tissue_phantom(shape=(1, 96, 96))
+    strokes = np.zeros(inside.shape, np.uint8)
+    strokes[0, 48, 40:56] = 2
+    strokes[0, 3, 3:-3] = strokes[0, -4, 3:-3] = strokes[0, 3:-3, 3] = strokes[0, 3:-3, -4] = 1  # around everything
+    session = AnnotationSession(image, (2.0, 1.0, 1.0), enclosure_margin_mm=4.0)
+    session.update(strokes)
+    assert session._enclosed[0].size == 0 and session._rejected_outlines.any()
+    # Inner-class strokes over the dark tissue the loop runs through bring that class's distances
+    # near everything: unremembered, the loop would now pass the test.
+    more = strokes.copy()
+    more[0, 10:86:6, 10:86] = 2
+    fresh = AnnotationSession(image, (2.0, 1.0, 1.0), enclosure_margin_mm=4.0)
+    fresh.update(more)
+    assert fresh._enclosed[0].size > 0
+    session.update(more)
+    assert session._enclosed[0].size == 0
+    # Erasing a stroke starts afresh, as the round memory does.
+    erased = more.copy()
+    erased[0, 10, 10:86] = 0
+    session.update(erased)
+    assert session._enclosed[0].size > 0
+
+
 def test_two_dimensional_image_is_one_slice():
     image, inside = two_tissue_phantom(shape=(1, 64, 64))
     strokes = phantom_strokes(inside, plane=0)[0]
