@@ -826,12 +826,18 @@ def test_image_forest_relabels_pseudo_labels_only_where_held_out_strokes_trust_i
                            probabilities(distinct[0], distinct_strokes, **geodesic_only), atol=1e-3)
 
 
-def test_enclosed_pseudo_labels_skip_contradicted_outlines():
+def two_outlined_scribbles():
+    """One plane with two square outlines of class 1 (left and right half), each around a class-2 scribble."""
     strokes = np.zeros((1, 40, 80), np.uint8)
     for left in (5, 45):
         strokes[0, 5:35, left] = strokes[0, 5:35, left + 29] = strokes[0, 5, left:left + 30] = 1
         strokes[0, 34, left:left + 30] = 1
         strokes[0, 20, left + 10:left + 20] = 2
+    return strokes
+
+
+def test_enclosed_pseudo_labels_skip_contradicted_outlines():
+    strokes = two_outlined_scribbles()
     asked = []
 
     def contradicts(index, outline_value, inner_value):
@@ -845,11 +851,7 @@ def test_enclosed_pseudo_labels_skip_contradicted_outlines():
 
 
 def test_enclosed_pseudo_labels_remember_rejected_outlines():
-    strokes = np.zeros((1, 40, 80), np.uint8)
-    for left in (5, 45):
-        strokes[0, 5:35, left] = strokes[0, 5:35, left + 29] = strokes[0, 5, left:left + 30] = 1
-        strokes[0, 34, left:left + 30] = 1
-        strokes[0, 20, left + 10:left + 20] = 2
+    strokes = two_outlined_scribbles()
     asked = []
 
     def contradicts(index, outline_value, inner_value):
