@@ -664,6 +664,57 @@ def test_memory_reach_that_is_not_positive_is_refused(reach):
         AnnotationSession(image, memory_reach_mm=reach)
 
 
+def test_single_plane_pseudo_labels_far_from_added_strokes_keep_the_last_updates():
+    # A smooth ramp, foreground painted at its left end and background at its right: the
+    # distances give the middle to the nearer end. A foreground stroke added at x = 150 moves
+    # that boundary from 200 to about 270; beyond 100 mm of it the last update's labels stay.
+    image = np.tile(np.linspace(0.0, 1.0, 400, dtype=np.float32), (40, 1))
+    strokes = np.zeros(image.shape, np.uint8)
+    strokes[5:35, 5:8] = 2
+    strokes[5:35, 392:395] = 1
+    session = AnnotationSession(image)
+    session.update(strokes)
+    index, first = session._pseudo
+    more = strokes.copy()
+    more[5:35, 150:153] = 2
+    fresh = AnnotationSession(image)
+    fresh.update(more)
+    corrected = session.update(more)
+    assert np.array_equal(session._pseudo[0], index) and np.array_equal(fresh._pseudo[0], index)
+    kept, afresh = session._pseudo[1], fresh._pseudo[1]
+    x = index % image.shape[1]
+    far = session._kept_pseudo[2]
+    assert np.all(far[(x < 40) | (x > 265)]) and not np.any(far[(x > 60) & (x < 240)])
+    np.testing.assert_array_equal(kept[far], first[far])
+    np.testing.assert_array_equal(kept[~far], afresh[~far])
+    # The band the correction's distances alone would have relabelled, beyond its reach.
+    band = far & (x > 255) & (x < 280)
+    assert np.all(first[band] == 1) and np.all(afresh[band] != 1) and np.all(kept[band] == 1)
+    # Repeating an update keeps them all and gives the same result; erasing a stroke starts
+    # afresh; a volume always labels afresh.
+    repeated = session.update(more)
+    assert session._kept_pseudo[2].all()
+    np.testing.assert_array_equal(session._pseudo[1], kept)
+    np.testing.assert_array_equal(repeated.probabilities, corrected.probabilities)
+    erased = more.copy()
+    erased[5:35, 5:8] = 0
+    session.update(erased)
+    reference = AnnotationSession(image)
+    reference.update(erased)
+    assert session._kept_pseudo is None
+    np.testing.assert_array_equal(session._pseudo[1], reference._pseudo[1])
+    volume = AnnotationSession(np.stack([image] * 3))
+    volume.update(np.stack([strokes] * 3))
+    volume.update(np.stack([more] * 3))
+    assert volume._kept_pseudo is None
+
+
+@pytest.mark.parametrize("reach", [0.0, -5.0])
+def test_pseudo_label_reach_that_is_not_positive_is_refused(reach):
+    with pytest.raises(FetalAnnotateError, match="pseudo_label_reach_mm"):
+        AnnotationSession(two_tissue_phantom(shape=(1, 24, 24))[0], pseudo_label_reach_mm=reach)
+
+
 def session_after_a_correction():
     """A session with memory whose second round added a background stroke on slice 2."""
     image, inside = two_tissue_phantom()

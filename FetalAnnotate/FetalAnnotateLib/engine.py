@@ -99,9 +99,15 @@ MEMORY = 0.7
 #: (``AnnotationSession(memory_reach_mm=...)``), chosen on the robot-user benchmark (docs/engine.md).
 MEMORY_REACH_MM = 20.0
 
+#: On a single-plane image, pseudo-label candidates farther than this (geodesic mm) from every
+#: stroke added since the last update keep that update's pseudo-labels
+#: (``AnnotationSession(pseudo_label_reach_mm=...)``; docs/engine.md).
+PSEUDO_LABEL_REACH_MM = 100.0
+
 #: What an update changes in an :class:`AnnotationSession` (restored when it is cancelled).
 _ROUND_STATE = ("_strokes", "_classes", "_distances", "_enclosed", "_forest", "_image_forest",
-                "_output_dtype", "_prior", "_memory_fade", "_last_round", "_grown", "_rejected_outlines")
+                "_output_dtype", "_prior", "_memory_fade", "_last_round", "_grown", "_rejected_outlines",
+                "_pseudo", "_kept_pseudo")
 
 #: Values of ``AnnotationSession(pseudo_label_source=...)``.
 PSEUDO_LABEL_SOURCES = ("auto", "distances", "intensity")
@@ -324,6 +330,18 @@ class AnnotationSession:
         Geodesic distance over which the memory fades in around the new strokes (see
         ``memory``); None gives every voxel the weight ``memory``. Default
         :data:`MEMORY_REACH_MM`; not positive raises :class:`FetalAnnotateError`.
+    pseudo_label_reach_mm : float or None
+        What a single-plane image, never blended (see ``memory``), keeps instead: while an
+        update only adds strokes to those of the previous whole-image update, the pseudo-label
+        candidates farther than this geodesic distance (mm) from every added stroke keep the
+        geodesic label (or none) that update gave them. Far from every stroke a correction
+        changes large distances by little, and that alone taught or untaught whole regions
+        (ultrasound heads: a foreground correction made the image between four background
+        dabs head, Dice 0.58 to 0.34; another left the outside of a head untaught and the
+        forest made it head, 0.89 to 0.41). Volumes label every candidate afresh (there it
+        moved collapses from one drawing style to another; docs/engine.md). None labels them
+        afresh on single planes too. Default :data:`PSEUDO_LABEL_REACH_MM`; not positive
+        raises :class:`FetalAnnotateError`.
     pseudo_labels : int
         Random voxels added to the training set, labelled by the geodesic distances (when
         clearly nearer one class's strokes) or by the image forest (see
@@ -400,6 +418,7 @@ class AnnotationSession:
         fold_mm=8.0,
         memory=MEMORY,
         memory_reach_mm=MEMORY_REACH_MM,
+        pseudo_label_reach_mm=PSEUDO_LABEL_REACH_MM,
         pseudo_labels=10000,
         pseudo_margin_mm=20.0,
         pseudo_label_source="auto",
@@ -425,6 +444,10 @@ class AnnotationSession:
         if memory_reach_mm is not None and not float(memory_reach_mm) > 0:
             raise FetalAnnotateError(f"memory_reach_mm must be positive (None: the same memory everywhere), got {memory_reach_mm}")
         self.memory_reach_mm = None if memory_reach_mm is None else float(memory_reach_mm)
+        if pseudo_label_reach_mm is not None and not float(pseudo_label_reach_mm) > 0:
+            raise FetalAnnotateError("pseudo_label_reach_mm must be positive (None: pseudo-labels afresh every "
+                                     f"update), got {pseudo_label_reach_mm}")
+        self.pseudo_label_reach_mm = None if pseudo_label_reach_mm is None else float(pseudo_label_reach_mm)
         self.pseudo_labels = int(pseudo_labels)
         self.pseudo_margin_mm = float(pseudo_margin_mm)
         if pseudo_label_source not in PSEUDO_LABEL_SOURCES:
@@ -485,10 +508,15 @@ class AnnotationSession:
         self._classes = None
         self._strokes = None
         self._distances = None
-        # The last whole-image update's (strokes, classes, probabilities, prior, added): what
-        # ``memory`` keeps. ``_prior`` is the prior of the last update and ``_memory_fade`` its
+        # The last whole-image update's (strokes, classes, probabilities, prior, added, pseudo):
+        # what ``memory`` and ``pseudo_label_reach_mm`` keep (pseudo: the candidates and their
+        # geodesic labels, or None). ``_prior`` is the prior of the last update and ``_memory_fade`` its
         # ``1 - exp(-d / memory_reach_mm)``, so ``predict`` reproduces it.
         self._last_round = None
+        # This update's geodesic pseudo-labels (set by _pseudo_label_candidates) and the part of
+        # the last update's that it keeps (_kept_pseudo_labels).
+        self._pseudo = None
+        self._kept_pseudo = None
         self._prior = None
         self._memory_fade = None
         self._output_dtype = None
@@ -568,6 +596,8 @@ class AnnotationSession:
         added_distances = {}
         if prior is not None and self.memory_reach_mm is not None:
             added_distances = self._distances_from_added(added)
+        self._pseudo = None
+        self._kept_pseudo, added_distances = self._kept_pseudo_labels(added_voxels, added_distances)
         self._fit_forests(classes, added_distances, _scaled(progress, 0.0, 0.3))
         self._output_dtype = np.asarray(strokes).dtype
         self._prior = prior
@@ -578,7 +608,7 @@ class AnnotationSession:
             # took about 0.2 s per 9-class atlas round (mostly faulting in fresh memory).
             result.probabilities.flags.writeable = False
             probabilities = result.probabilities.reshape((len(classes),) + self.shape)
-            self._last_round = (self._strokes, classes, probabilities, prior, added)
+            self._last_round = (self._strokes, classes, probabilities, prior, added, self._pseudo)
         return result
 
     def _added_since_last_round(self, strokes, classes):
@@ -604,10 +634,31 @@ class AnnotationSession:
         """
         if added_voxels is None or min(self.shape) == 1:
             return None, None
-        _, _, probabilities, prior, added = self._last_round
+        _, _, probabilities, prior, added, _ = self._last_round
         if added_voxels.any():
             return probabilities, np.flatnonzero(added_voxels)
         return prior, added
+
+    def _kept_pseudo_labels(self, added_voxels, added_distances):
+        """The last whole-image update's pseudo-label candidates, their geodesic labels, and
+        which of them this update keeps (``pseudo_label_reach_mm``); None when it keeps none.
+
+        Only on a single-plane image whose strokes only add to that update's (``added_voxels``,
+        from :meth:`_added_since_last_round`): the candidates farther than the reach from every
+        added stroke, or all of them when nothing was added. Returns that and
+        ``added_distances`` (:meth:`_distances_from_added`), computed here if it was not.
+        """
+        if (self.pseudo_label_reach_mm is None or added_voxels is None or min(self.shape) != 1
+                or self._last_round[5] is None):
+            return None, added_distances
+        index, labels = self._last_round[5]
+        if not added_voxels.any():
+            return (index, labels, np.ones(index.size, bool)), added_distances
+        if not added_distances:
+            added_distances = self._distances_from_added(np.flatnonzero(added_voxels))
+        nearest = functools.reduce(
+            np.minimum, [self._costs.values_at_index(d, index) for _, d in added_distances.values()])
+        return (index, labels, nearest > self.pseudo_label_reach_mm), added_distances
 
     def _blend_weights(self, region3d=None):
         """Weight of the previous round in the last update: ``memory``, or its fading map (of
@@ -978,7 +1029,9 @@ class AnnotationSession:
         let the trees learn what the classes look like away from the strokes. With
         ``pseudo_label_source`` intensity, every candidate gets the class grown to it from the
         strokes instead (:meth:`_grown_labels`). No candidates without spatial context or with
-        ``pseudo_labels`` 0.
+        ``pseudo_labels`` 0. The geodesic labels are kept as this update's, and where
+        ``pseudo_label_reach_mm`` keeps the last update's, they are those
+        (:meth:`_kept_pseudo_labels`; the candidates are the same voxels every update).
         """
         dtype = self._strokes.dtype
         if self._distances is None or self.pseudo_labels <= 0:
@@ -991,8 +1044,12 @@ class AnnotationSession:
         at_voxels = np.stack([self._costs.values_at_index(d, index) for d in self._distances])
         nearest_two = np.sort(at_voxels, axis=0)[:2]
         clear = (nearest_two[1] - nearest_two[0]) > self.pseudo_margin_mm
-        labels = np.asarray(self._classes, dtype)[np.argmin(at_voxels, axis=0)]
-        return index, np.where(clear, labels, 0).astype(dtype)
+        labels = np.where(clear, np.asarray(self._classes, dtype)[np.argmin(at_voxels, axis=0)], 0).astype(dtype)
+        if self._kept_pseudo is not None and np.array_equal(self._kept_pseudo[0], index):
+            _, kept_labels, far = self._kept_pseudo
+            labels[far] = kept_labels[far]
+        self._pseudo = (index, labels)
+        return index, labels
 
     def _pseudo_labels_grown(self):
         """Whether the pseudo-labels take the class grown by intensity (:meth:`_grown_labels`)."""
