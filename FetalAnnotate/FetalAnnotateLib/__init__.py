@@ -9,6 +9,7 @@ from .engine import (
     MEMORY,
     MEMORY_REACH_MM,
     OUTLINE_MARGIN_MM,
+    PSEUDO_LABEL_REACH_MM,
     SMOOTHNESS,
     AnnotationSession,
     PixelClassifier,
@@ -30,6 +31,7 @@ __all__ = [
     "MEMORY",
     "MEMORY_REACH_MM",
     "OUTLINE_MARGIN_MM",
+    "PSEUDO_LABEL_REACH_MM",
     "SMOOTHNESS",
     "compute_features",
 ]
