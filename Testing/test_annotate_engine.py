@@ -210,7 +210,11 @@ def test_connected_component_step_equals_whole_volume_labelling(seed, reach):
         for _ in range(1 + seed % 3):
             strokes[tuple(rng.integers(0, n, 2) for n in shape)] = value
     expected = whole_volume_consistent_labels(probabilities, strokes, classes, reach)
-    np.testing.assert_array_equal(stroke_consistent_labels(probabilities, strokes, classes, reach=reach), expected)
+    labels, dropped = stroke_consistent_labels(probabilities, strokes, classes, reach=reach, return_dropped=True)
+    np.testing.assert_array_equal(labels, expected)
+    most_probable = np.asarray(classes)[np.argmax(probabilities, axis=0)]
+    most_probable[strokes > 0] = strokes[strokes > 0]
+    np.testing.assert_array_equal(dropped, expected != most_probable)
 
 
 @pytest.mark.parametrize("layer", [1, 2, 4])
@@ -707,6 +711,44 @@ def test_single_plane_pseudo_labels_far_from_added_strokes_keep_the_last_updates
     volume.update(np.stack([strokes] * 3))
     volume.update(np.stack([more] * 3))
     assert volume._kept_pseudo is None
+
+
+def test_a_far_component_step_8_dropped_is_taught_the_class_shown_while_strokes_only_add():
+    # Two bright disks on a dark background, the foreground painted in the left one only; with
+    # no geodesic pseudo-labels (margin 1000 mm) the forest gives the right disk, more than
+    # 100 mm from every stroke, the foreground, and step 8 drops it (it touches no foreground
+    # stroke). The next update, which only adds strokes, teaches its pseudo-label candidates
+    # the background it was shown.
+    rng = np.random.default_rng(0)
+    image = rng.normal(0.2, 0.03, (6, 48, 160)).astype(np.float32)
+    _, y, x = np.mgrid[:6, :48, :160]
+    left, right = (y - 24) ** 2 + (x - 14) ** 2 < 64, (y - 24) ** 2 + (x - 140) ** 2 < 64
+    image[left | right] += 0.6
+    strokes = np.zeros(image.shape, np.uint8)
+    strokes[:, 22:27, 12:17] = 2
+    strokes[:, 4:44, 1:3] = 1
+    session = AnnotationSession(image, pseudo_margin_mm=1000.0)
+    first = session.update(strokes)
+    assert np.all(first.labels[right] == 1) and first.probabilities[1][right].mean() > 0.9
+    more = strokes.copy()
+    more[:, 44:46, 1:6] = 1
+    corrected = session.update(more)
+    index, labels = session._pseudo_label_candidates()
+    in_right = right.reshape(-1)[index]
+    fresh = AnnotationSession(image, pseudo_margin_mm=1000.0)
+    afresh = fresh.update(more)
+    assert in_right.sum() > 100 and np.all(labels[in_right] == 1) and np.all(fresh._pseudo[1][in_right] == 0)
+    assert corrected.probabilities[1][right].mean() < afresh.probabilities[1][right].mean()
+    # Repeating an update teaches the same voxels; erasing a stroke, or no reach, teaches none.
+    np.testing.assert_array_equal(session.update(more).probabilities, corrected.probabilities)
+    erased = more.copy()
+    erased[:, 4:20, 1:3] = 0
+    session.update(erased)
+    assert session._shown is None
+    no_reach = AnnotationSession(image, pseudo_margin_mm=1000.0, pseudo_label_reach_mm=None)
+    no_reach.update(strokes)
+    no_reach.update(more)
+    assert no_reach._shown is None
 
 
 @pytest.mark.parametrize("reach", [0.0, -5.0])

@@ -100,14 +100,16 @@ MEMORY = 0.7
 MEMORY_REACH_MM = 20.0
 
 #: On a single-plane image, pseudo-label candidates farther than this (geodesic mm) from every
-#: stroke added since the last update keep that update's pseudo-labels
+#: stroke added since the last update keep that update's pseudo-labels; on any image, those
+#: farther than this from every stroke where the last update's connected-component step showed
+#: another class than the forest's are taught the class shown
 #: (``AnnotationSession(pseudo_label_reach_mm=...)``; docs/engine.md).
 PSEUDO_LABEL_REACH_MM = 100.0
 
 #: What an update changes in an :class:`AnnotationSession` (restored when it is cancelled).
 _ROUND_STATE = ("_strokes", "_classes", "_distances", "_enclosed", "_forest", "_image_forest",
                 "_output_dtype", "_prior", "_memory_fade", "_last_round", "_grown", "_rejected_outlines",
-                "_pseudo", "_kept_pseudo")
+                "_pseudo", "_kept_pseudo", "_shown", "_dropped")
 
 #: Values of ``AnnotationSession(pseudo_label_source=...)``.
 PSEUDO_LABEL_SOURCES = ("auto", "distances", "intensity")
@@ -119,6 +121,25 @@ STROKE_REACH_MM = 3.0
 
 #: Voxels per prediction block: bounds the temporary (block x features) float32 array.
 BLOCK_VOXELS = 1 << 18
+
+
+@dataclass(frozen=True)
+class _LastRound:
+    """What the last whole-image update of an :class:`AnnotationSession` leaves to the next."""
+
+    strokes: np.ndarray
+    classes: tuple
+    probabilities: np.ndarray
+    #: The probabilities ``memory`` blended into that update, and the flat indices of the strokes
+    #: it added (None, None: none).
+    prior: object
+    added: object
+    #: Its pseudo-label candidates and their geodesic labels, or None.
+    pseudo: object
+    #: The voxels (flat indices) whose class step 8 changed, with the class shown, that it took
+    #: from the update before (:meth:`AnnotationSession._shown_to_teach`), and its own.
+    shown: object
+    shown_next: object
 
 
 @dataclass(frozen=True)
@@ -339,9 +360,12 @@ class AnnotationSession:
         (ultrasound heads: a foreground correction made the image between four background
         dabs head, Dice 0.58 to 0.34; another left the outside of a head untaught and the
         forest made it head, 0.89 to 0.41). Volumes label every candidate afresh (there it
-        moved collapses from one drawing style to another; docs/engine.md). None labels them
-        afresh on single planes too. Default :data:`PSEUDO_LABEL_REACH_MM`; not positive
-        raises :class:`FetalAnnotateError`.
+        moved collapses from one drawing style to another; docs/engine.md). On any image, while
+        strokes only add, the candidates labelled by the distances that lie farther than this
+        from every stroke, where the last update's connected-component step showed another
+        class than the forest's, are taught the class shown (:meth:`_shown_to_teach`). None
+        labels them afresh on single planes too and teaches no class shown. Default
+        :data:`PSEUDO_LABEL_REACH_MM`; not positive raises :class:`FetalAnnotateError`.
     pseudo_labels : int
         Random voxels added to the training set, labelled by the geodesic distances (when
         clearly nearer one class's strokes) or by the image forest (see
@@ -508,15 +532,18 @@ class AnnotationSession:
         self._classes = None
         self._strokes = None
         self._distances = None
-        # The last whole-image update's (strokes, classes, probabilities, prior, added, pseudo):
-        # what ``memory`` and ``pseudo_label_reach_mm`` keep (pseudo: the candidates and their
-        # geodesic labels, or None). ``_prior`` is the prior of the last update and ``_memory_fade`` its
+        # The last whole-image update's _LastRound: what ``memory``, ``pseudo_label_reach_mm`` and
+        # the shown classes keep. ``_prior`` is the prior of the last update and ``_memory_fade`` its
         # ``1 - exp(-d / memory_reach_mm)``, so ``predict`` reproduces it.
         self._last_round = None
         # This update's geodesic pseudo-labels (set by _pseudo_label_candidates) and the part of
         # the last update's that it keeps (_kept_pseudo_labels).
         self._pseudo = None
         self._kept_pseudo = None
+        # The (flat indices, classes) this update teaches its pseudo-label candidates
+        # (_shown_to_teach), and the voxels whose component the last prediction dropped.
+        self._shown = None
+        self._dropped = None
         self._prior = None
         self._memory_fade = None
         self._output_dtype = None
@@ -598,6 +625,7 @@ class AnnotationSession:
             added_distances = self._distances_from_added(added)
         self._pseudo = None
         self._kept_pseudo, added_distances = self._kept_pseudo_labels(added_voxels, added_distances)
+        self._shown = self._shown_to_teach(added_voxels)
         self._fit_forests(classes, added_distances, _scaled(progress, 0.0, 0.3))
         self._output_dtype = np.asarray(strokes).dtype
         self._prior = prior
@@ -608,7 +636,11 @@ class AnnotationSession:
             # took about 0.2 s per 9-class atlas round (mostly faulting in fresh memory).
             result.probabilities.flags.writeable = False
             probabilities = result.probabilities.reshape((len(classes),) + self.shape)
-            self._last_round = (self._strokes, classes, probabilities, prior, added, self._pseudo)
+            shown_next = None
+            if self._dropped is not None:
+                shown_next = (self._dropped, np.asarray(result.labels).reshape(-1)[self._dropped])
+            self._last_round = _LastRound(self._strokes, classes, probabilities, prior, added, self._pseudo,
+                                          self._shown, shown_next)
         return result
 
     def _added_since_last_round(self, strokes, classes):
@@ -617,7 +649,7 @@ class AnnotationSession:
         voxels painted over with another class count as added) or there was none."""
         if self._last_round is None:
             return None
-        before, before_classes = self._last_round[:2]
+        before, before_classes = self._last_round.strokes, self._last_round.classes
         changed = strokes != before
         if classes != before_classes or np.any(changed & (strokes == 0)):
             return None
@@ -634,10 +666,32 @@ class AnnotationSession:
         """
         if added_voxels is None or min(self.shape) == 1:
             return None, None
-        _, _, probabilities, prior, added, _ = self._last_round
+        last = self._last_round
         if added_voxels.any():
-            return probabilities, np.flatnonzero(added_voxels)
-        return prior, added
+            return last.probabilities, np.flatnonzero(added_voxels)
+        return last.prior, last.added
+
+    def _shown_to_teach(self, added_voxels):
+        """The voxels whose class the last whole-image update's step 8 changed, and that class;
+        None when this update teaches none.
+
+        While the strokes add to those of that update (``added_voxels``, from
+        :meth:`_added_since_last_round`), :meth:`_pseudo_label_candidates` teaches the class
+        shown to the candidates among these voxels that lie farther than
+        ``pseudo_label_reach_mm`` from every stroke: there the forest gave a class that step 8
+        hid (its component touched no stroke of that class), and which class the distances
+        favour so far from every stroke tells little. A stack drawn with four background dabs
+        had the maternal tissue below the brain learnt as brain (265 mm from the foreground
+        strokes, 300 mm from the dabs); hidden, it stayed unseen until one 32-voxel stroke joined
+        it to the brain and showed all of it (Dice 0.91 to 0.50). When the strokes equal that
+        update's, the voxels that update used, so repeating an update gives the same result.
+        Grown pseudo-labels (more than two classes) are left as they are: the growth reaches a
+        voxel from a stroke through voxels of its class.
+        """
+        if added_voxels is None or self.pseudo_label_reach_mm is None:
+            return None
+        last = self._last_round
+        return last.shown_next if added_voxels.any() else last.shown
 
     def _kept_pseudo_labels(self, added_voxels, added_distances):
         """The last whole-image update's pseudo-label candidates, their geodesic labels, and
@@ -649,9 +703,9 @@ class AnnotationSession:
         ``added_distances`` (:meth:`_distances_from_added`), computed here if it was not.
         """
         if (self.pseudo_label_reach_mm is None or added_voxels is None or min(self.shape) != 1
-                or self._last_round[5] is None):
+                or self._last_round.pseudo is None):
             return None, added_distances
-        index, labels = self._last_round[5]
+        index, labels = self._last_round.pseudo
         if not added_voxels.any():
             return (index, labels, np.ones(index.size, bool)), added_distances
         if not added_distances:
@@ -1031,7 +1085,9 @@ class AnnotationSession:
         strokes instead (:meth:`_grown_labels`). No candidates without spatial context or with
         ``pseudo_labels`` 0. The geodesic labels are kept as this update's, and where
         ``pseudo_label_reach_mm`` keeps the last update's, they are those
-        (:meth:`_kept_pseudo_labels`; the candidates are the same voxels every update).
+        (:meth:`_kept_pseudo_labels`; the candidates are the same voxels every update). Then
+        the candidates where the last update's step 8 showed another class get that class
+        (:meth:`_shown_to_teach`).
         """
         dtype = self._strokes.dtype
         if self._distances is None or self.pseudo_labels <= 0:
@@ -1048,7 +1104,12 @@ class AnnotationSession:
         if self._kept_pseudo is not None and np.array_equal(self._kept_pseudo[0], index):
             _, kept_labels, far = self._kept_pseudo
             labels[far] = kept_labels[far]
-        self._pseudo = (index, labels)
+        self._pseudo = (index, labels.copy())
+        if self._shown is not None and self._shown[0].size:
+            shown_index, shown_classes = self._shown
+            at = np.minimum(np.searchsorted(shown_index, index), shown_index.size - 1)
+            hidden = (shown_index[at] == index) & (nearest_two[0] > self.pseudo_label_reach_mm)
+            labels[hidden] = shown_classes[at[hidden]]
         return index, labels
 
     def _pseudo_labels_grown(self):
@@ -1121,7 +1182,7 @@ class AnnotationSession:
             edges = self._edge_image if region3d is None else self._edge_image[region3d]
             smoothing = functools.partial(graph_cut_labels, probabilities, image=edges, spacing=self.spacing,
                                           smoothness=self.smoothness, contrast=self._contrast, fixed=strokes != 0)
-        labels = stroke_consistent_labels(
+        labels, dropped = stroke_consistent_labels(
             probabilities,
             strokes,
             self._classes,
@@ -1129,7 +1190,10 @@ class AnnotationSession:
             dtype=_label_dtype(self._output_dtype, self._classes),
             smoothing=smoothing,
             reach=tuple(int(self.stroke_reach_mm // h) for h in self.spacing),
+            return_dropped=True,
         )
+        if region3d is None:
+            self._dropped = np.flatnonzero(dropped)
         out_shape = probabilities.shape[1:]
         if len(self._input_shape) == 2:
             out_shape = out_shape[1:]
@@ -1450,7 +1514,7 @@ def _grown_box(coordinates, shape, margins):
 
 
 def stroke_consistent_labels(probabilities, strokes, classes, keep_connected=True, dtype=None, smoothing=None,
-                             reach=None):
+                             reach=None, return_dropped=False):
     """Label map from probabilities that agrees with the strokes.
 
     Painted voxels get their class; with ``keep_connected`` each class keeps only the
@@ -1474,11 +1538,16 @@ def stroke_consistent_labels(probabilities, strokes, classes, keep_connected=Tru
         Voxels per axis: a component within this box distance of a stroke of its class counts
         as touching it (a thin layer of another class between a stroke and the region the
         forest gives its class, as a thick brush painting a boundary leaves). Default: touching only.
+    return_dropped : bool
+        Also return the voxels that ``keep_connected`` gave another class.
 
     Returns
     -------
     ndarray of int, shape (z, y, x)
         Class values.
+    ndarray of bool, shape (z, y, x)
+        Only with ``return_dropped``: the voxels whose class differs from the (smoothed) most
+        probable one, their component touching no stroke of it.
     """
     best = _most_probable(probabilities)
     painted = np.flatnonzero(strokes)
@@ -1486,6 +1555,7 @@ def stroke_consistent_labels(probabilities, strokes, classes, keep_connected=Tru
     best.reshape(-1)[painted] = painted_class
     if smoothing is not None:
         best = smoothing(best)
+    smoothed = best.copy() if return_dropped else None
     if keep_connected:
         for index in range(len(classes)):
             mask = best == index
@@ -1495,7 +1565,8 @@ def stroke_consistent_labels(probabilities, strokes, classes, keep_connected=Tru
                 scores = probabilities[(slice(None),) + box][:, dropped]
                 scores[index] = -1.0
                 best[box][dropped] = np.argmax(scores, axis=0)
-    return np.take(np.asarray(classes, dtype=dtype), best)
+    labels = np.take(np.asarray(classes, dtype=dtype), best)
+    return (labels, best != smoothed) if return_dropped else labels
 
 
 def _most_probable(probabilities):
