@@ -136,8 +136,9 @@ class _LastRound:
     added: object
     #: Its pseudo-label candidates and their geodesic labels, or None.
     pseudo: object
-    #: The voxels (flat indices) whose class step 8 changed, with the class shown, that it took
-    #: from the update before (:meth:`AnnotationSession._shown_to_teach`), and its own.
+    #: Its pseudo-label candidates and the class shown at those whose class step 8 changed (0
+    #: elsewhere), or None: those it took from the update before
+    #: (:meth:`AnnotationSession._shown_to_teach`), and its own.
     shown: object
     shown_next: object
 
@@ -540,8 +541,8 @@ class AnnotationSession:
         # the last update's that it keeps (_kept_pseudo_labels).
         self._pseudo = None
         self._kept_pseudo = None
-        # The (flat indices, classes) this update teaches its pseudo-label candidates
-        # (_shown_to_teach), and the voxels whose component the last prediction dropped.
+        # The candidates and classes shown this update teaches (_shown_to_teach), and the voxels
+        # (flat bool) whose class the last whole-image prediction's step 8 changed.
         self._shown = None
         self._dropped = None
         self._prior = None
@@ -637,8 +638,9 @@ class AnnotationSession:
             result.probabilities.flags.writeable = False
             probabilities = result.probabilities.reshape((len(classes),) + self.shape)
             shown_next = None
-            if self._dropped is not None:
-                shown_next = (self._dropped, np.asarray(result.labels).reshape(-1)[self._dropped])
+            if self._pseudo is not None:
+                index = self._pseudo[0]
+                shown_next = (index, np.where(self._dropped[index], np.asarray(result.labels).reshape(-1)[index], 0))
             self._last_round = _LastRound(self._strokes, classes, probabilities, prior, added, self._pseudo,
                                           self._shown, shown_next)
         return result
@@ -672,19 +674,19 @@ class AnnotationSession:
         return last.prior, last.added
 
     def _shown_to_teach(self, added_voxels):
-        """The voxels whose class the last whole-image update's step 8 changed, and that class;
-        None when this update teaches none.
+        """The pseudo-label candidates and, where the last whole-image update's step 8 changed
+        their class, the class shown (0 elsewhere); None when this update teaches none.
 
         While the strokes add to those of that update (``added_voxels``, from
         :meth:`_added_since_last_round`), :meth:`_pseudo_label_candidates` teaches the class
-        shown to the candidates among these voxels that lie farther than
-        ``pseudo_label_reach_mm`` from every stroke: there the forest gave a class that step 8
+        shown to those of them that lie farther than ``pseudo_label_reach_mm`` from every
+        stroke: there the forest gave a class that step 8
         hid (its component touched no stroke of that class), and which class the distances
         favour so far from every stroke tells little. A stack drawn with four background dabs
         had the maternal tissue below the brain learnt as brain (265 mm from the foreground
         strokes, 300 mm from the dabs); hidden, it stayed unseen until one 32-voxel stroke joined
         it to the brain and showed all of it (Dice 0.91 to 0.50). When the strokes equal that
-        update's, the voxels that update used, so repeating an update gives the same result.
+        update's, what that update used, so repeating an update gives the same result.
         Grown pseudo-labels (more than two classes) are left as they are: the growth reaches a
         voxel from a stroke through voxels of its class.
         """
@@ -1105,11 +1107,10 @@ class AnnotationSession:
             _, kept_labels, far = self._kept_pseudo
             labels[far] = kept_labels[far]
         self._pseudo = (index, labels.copy())
-        if self._shown is not None and self._shown[0].size:
-            shown_index, shown_classes = self._shown
-            at = np.minimum(np.searchsorted(shown_index, index), shown_index.size - 1)
-            hidden = (shown_index[at] == index) & (nearest_two[0] > self.pseudo_label_reach_mm)
-            labels[hidden] = shown_classes[at[hidden]]
+        if self._shown is not None and np.array_equal(self._shown[0], index):
+            shown = self._shown[1]
+            hidden = (shown != 0) & (nearest_two[0] > self.pseudo_label_reach_mm)
+            labels[hidden] = shown[hidden]
         return index, labels
 
     def _pseudo_labels_grown(self):
@@ -1193,7 +1194,7 @@ class AnnotationSession:
             return_dropped=True,
         )
         if region3d is None:
-            self._dropped = np.flatnonzero(dropped)
+            self._dropped = dropped.reshape(-1)
         out_shape = probabilities.shape[1:]
         if len(self._input_shape) == 2:
             out_shape = out_shape[1:]
