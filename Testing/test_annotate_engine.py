@@ -592,7 +592,8 @@ def test_memory_blends_each_round_with_the_previous_one(reach):
     image, inside = two_tissue_phantom()
     strokes = phantom_strokes(inside)
     with_memory = AnnotationSession(image, (2.0, 1.0, 1.0), memory=0.5, memory_reach_mm=reach)
-    without = AnnotationSession(image, (2.0, 1.0, 1.0), memory=0.0)
+    # The same reach: it also sets where the first update's image forest labels the candidates.
+    without = AnnotationSession(image, (2.0, 1.0, 1.0), memory=0.0, memory_reach_mm=reach)
     first = with_memory.update(strokes)
     assert with_memory.memory_weights is None
     with pytest.raises(ValueError, match="read-only"):  # kept as the next round's memory
@@ -618,17 +619,60 @@ def test_memory_blends_each_round_with_the_previous_one(reach):
     np.testing.assert_allclose(with_memory.update(strokes).probabilities, second.probabilities, atol=1e-6)
 
 
+def test_two_class_corrections_label_far_voxels_with_the_image_forest_of_the_first_update():
+    # While strokes only add, the image forest of the first update of those strokes labels the
+    # voxels farther than memory_reach_mm from the added strokes; each update's own labels the
+    # nearer ones and is the pixel classifier. Erasing a stroke starts afresh, and more classes
+    # keep none.
+    image, inside = two_tissue_phantom()
+    spacing = (2.0, 1.0, 1.0)
+    strokes = phantom_strokes(inside)
+    session = AnnotationSession(image, spacing)
+    session.update(strokes)
+    first = session._image_forest
+    strokes[9, 4:8, 4:12] = 1
+    session.update(strokes)
+    far_forest, nearest = session._far_image_forest
+    assert far_forest is first and session._image_forest is not first
+    index = np.arange(image.size)
+    near = session._costs.values_at_index(nearest, index) < session.memory_reach_mm
+    assert near.any() and not near.all()
+    assert near.reshape(image.shape)[9, 4:8, 4:12].all()
+    rows = session._features.reshape(image.size, -1)
+    scores = session._image_scores(index)
+    np.testing.assert_allclose(scores[near], session._image_forest.predict_proba(rows[near]), atol=1e-6)
+    np.testing.assert_allclose(scores[~near], first.predict_proba(rows[~near]), atol=1e-6)
+    fresh = AnnotationSession(image, spacing)
+    fresh.update(strokes)
+    np.testing.assert_array_equal(session.pixel_classifier().predict_proba(image, spacing),
+                                  fresh.pixel_classifier().predict_proba(image, spacing))
+    strokes[6, 22:26, 20:28] = 1
+    session.update(strokes)  # a later correction: still the first update's far away
+    assert session._far_image_forest[0] is first
+    strokes[9, 4:8, 4:12] = 0
+    session.update(strokes)  # erasing a stroke starts afresh
+    assert session._far_image_forest is None
+    three = phantom_strokes(inside)
+    three[6, 4:8, 4:12] = 3
+    session = AnnotationSession(image, spacing)
+    session.update(three)
+    three[9, 4:8, 4:12] = 1
+    session.update(three)
+    assert session._far_image_forest is None
+
+
 def test_adding_strokes_updates_the_stroke_distances_as_a_fresh_session_computes_them():
     # A round that only adds strokes updates each class's cached distance map with the added
-    # strokes' map (the one the fading memory reads) instead of recomputing it.
+    # strokes' map (the one the fading memory reads) instead of recomputing it. (Without the
+    # image forest's relabelling: far from a correction it is the first update's.)
     image, inside = two_tissue_phantom()
     strokes = phantom_strokes(inside)
-    session = AnnotationSession(image, (2.0, 1.0, 1.0), memory=0.0)
+    session = AnnotationSession(image, (2.0, 1.0, 1.0), memory=0.0, pseudo_image_confidence=2.0)
     session.update(strokes)
     strokes[2, 20:28, 20:26] = 1
     strokes[9, 24, 18:30] = 2  # both classes get strokes
     updated = session.update(strokes)
-    fresh = AnnotationSession(image, (2.0, 1.0, 1.0), memory=0.0).update(strokes)
+    fresh = AnnotationSession(image, (2.0, 1.0, 1.0), memory=0.0, pseudo_image_confidence=2.0).update(strokes)
     np.testing.assert_array_equal(updated.probabilities, fresh.probabilities)
     np.testing.assert_array_equal(updated.labels, fresh.labels)
 
@@ -640,6 +684,7 @@ def test_memory_leaves_single_plane_images_alone(plane):
     with_memory = AnnotationSession(image, memory=0.5)
     without = AnnotationSession(image, memory=0.0)
     with_memory.update(strokes)
+    without.update(strokes)
     strokes[..., 30:34, 20:26] = 1  # a correction (only adds strokes)
     np.testing.assert_array_equal(with_memory.update(strokes).probabilities, without.update(strokes).probabilities)
 
@@ -851,11 +896,15 @@ def test_class_outlined_on_one_slice_gets_dearer_cross_slice_distances():
     dearer = session(enclosure_margin_mm=2.0, single_slice_cross_cost=2.0)
     plain = session(enclosure_margin_mm=2.0, single_slice_cross_cost=1.0)
     assert not np.allclose(dearer.update(strokes).probabilities, plain.update(strokes).probabilities, atol=1e-3)
-    # Once the enclosed class is painted on a second slice its distances are plain again.
+    # Once the enclosed class is painted on a second slice its distances are plain again. (Without
+    # the image forest: far from a correction it is the first update's, which learnt the dearer ones.)
+    no_image_forest = {"enclosure_margin_mm": 2.0, "pseudo_image_confidence": 2.0}
+    dearer = session(single_slice_cross_cost=2.0, **no_image_forest)
+    dearer.update(strokes)
     strokes[4, 24, 20:28] = 2
     np.testing.assert_array_equal(
         dearer.update(strokes).probabilities,
-        session(enclosure_margin_mm=2.0, single_slice_cross_cost=1.0).update(strokes).probabilities,
+        session(single_slice_cross_cost=1.0, **no_image_forest).update(strokes).probabilities,
     )
     # Only outline mode on thick slices: default mode and isotropic volumes keep plain distances.
     one_slice = outlined_strokes(inside, 6)
