@@ -141,7 +141,8 @@ class _LastRound:
     #: (:meth:`AnnotationSession._shown_to_teach`), and its own.
     shown: object
     shown_next: object
-    #: Its image forest and the classes the held-out check found confused (None: not checked).
+    #: The image forest of the first update of its strokes (its own when it was that update),
+    #: and the classes that forest's held-out check found confused (None: not checked).
     image_forest: object
     confused: object
 
@@ -639,12 +640,18 @@ class AnnotationSession:
         self._kept_pseudo, added_distances = self._kept_pseudo_labels(added_voxels, added_distances)
         self._shown = self._shown_to_teach(added_voxels)
         kept_image_forest = self._kept_image_forest(added_voxels)
-        if kept_image_forest is not None and not added_distances and added_voxels.any():
+        if (kept_image_forest is not None and self.memory_reach_mm is not None and not added_distances
+                and added_voxels.any()):
             added_distances = self._distances_from_added(np.flatnonzero(added_voxels))
-        self._fit_forests(classes, added_distances, _scaled(progress, 0.0, 0.3), kept_image_forest)
+        # The distance from all added strokes: where the memory fades in, and where a kept image
+        # forest gives way to this update's. Pairwise minima: np.minimum.reduce of a list first
+        # stacks the maps into one new array, whose memory is faulted in (0.02-0.07 -> 0.02 s).
+        nearest_added = (functools.reduce(np.minimum, [d for _, d in added_distances.values()])
+                         if added_distances and self.memory_reach_mm is not None else None)
+        self._fit_forests(classes, added_distances, _scaled(progress, 0.0, 0.3), kept_image_forest, nearest_added)
         self._output_dtype = np.asarray(strokes).dtype
         self._prior = prior
-        self._memory_fade = None if prior is None else self._fade_from(added_distances)
+        self._memory_fade = None if prior is None else self._fade_from(nearest_added)
         result = self._predict(region, _scaled(progress, 0.3, 0.95))
         if region is None:
             # Kept as they are for the next round's memory, so read-only for the caller: a copy
@@ -772,15 +779,13 @@ class AnnotationSession:
                                  list(indices.values()))
         return {value: (index, distance) for (value, index), distance in zip(indices.items(), maps)}
 
-    def _fade_from(self, added_distances):
+    def _fade_from(self, distance):
         """``1 - exp(-d / memory_reach_mm)`` (float16, image shape) for the geodesic distance
-        ``d`` from all added strokes (:meth:`_distances_from_added`), or None when
+        ``d`` from all added strokes (``distance``, on the working grid), or None when
         ``memory_reach_mm`` is None."""
         if self.memory_reach_mm is None:
             return None
-        # Pairwise minima and in-place steps: np.minimum.reduce of a list first stacks the maps
-        # into one new array, and each fresh array's memory is faulted in (0.02-0.07 -> 0.02 s).
-        distance = functools.reduce(np.minimum, [d for _, d in added_distances.values()])
+        # In-place steps: each fresh array's memory is faulted in.
         fade = np.multiply(distance, np.float32(-1.0 / self.memory_reach_mm))
         np.negative(np.expm1(fade, out=fade), out=fade)
         return self._costs.full_resolution(fade.astype(np.float16))
@@ -924,28 +929,25 @@ class AnnotationSession:
 
         return rows
 
-    def _fit_forests(self, classes, added_distances, progress, kept_image_forest=None):
+    def _fit_forests(self, classes, added_distances, progress, kept_image_forest=None, nearest_added=None):
         """Fit the image forest (image features only) and, with spatial context, the context forest.
 
         Both train on the painted voxels and on pseudo-labels of random voxels
         (:meth:`_pseudo_label_candidates`). The image forest learns the candidates the geodesic
         distances label clearly; it is what :meth:`pixel_classifier` returns.
         ``kept_image_forest`` (:meth:`_kept_image_forest`), when given, labels the voxels far
-        from the strokes added since it was fitted (``added_distances``), and its held-out
-        check is kept. The context
-        forest learns the candidates as the image forest labels them wherever it is sure (top
+        from the strokes added since it was fitted (``nearest_added``: the distance from them;
+        None: everywhere), and its held-out check is kept. The context forest learns the candidates as the image forest labels them wherever it is sure (top
         probability at least ``pseudo_image_confidence``) and as the distances do elsewhere:
         otherwise no voxel between two classes' strokes is taught, and the distance features,
         which separate the training set on their own, decide the whole gap (the maternal tissue
         along a thin placenta was taught nothing and became placenta). In outline mode it also
         learns the voxels inside the outlines that :meth:`_tight_outlines` keeps.
         """
-        self._distances, self._enclosed, self._far_image_forest = None, None, None
+        self._distances, self._enclosed, self._far_image_forest, self._confused = None, None, None, None
         if kept_image_forest is not None:
             forest, self._confused = kept_image_forest
-            nearest = (None if not added_distances or self.memory_reach_mm is None
-                       else functools.reduce(np.minimum, [d for _, d in added_distances.values()]))
-            self._far_image_forest = (forest, nearest)
+            self._far_image_forest = (forest, nearest_added)
         report_progress(progress, 0.0, "stroke context")
         if self.spatial_context:
             if self.enclosure_margin_mm is not None:
@@ -984,13 +986,10 @@ class AnnotationSession:
 
     def _fit_image_forest(self):
         """Fit the image forest on the strokes and the clear geodesic pseudo-labels; returns the
-        pseudo-label candidates and their geodesic labels (:meth:`_pseudo_label_candidates`).
-        Without a kept image forest (:meth:`_kept_image_forest`) the held-out check is due again."""
+        pseudo-label candidates and their geodesic labels (:meth:`_pseudo_label_candidates`)."""
         candidates, geodesic = self._pseudo_label_candidates()
         clear = geodesic != 0
         self._image_forest = self._fit(None, [(candidates[clear], geodesic[clear])])
-        if self._far_image_forest is None:
-            self._confused = None
         return candidates, geodesic
 
     def _confused_classes(self):
