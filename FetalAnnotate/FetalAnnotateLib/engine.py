@@ -107,7 +107,7 @@ MEMORY_REACH_MM = 20.0
 PSEUDO_LABEL_REACH_MM = 100.0
 
 #: What an update changes in an :class:`AnnotationSession` (restored when it is cancelled).
-_ROUND_STATE = ("_strokes", "_classes", "_distances", "_enclosed", "_forest", "_image_forest",
+_ROUND_STATE = ("_strokes", "_classes", "_distances", "_enclosed", "_forest", "_image_forest", "_image_training",
                 "_confused", "_far_image_forest", "_output_dtype", "_prior", "_memory_fade", "_last_round",
                 "_grown", "_rejected_outlines", "_pseudo", "_kept_pseudo", "_shown", "_dropped")
 
@@ -536,7 +536,10 @@ class AnnotationSession:
         # only add to those rounds' strokes (flat bool, or None).
         self._rejected_outlines = None
         self._forest = None
+        # The image forest (None while a correction has not needed it: pixel_classifier fits
+        # it) and the pseudo-labels it learns besides the strokes.
         self._image_forest = None
+        self._image_training = None
         # The classes the held-out check found confused (_confused_classes; None: not checked
         # yet), and the earlier update's image forest that labels the voxels far from the added
         # strokes, with the distance map from them (_image_scores), or None.
@@ -723,16 +726,17 @@ class AnnotationSession:
         keeps none (:meth:`_image_scores`).
 
         Kept with two classes and spatial context while the strokes only add to those of that
-        update (``added_voxels``, from :meth:`_added_since_last_round`). Each update still fits
-        its own image forest, which labels the voxels near the added strokes (and is what
-        :meth:`pixel_classifier` returns); the kept one labels those farther away. Refitted on
-        the last round's pseudo-labels, errors included, the image forest became sure of them
+        update (``added_voxels``, from :meth:`_added_since_last_round`). It labels the voxels far
+        from the added strokes; the nearer ones keep their distances' labels, and the update
+        fits no image forest of its own (:meth:`pixel_classifier` fits it when asked). Refitted
+        on the last round's pseudo-labels, errors included, the image forest became sure of them
         and relabelled far candidates with them: on the stacks one correction then flipped
         regions it was not drawn in (four background dabs: largest one-round fall 0.34). Kept
-        everywhere, it held the error a correction was drawn on (an atlas ventricle stayed
-        wrong under its stroke). With more classes a correction often paints a tissue's first
-        voxels in a region, which a kept forest never saw (9-class atlas, rounds 1-10: 0.718
-        fitted afresh, 0.702 kept everywhere).
+        near the added strokes too, it held the error a correction was drawn on (an atlas
+        ventricle stayed wrong under its stroke); a forest refitted for them each round gave
+        about the same Dice for one fit more per round (docs/engine.md). With more classes a
+        correction often paints a tissue's first voxels in a region, which a kept forest never
+        saw (9-class atlas, rounds 1-10: 0.718 fitted afresh, 0.702 kept everywhere).
         """
         if added_voxels is None or len(self._classes) != 2 or not self.spatial_context:
             return None
@@ -804,6 +808,10 @@ class AnnotationSession:
         """
         if self._strokes is None:
             raise StrokeError("no strokes yet; call update(strokes) first")
+        if self._image_forest is None:
+            # A correction that kept the first update's image forest fitted none; the same fit
+            # now gives the forest that update would have (same rows, same random state).
+            self._image_forest = self._fit(None, self._image_training)
         settings = dict(self.feature_settings, n_extra_features=self._n_extra)
         return PixelClassifier(settings, self._image_forest, self._classes)
 
@@ -937,7 +945,9 @@ class AnnotationSession:
         distances label clearly; it is what :meth:`pixel_classifier` returns.
         ``kept_image_forest`` (:meth:`_kept_image_forest`), when given, labels the voxels far
         from the strokes added since it was fitted (``nearest_added``: the distance from them;
-        None: everywhere), and its held-out check is kept. The context forest learns the candidates as the image forest labels them wherever it is sure (top
+        None: everywhere), its held-out check is kept, and no image forest is fitted (the
+        nearer voxels keep their distances' labels; :meth:`pixel_classifier` fits it when asked).
+        The context forest learns the candidates as the image forest labels them wherever it is sure (top
         probability at least ``pseudo_image_confidence``) and as the distances do elsewhere:
         otherwise no voxel between two classes' strokes is taught, and the distance features,
         which separate the training set on their own, decide the whole gap (the maternal tissue
@@ -974,7 +984,8 @@ class AnnotationSession:
                 self._confused = self._confused_classes()
             confused = self._confused
             if len(confused) < len(self._classes):
-                labels = relabelled_where_sure(geodesic, self._image_scores(candidates), self._image_forest.classes_,
+                labels = relabelled_where_sure(geodesic, self._image_scores(candidates),
+                                               np.asarray(self._classes, geodesic.dtype),
                                                self.pseudo_image_confidence, confused)
         taught = labels != 0
         pseudo = [(candidates[taught], labels[taught])]
@@ -985,11 +996,13 @@ class AnnotationSession:
         self._forest = self._fit(training, pseudo)
 
     def _fit_image_forest(self):
-        """Fit the image forest on the strokes and the clear geodesic pseudo-labels; returns the
-        pseudo-label candidates and their geodesic labels (:meth:`_pseudo_label_candidates`)."""
+        """Fit the image forest on the strokes and the clear geodesic pseudo-labels, unless a kept
+        image forest stands in for it (:meth:`_fit_forests`); returns the pseudo-label candidates
+        and their geodesic labels (:meth:`_pseudo_label_candidates`)."""
         candidates, geodesic = self._pseudo_label_candidates()
         clear = geodesic != 0
-        self._image_forest = self._fit(None, [(candidates[clear], geodesic[clear])])
+        self._image_training = [(candidates[clear], geodesic[clear])]
+        self._image_forest = None if self._far_image_forest is not None else self._fit(None, self._image_training)
         return candidates, geodesic
 
     def _confused_classes(self):
@@ -1071,7 +1084,7 @@ class AnnotationSession:
 
         def contradicts(index, outline_value, inner_value):
             scores = self._image_scores(index)
-            looks_outside = scores[:, np.searchsorted(self._image_forest.classes_, outline_value)]
+            looks_outside = scores[:, np.searchsorted(self._classes, outline_value)]
             nearer_outside = (self._costs.values_at_index(by_class[outline_value], index)
                               < self._costs.values_at_index(by_class[inner_value], index))
             return (looks_outside >= self.pseudo_image_confidence) & nearer_outside
@@ -1088,9 +1101,10 @@ class AnnotationSession:
 
     def _image_scores(self, index):
         """The image forest's class probabilities (float64, shape (n, n_classes)) at flat voxel
-        ``index``: with a kept image forest (:meth:`_kept_image_forest`), that forest's at the
+        ``index``; with a kept image forest (:meth:`_kept_image_forest`), that forest's at the
         voxels farther than ``memory_reach_mm`` from the added strokes (everywhere when
-        ``memory_reach_mm`` is None), as the round memory holds the earlier rounds there."""
+        ``memory_reach_mm`` is None), as the round memory holds the earlier rounds there, and
+        NaN (no opinion: never sure) at the nearer ones."""
         image_rows = self._features.reshape(-1, self._features.shape[-1])
 
         def scores(forest, part):
@@ -1100,10 +1114,11 @@ class AnnotationSession:
         if self._far_image_forest is None:
             return scores(self._image_forest, index)
         forest, nearest = self._far_image_forest
-        result = scores(forest, index)
-        if nearest is not None:
-            near = self._costs.values_at_index(nearest, index) < self.memory_reach_mm
-            result[near] = scores(self._image_forest, index[near])
+        if nearest is None:
+            return scores(forest, index)
+        result = np.full((index.size, len(self._classes)), np.nan)
+        far = self._costs.values_at_index(nearest, index) >= self.memory_reach_mm
+        result[far] = scores(forest, index[far])
         return result
 
     def _fit(self, training_context, pseudo):
