@@ -396,8 +396,8 @@ class AnnotationSession:
         the geodesic distances label them elsewhere (see :meth:`_fit_forests`). Above 1 keeps
         the geodesic labels only. With two classes, while strokes only add, the candidates
         farther than ``memory_reach_mm`` from the added strokes are labelled by the image forest
-        of the first update of those strokes (:meth:`_kept_image_forest`). Default
-        :data:`PSEUDO_IMAGE_CONFIDENCE`.
+        of the first update of those strokes and the nearer ones by the distances
+        (:meth:`_kept_image_forest`). Default :data:`PSEUDO_IMAGE_CONFIDENCE`.
     smoothness : float
         Weight of the boundary term of the graph-cut refinement of the labels
         (:func:`~FetalAnnotateLib.graphcut.graph_cut_labels`): label boundaries are kept short
@@ -947,8 +947,8 @@ class AnnotationSession:
         from the strokes added since it was fitted (``nearest_added``: the distance from them;
         None: everywhere), its held-out check is kept, and no image forest is fitted (the
         nearer voxels keep their distances' labels; :meth:`pixel_classifier` fits it when asked).
-        The context forest learns the candidates as the image forest labels them wherever it is sure (top
-        probability at least ``pseudo_image_confidence``) and as the distances do elsewhere:
+        The context forest learns the candidates as the image forest labels them wherever it is
+        sure (top probability at least ``pseudo_image_confidence``) and as the distances do elsewhere:
         otherwise no voxel between two classes' strokes is taught, and the distance features,
         which separate the training set on their own, decide the whole gap (the maternal tissue
         along a thin placenta was taught nothing and became placenta). In outline mode it also
