@@ -997,7 +997,7 @@ def test_enclosed_pseudo_labels_skip_contradicted_outlines():
     assert sorted(asked) == [(1, 2), (1, 2)]
 
 
-def test_enclosed_pseudo_labels_remember_rejected_outlines():
+def test_enclosed_pseudo_labels_judge_each_outline_once():
     strokes = two_outlined_scribbles()
     asked = []
 
@@ -1005,18 +1005,21 @@ def test_enclosed_pseudo_labels_remember_rejected_outlines():
         asked.append(int(np.unravel_index(index[0], strokes.shape)[2]))
         return np.unravel_index(index, strokes.shape)[2] > 40  # the right outline is contradicted
 
-    rejected = np.zeros(strokes.size, bool)
-    first = enclosed_pseudo_labels(strokes, (1.0, 1.0, 1.0), 3.0, contradicts=contradicts, rejected=rejected)
-    columns = np.unravel_index(np.flatnonzero(rejected), strokes.shape)[2]
-    assert rejected.any() and columns.min() > 45 and columns.max() < 74  # what the right one would teach
-    # Marked, the right outline is skipped unasked, even with more inner strokes that the
-    # contradiction test would now accept; the left one is asked and kept as before.
+    judged = np.zeros(strokes.size, np.int8)
+    first = enclosed_pseudo_labels(strokes, (1.0, 1.0, 1.0), 3.0, contradicts=contradicts, judged=judged)
+    columns = np.unravel_index(np.flatnonzero(judged < 0), strokes.shape)[2]
+    assert columns.size and columns.min() > 45 and columns.max() < 74  # what the right one would teach
+    np.testing.assert_array_equal(np.flatnonzero(judged > 0), first[0])  # the left one, kept
+    # Judged, both outlines are taken as they were without asking, even with more inner strokes
+    # and a contradiction test that would now turn both round.
     strokes[0, 25, 55:65] = 2
+    strokes[0, 25, 15:25] = 2
     asked.clear()
-    again = enclosed_pseudo_labels(strokes, (1.0, 1.0, 1.0), 3.0, contradicts=lambda *a: contradicts(*a) & False,
-                                   rejected=rejected)
-    assert len(asked) == 1 and asked[0] < 40
-    np.testing.assert_array_equal(again[0], first[0])
+    again = enclosed_pseudo_labels(strokes, (1.0, 1.0, 1.0), 3.0, contradicts=lambda *a: ~contradicts(*a),
+                                   judged=judged)
+    assert asked == []
+    assert set(np.unravel_index(again[0], strokes.shape)[2]) <= set(np.unravel_index(first[0], strokes.shape)[2])
+    assert again[0].size > 0.9 * first[0].size
 
 
 def test_outline_mode_keeps_a_rejected_loop_rejected_until_strokes_are_erased():
@@ -1026,7 +1029,7 @@ def test_outline_mode_keeps_a_rejected_loop_rejected_until_strokes_are_erased():
     strokes[0, 3, 3:-3] = strokes[0, -4, 3:-3] = strokes[0, 3:-3, 3] = strokes[0, 3:-3, -4] = 1  # around everything
     session = AnnotationSession(image, (2.0, 1.0, 1.0), enclosure_margin_mm=4.0)
     session.update(strokes)
-    assert session._enclosed[0].size == 0 and session._rejected_outlines.any()
+    assert session._enclosed[0].size == 0 and (session._judged_outlines < 0).any()
     # Inner-class strokes over the dark tissue the loop runs through bring that class's distances
     # near everything: unremembered, the loop would now pass the test.
     more = strokes.copy()
@@ -1041,6 +1044,28 @@ def test_outline_mode_keeps_a_rejected_loop_rejected_until_strokes_are_erased():
     erased[0, 10, 10:86] = 0
     session.update(erased)
     assert session._enclosed[0].size > 0
+
+
+def test_outline_mode_judges_a_loop_drawn_as_a_correction_with_the_strokes_of_its_round():
+    image, inside = two_tissue_phantom(shape=(1, 96, 96))
+    strokes = np.zeros(inside.shape, np.uint8)
+    strokes[0, 48, 40:56] = 2
+    strokes[0, 5:9, 5:9] = strokes[0, -9:-5, -9:-5] = 1  # two background dabs
+    loop = strokes.copy()
+    loop[0, 3, 3:-3] = loop[0, -4, 3:-3] = loop[0, 3:-3, 3] = loop[0, 3:-3, -4] = 1  # around everything
+    session = AnnotationSession(image, (2.0, 1.0, 1.0), enclosure_margin_mm=4.0)
+    session.update(strokes)
+    # A correction keeps the first update's image forest, which never learnt the loop's tissue.
+    session.update(loop)
+    assert session._far_image_forest is not None
+    assert session._enclosed[0].size == 0 and (session._judged_outlines < 0).any()
+    # A tight ring added as a correction is still an outline.
+    ring = strokes.copy()
+    ring[0][ndi.binary_dilation(inside[0], iterations=6) & ~ndi.binary_dilation(inside[0], iterations=4)] = 1
+    session = AnnotationSession(image, (2.0, 1.0, 1.0), enclosure_margin_mm=4.0)
+    session.update(strokes)
+    session.update(ring)
+    assert session._enclosed[0].size > 0 and (session._judged_outlines > 0).any()
 
 
 def test_two_dimensional_image_is_one_slice():
