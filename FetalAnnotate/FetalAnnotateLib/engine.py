@@ -1002,9 +1002,9 @@ class AnnotationSession:
         return candidates, geodesic
 
     def _own_image_forest(self):
-        """The image forest of the last update's strokes. A correction that kept the first
-        update's image forest fitted none; the same fit now gives the forest that update would
-        have (same rows, same random state)."""
+        """The image forest of the strokes of the last (or running) update. A correction that
+        kept the first update's image forest fitted none; the same fit now gives the forest that
+        update would have (same rows, same random state)."""
         if self._image_forest is None:
             self._image_forest = self._fit(None, self._image_training)
         return self._image_forest
@@ -1107,8 +1107,8 @@ class AnnotationSession:
         return index, labels
 
     def _image_scores(self, index, forest=None):
-        """The class probabilities (float64, shape (n, n_classes)) at flat voxel ``index`` of
-        ``forest``, by default the image forest; with a kept image forest
+        """Class probabilities (float64, shape (n, n_classes)) at flat voxel ``index``: those of
+        ``forest`` when given; else the image forest's, or, with a kept image forest
         (:meth:`_kept_image_forest`), that forest's at the voxels farther than
         ``memory_reach_mm`` from the added strokes (everywhere when ``memory_reach_mm`` is
         None), as the round memory holds the earlier rounds there, and NaN (no opinion: never
