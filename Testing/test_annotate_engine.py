@@ -1068,6 +1068,36 @@ def test_outline_mode_judges_a_loop_drawn_as_a_correction_with_the_strokes_of_it
     assert session._enclosed[0].size > 0 and (session._judged_outlines > 0).any()
 
 
+def test_a_kept_outline_drawn_as_a_correction_starts_the_session_afresh():
+    image, inside = two_tissue_phantom()
+    middle = inside.shape[0] // 2
+    strokes = np.zeros(inside.shape, np.uint8)
+    strokes[middle, 24, 20:29] = 2
+    strokes[middle, 2:5, 2:5] = strokes[middle, -5:-2, -5:-2] = 1  # two background dabs
+    ring = strokes.copy()
+    plane = inside[middle]
+    ring[middle][ndi.binary_dilation(plane, iterations=5) & ~ndi.binary_dilation(plane, iterations=3)] = 1
+    stroke = strokes.copy()
+    stroke[middle, 5:8, 5:40] = 1
+
+    def corrected(second):
+        session = AnnotationSession(image, (2.0, 1.0, 1.0), enclosure_margin_mm=4.0)
+        session.update(strokes)
+        return session, session.update(second).probabilities
+
+    def fresh(second):
+        return AnnotationSession(image, (2.0, 1.0, 1.0), enclosure_margin_mm=4.0).update(second).probabilities
+
+    # The ring restates where the object lies: no round memory, no kept forest or pseudo-labels.
+    session, probabilities = corrected(ring)
+    assert session._enclosed[0].size > 0 and session._prior is None and session._far_image_forest is None
+    np.testing.assert_array_equal(probabilities, fresh(ring))
+    # An ordinary correction keeps them.
+    session, probabilities = corrected(stroke)
+    assert session._prior is not None and session._far_image_forest is not None
+    assert not np.array_equal(probabilities, fresh(stroke))
+
+
 def test_two_dimensional_image_is_one_slice():
     image, inside = two_tissue_phantom(shape=(1, 64, 64))
     strokes = phantom_strokes(inside, plane=0)[0]

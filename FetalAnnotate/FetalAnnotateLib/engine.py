@@ -651,7 +651,9 @@ class AnnotationSession:
         # stacks the maps into one new array, whose memory is faulted in (0.02-0.07 -> 0.02 s).
         nearest_added = (functools.reduce(np.minimum, [d for _, d in added_distances.values()])
                          if added_distances and self.memory_reach_mm is not None else None)
-        self._fit_forests(classes, added_distances, _scaled(progress, 0.0, 0.3), kept_image_forest, nearest_added)
+        if self._fit_forests(classes, added_distances, _scaled(progress, 0.0, 0.3), kept_image_forest, nearest_added,
+                             correction=added_voxels is not None):
+            prior, added = None, None
         self._output_dtype = np.asarray(strokes).dtype
         self._prior = prior
         self._memory_fade = None if prior is None else self._fade_from(nearest_added)
@@ -933,7 +935,8 @@ class AnnotationSession:
 
         return rows
 
-    def _fit_forests(self, classes, added_distances, progress, kept_image_forest=None, nearest_added=None):
+    def _fit_forests(self, classes, added_distances, progress, kept_image_forest=None, nearest_added=None,
+                     correction=False):
         """Fit the image forest (image features only) and, with spatial context, the context forest.
 
         Both train on the painted voxels and on pseudo-labels of random voxels
@@ -949,6 +952,14 @@ class AnnotationSession:
         which separate the training set on their own, decide the whole gap (the maternal tissue
         along a thin placenta was taught nothing and became placenta). In outline mode it also
         learns the voxels inside the outlines that :meth:`_tight_outlines` keeps.
+
+        When a ``correction`` (strokes that add to the last update's) draws an outline that
+        :meth:`_tight_outlines` keeps, the update starts afresh, as a session given all the
+        strokes would: no kept image forest or pseudo-labels, and True is returned so that the
+        round memory is not blended in either. The outline restates where its inner class lies,
+        which the earlier rounds did not know: a ring drawn as a correction round a stack's
+        brain painted with four background dabs gave Dice 0.76-0.84, the same strokes in a new
+        session gave 0.84-0.88.
         """
         self._distances, self._enclosed, self._far_image_forest, self._confused = None, None, None, None
         if kept_image_forest is not None:
@@ -965,13 +976,21 @@ class AnnotationSession:
         candidates, geodesic = self._fit_image_forest()
         if not self.spatial_context:
             self._forest = self._image_forest
-            return
+            return False
+        restart = False
         if self._enclosed is not None and self._enclosed[0].size:
             enclosed_classes = np.unique(self._enclosed[1])
+            judged_before = self._judged_outlines
             self._enclosed = self._tight_outlines()
+            kept_before = 0 if judged_before is None else judged_before
+            restart = correction and bool(np.any((self._judged_outlines > 0) & (kept_before <= 0)))
+            if restart:
+                self._far_image_forest, self._confused, self._kept_pseudo, self._shown = None, None, None, None
             if not np.array_equal(np.unique(self._enclosed[1]), enclosed_classes):
                 # The step costs of a class depend on whether it is enclosed (_class_costs).
                 self._distances = self._class_distances(self._strokes, classes, added_distances)[2]
+                candidates, geodesic = self._fit_image_forest()
+            elif restart:
                 candidates, geodesic = self._fit_image_forest()
         self._distances, training = self._context_features(self._strokes, classes, added_distances)
         labels = geodesic
@@ -990,6 +1009,7 @@ class AnnotationSession:
             keep = _random_subset(index.size, self.pseudo_labels, np.random.default_rng(self.random_state))
             pseudo.append((index[keep], label[keep]))
         self._forest = self._fit(training, pseudo)
+        return restart
 
     def _fit_image_forest(self):
         """Fit the image forest on the strokes and the clear geodesic pseudo-labels, unless a kept
