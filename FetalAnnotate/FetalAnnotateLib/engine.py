@@ -982,15 +982,15 @@ class AnnotationSession:
             enclosed_classes = np.unique(self._enclosed[1])
             judged_before = self._judged_outlines
             self._enclosed = self._tight_outlines()
-            kept_before = 0 if judged_before is None else judged_before
-            restart = correction and bool(np.any((self._judged_outlines > 0) & (kept_before <= 0)))
+            judged_before = 0 if judged_before is None else judged_before
+            restart = correction and bool(np.any((self._judged_outlines > 0) & (judged_before <= 0)))
             if restart:
                 self._far_image_forest, self._confused, self._kept_pseudo, self._shown = None, None, None, None
-            if not np.array_equal(np.unique(self._enclosed[1]), enclosed_classes):
+            enclosure_changed = not np.array_equal(np.unique(self._enclosed[1]), enclosed_classes)
+            if enclosure_changed:
                 # The step costs of a class depend on whether it is enclosed (_class_costs).
                 self._distances = self._class_distances(self._strokes, classes, added_distances)[2]
-                candidates, geodesic = self._fit_image_forest()
-            elif restart:
+            if enclosure_changed or restart:
                 candidates, geodesic = self._fit_image_forest()
         self._distances, training = self._context_features(self._strokes, classes, added_distances)
         labels = geodesic
