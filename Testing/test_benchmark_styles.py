@@ -155,6 +155,18 @@ def test_loops_draw_background_arcs_and_a_closed_loop_around_the_whole_body(disc
     assert arcs.any() and not (ndi.binary_fill_holes(arcs) & ~arcs).any()
 
 
+def test_ring_later_paints_dabs_then_closes_the_ring_as_its_first_correction(disc_target, three_classes):
+    strokes = robot_user.initial_strokes(disc_target, 0, "ring-later")
+    np.testing.assert_array_equal(strokes, robot_user.initial_strokes(disc_target, 0, "dabs"))
+    robot_user.add_ring_stroke(strokes, disc_target, 0)
+    np.testing.assert_array_equal(strokes, robot_user.initial_strokes(disc_target, 0, "ring"))
+
+    classes = robot_user.initial_class_strokes(three_classes, 0, "ring-later")
+    np.testing.assert_array_equal(classes, robot_user.initial_class_strokes(three_classes, 0, "dabs"))
+    robot_user.add_class_ring_stroke(classes, three_classes, 0)
+    np.testing.assert_array_equal(classes, robot_user.initial_class_strokes(three_classes, 0, "ring"))
+
+
 def test_class_styles_draw_the_largest_class_around_the_others(three_classes):
     others = three_classes[3] != 1
     ring = robot_user.initial_class_strokes(three_classes, 0, "ring")[3]

@@ -73,7 +73,9 @@ def run_case(method_name, row, root, cap, seed=0, style="robot"):
         class_dice.append(robot_user.class_dices(truth, labels, classes))
         if index == cap:
             break
-        if not robot_user.add_class_correction_stroke(strokes, truth, labels, axis):
+        if index == 0 and style == robot_user.RING_LATER_STYLE:
+            robot_user.add_class_ring_stroke(strokes, truth, axis)
+        elif not robot_user.add_class_correction_stroke(strokes, truth, labels, axis):
             class_dice += [class_dice[-1]] * (cap - index)  # perfect: later rounds keep it
             break
     mean_dice = [float(np.mean(dices)) for dices in class_dice]

@@ -13,8 +13,8 @@ Dice 0.9 has not been reached (rounds-to-0.9). ``--seeds N`` runs every method t
 forest with random states 0..N-1 and reports the mean over them and, per dataset, the spread
 of the dataset means between seeds (GrowCut is deterministic: one run). ``--styles`` draws
 round 0 in other ways a person might (robot_user.BINARY_STYLES: a closed ring, arcs, dabs, a
-thick brush, two slices, and the arcs-plus-loop case that misleads outline mode); each style
-is reported on its own rows. Not part of CI.
+thick brush, two slices, dabs then the ring as the first correction, and the arcs-plus-loop
+case that misleads outline mode); each style is reported on its own rows. Not part of CI.
 """
 
 import argparse
@@ -152,7 +152,9 @@ def run_case(method_name, row, root, rounds, cap, target_dice=0.9, seed=0, thick
         reached = max(dices) >= target_dice
         if index == cap or (index >= rounds and reached):
             break
-        if not robot_user.add_correction_stroke(strokes, target, prediction, axis):
+        if index == 0 and style == robot_user.RING_LATER_STYLE:
+            robot_user.add_ring_stroke(strokes, target, axis)
+        elif not robot_user.add_correction_stroke(strokes, target, prediction, axis):
             dices += [dices[-1]] * (max(rounds, 0) - index)  # perfect: later rounds keep it
             break
     hits = [i for i, d in enumerate(dices) if d >= target_dice]

@@ -16,7 +16,8 @@ painted with the true class under it. Stroke values are the class values.
 
 Round 0 can also be drawn in other ways a person might (``style``, see :data:`STYLES`); the
 "background" of a multi-class slice is its largest class (outside the brain, the maternal
-background), drawn around the union of the other classes.
+background), drawn around the union of the other classes. One style, ``ring-later``, also
+draws its first correction itself: the closed ring, after round 0's dabs.
 """
 
 import numpy as np
@@ -33,8 +34,11 @@ FOREGROUND = 2
 #: ``dabs`` the background as four short dabs around the target; ``thick`` the robot's strokes
 #: with a brush of radius 2 (each pixel painted with the true class under it); ``two-slices``
 #: the robot's strokes on the first slice and on a second one, a quarter of the target's extent
-#: or more away.
-STYLES = ("robot", "ring", "arcs", "dabs", "thick", "two-slices")
+#: or more away; ``ring-later`` round 0 as ``dabs``, and as the first correction, instead of a
+#: stroke on the largest error blob, the closed ring round the target (an outline drawn as a
+#: correction; :func:`add_ring_stroke`).
+RING_LATER_STYLE = "ring-later"
+STYLES = ("robot", "ring", "arcs", "dabs", "thick", "two-slices", RING_LATER_STYLE)
 #: Binary only, the failure case of outline mode: background arcs around the target plus a
 #: closed loop through the far background around the whole body (near the image border).
 LOOPS_STYLE = "loops"
@@ -130,7 +134,7 @@ def background_strokes(target, style):
     centre = np.mean(np.nonzero(target), axis=1) if target.any() else np.array(target.shape) / 2
     if style == "arcs":
         return broken_into_arcs(ring, centre)
-    if style == "dabs":
+    if style in ("dabs", RING_LATER_STYLE):
         return dabs_on(ring, centre)
     if style == LOOPS_STYLE:
         return broken_into_arcs(ring, centre) | (loop_around_body(target.shape) & ~ndi.binary_dilation(target, iterations=4))
@@ -204,9 +208,20 @@ def class_slice_scores(truth, axis):
     return present.sum(axis=0) + smallest / (plane_area + 1.0)
 
 
-def _class_plane(plane, style):
+def _surrounding_class(plane):
+    """The largest class of a 2D plane: the "background" the other styles draw around the others."""
     values, areas = np.unique(plane, return_counts=True)
-    surrounding = values[np.argmax(areas)]
+    return values, values[np.argmax(areas)]
+
+
+def _best_class_slice(truth, axis):
+    """Index of the slice where the classes are best represented (:func:`class_slice_scores`) and the scores."""
+    scores = class_slice_scores(truth, axis)
+    return int(np.argmax(scores)), scores
+
+
+def _class_plane(plane, style):
+    values, surrounding = _surrounding_class(plane)
     painted = np.zeros(plane.shape, np.uint8)
     skeletonized = values
     if style not in ("robot", "thick", "two-slices"):
@@ -244,8 +259,7 @@ def initial_class_strokes(truth, axis, style="robot"):
     if style not in STYLES:
         raise ValueError(f"unknown drawing style {style!r} for several classes; choose from {', '.join(STYLES)}")
     strokes = np.zeros(truth.shape, np.uint8)
-    scores = class_slice_scores(truth, axis)
-    first = int(np.argmax(scores))
+    first, scores = _best_class_slice(truth, axis)
     where = plane_slicing(axis, first)
     strokes[where] = _class_plane(truth[where], style)
     if style == "two-slices":
@@ -254,6 +268,25 @@ def initial_class_strokes(truth, axis, style="robot"):
             other = plane_slicing(axis, second)
             strokes[other] = _class_plane(truth[other], "robot")
     return strokes
+
+
+def add_ring_stroke(strokes, target, axis):
+    """The ``ring-later`` style's first correction: the closed background ring round the target
+    on round 0's slice (:func:`ring_around`), over the unpainted pixels (in place)."""
+    _, where = largest_slice(target, axis)
+    plane = strokes[where].copy()
+    plane[ring_around(target[where]) & (plane == 0)] = BACKGROUND
+    strokes[where] = plane
+
+
+def add_class_ring_stroke(strokes, truth, axis):
+    """Multi-class ``ring-later`` first correction: the closed ring of the round-0 slice's largest
+    class round the other classes, over the unpainted pixels (in place)."""
+    where = plane_slicing(axis, _best_class_slice(truth, axis)[0])
+    _, surrounding = _surrounding_class(truth[where])
+    plane = strokes[where].copy()
+    plane[ring_around(truth[where] != surrounding) & (plane == 0)] = surrounding
+    strokes[where] = plane
 
 
 def largest_error_blob(truth, prediction, axis):
