@@ -83,6 +83,13 @@ def test_read_volume_formats_keep_geometry(tmp_path):
     np.testing.assert_allclose(dicom.spacing, (3.0, 1.2, 1.1), rtol=1e-5)
     assert dicom.name == "dicom"
 
+    huge = array.astype(np.float64) * 1e300  # finite, beyond float32's range: read as it is
+    write_image(tmp_path / "huge.nrrd", huge, (3.0, 1.2, 1.1))
+    np.testing.assert_array_equal(read_volume(tmp_path / "huge.nrrd").array, huge)
+    integers = np.arange(6 * 20 * 24, dtype=np.int16).reshape(6, 20, 24)
+    write_image(tmp_path / "integers.nrrd", integers, (3.0, 1.2, 1.1))
+    assert read_volume(tmp_path / "integers.nrrd").array.dtype == np.int16
+
     (tmp_path / "broken.nii.gz").write_bytes(b"not an image")
     with pytest.raises(VolumeFileError, match="cannot read"):
         read_volume(tmp_path / "broken.nii.gz")

@@ -372,6 +372,32 @@ def test_errors_and_cancel_leave_the_segmentation_alone(phantom_scene):
 
 
 # ---------------------------------------------------------------------- classifier files and export
+def test_double_volume_with_huge_finite_values_is_segmented_and_classified(phantom_scene, tmp_path):
+    import slicer
+
+    import FetalAnnotateLogic
+    from FetalAnnotateLib import AnnotationSession
+
+    volume, segmentation, _, phantom, strokes = phantom_scene
+    huge_image = phantom.image.astype(np.float64) * 1e300  # finite, beyond float32's range
+    huge = slicer.util.addVolumeFromArray(huge_image, ijkToRAS=volume_matrix(volume), name="huge")
+    assert huge.GetImageData().GetScalarTypeAsString() == "double"
+    logic = FetalAnnotateLogic.FetalAnnotateLogic()
+
+    result = logic.segment(huge, segmentation)
+
+    expected = AnnotationSession(huge_image, phantom.spacing).update(strokes).labels
+    for value, segment_id in zip((1, 2, 3), result.resultSegmentIds):
+        mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segment_id, huge) > 0
+        np.testing.assert_array_equal(mask, expected == value)
+    assert dice(expected == 3, phantom.label_map == 3) > 0.8
+    path = logic.saveClassifier(huge, tmp_path / "huge")
+    applied = FetalAnnotateLogic.FetalAnnotateLogic().applyClassifier(path, huge)
+    reference = logic.session(huge).pixel_classifier().predict_proba(huge_image, phantom.spacing)
+    for index, node in enumerate(applied.probabilityVolumeNodes):
+        np.testing.assert_allclose(slicer.util.arrayFromVolume(node), reference[index], atol=1e-6)
+
+
 def test_saved_classifier_applies_to_a_second_volume(phantom_scene, tmp_path):
     import slicer
 

@@ -42,8 +42,8 @@ class VolumeData:
 
     Attributes
     ----------
-    array : ndarray, shape (z, y, x), float32
-        Voxel intensities.
+    array : ndarray, shape (z, y, x)
+        Voxel intensities, in the file's voxel type.
     spacing : tuple of float
         Voxel size in mm, (z, y, x) order.
     origin : tuple of float
@@ -269,7 +269,7 @@ def read_volume(path):
     Returns
     -------
     VolumeData
-        Intensities as float32 (z, y, x) with spacing, LPS origin and direction.
+        Intensities (z, y, x) in the file's voxel type, with spacing, LPS origin and direction.
 
     Raises
     ------
@@ -303,7 +303,7 @@ def read_volume(path):
     if image.GetDimension() != 3:
         raise VolumeFileError(f"{path} is a {image.GetDimension()}D image; only 2D and 3D volumes are supported")
     return VolumeData(
-        array=sitk.GetArrayFromImage(image).astype(np.float32),
+        array=sitk.GetArrayFromImage(image),
         spacing=tuple(float(s) for s in image.GetSpacing()[::-1]),
         origin=tuple(float(o) for o in image.GetOrigin()),
         direction=np.asarray(image.GetDirection(), float).reshape(3, 3),

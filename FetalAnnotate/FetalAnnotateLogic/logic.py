@@ -417,7 +417,7 @@ class FetalAnnotateLogic:
         cached = self.sessionCache.get(volumeNode.GetID())
         if cached is None or cached.key != key:
             self.sessionCache.release(volumeNode.GetID())  # free the old features before computing new ones
-            session = _lib().AnnotationSession(slicer.util.arrayFromVolume(volumeNode).astype(np.float32),
+            session = _lib().AnnotationSession(_volumeVoxels(volumeNode),
                                                _volumeSpacing(volumeNode), preset=preset,
                                                extra_features=self.extraFeatureArray(volumeNode, extraFeatureNodes),
                                                forest=forestSettings, progress=progress)
@@ -667,7 +667,7 @@ class FetalAnnotateLogic:
                 f"the classifier was trained with {expected} extra feature channels but {given} were selected; "
                 f"select feature volumes of {volumeNode.GetName()!r} computed as for training (same model, "
                 "channels and order)")
-        probabilities = saved.classifier.predict_proba(slicer.util.arrayFromVolume(volumeNode).astype(np.float32),
+        probabilities = saved.classifier.predict_proba(_volumeVoxels(volumeNode),
                                                        _volumeSpacing(volumeNode), progress=progress,
                                                        extra_features=extraFeatures)
         classNames = list(saved.class_names)
@@ -1047,6 +1047,16 @@ def _unusedSegmentName(segmentation, name):
         number += 1
         candidate = f"{name[:-1]} {number})"
     return candidate
+
+
+def _volumeVoxels(volumeNode):
+    """A copy of a volume's voxels (z, y, x) in their own type.
+
+    A copy, because a long computation processes events (Cancel), and the node may change or be
+    removed meanwhile; in their own type, because float32 would turn a double volume's large
+    finite values into infinities (the engine normalises any real type itself).
+    """
+    return slicer.util.arrayFromVolume(volumeNode).copy()
 
 
 def _volumeShape(volumeNode):
