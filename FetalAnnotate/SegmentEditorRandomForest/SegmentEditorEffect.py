@@ -129,6 +129,9 @@ the <i>Editable area</i> and <i>Editable intensity range</i>. It never changes o
         AbstractScriptedSegmentEditorAutoCompleteEffect.updateGUIFromMRML(self)
         import FetalAnnotate
 
+        if self.getPreviewNode() is None:
+            # No preview to re-threshold or apply (e.g. the scene was closed): free the last round.
+            self.lastRound = None
         classNames = list(self.lastRound[0]) if self.lastRound else []
         thresholdClass = self.thresholdClass()
         wasBlocked = self.thresholdClassComboBox.blockSignals(True)
