@@ -1080,18 +1080,29 @@ def test_a_kept_outline_drawn_as_a_correction_starts_the_session_afresh():
     stroke = strokes.copy()
     stroke[middle, 5:8, 5:40] = 1
 
-    def corrected(second):
+    def corrected(second, image_forest_fits=None):
         session = AnnotationSession(image, (2.0, 1.0, 1.0), enclosure_margin_mm=4.0)
         session.update(strokes)
+        if image_forest_fits is not None:
+            fit = session._fit
+
+            def counted(training_context, pseudo):
+                image_forest_fits.append(training_context is None)
+                return fit(training_context, pseudo)
+
+            session._fit = counted
         return session, session.update(second).probabilities
 
     def fresh(second):
         return AnnotationSession(image, (2.0, 1.0, 1.0), enclosure_margin_mm=4.0).update(second).probabilities
 
     # The ring restates where the object lies: no round memory, no kept forest or pseudo-labels.
-    session, probabilities = corrected(ring)
+    fits = []
+    session, probabilities = corrected(ring, fits)
     assert session._enclosed[0].size > 0 and session._prior is None and session._far_image_forest is None
     np.testing.assert_array_equal(probabilities, fresh(ring))
+    # The image forest fitted to judge the ring is the one the fresh start fits again: fitted once.
+    assert fits.count(True) == 1
     # An ordinary correction keeps them.
     session, probabilities = corrected(stroke)
     assert session._prior is not None and session._far_image_forest is not None

@@ -991,7 +991,7 @@ class AnnotationSession:
                 # The step costs of a class depend on whether it is enclosed (_class_costs).
                 self._distances = self._class_distances(self._strokes, classes, added_distances)[2]
             if enclosure_changed or restart:
-                candidates, geodesic = self._fit_image_forest()
+                candidates, geodesic = self._fit_image_forest(fitted=(self._image_training, self._image_forest))
         self._distances, training = self._context_features(self._strokes, classes, added_distances)
         labels = geodesic
         if candidates.size and self.pseudo_image_confidence <= 1.0:
@@ -1011,14 +1011,28 @@ class AnnotationSession:
         self._forest = self._fit(training, pseudo)
         return restart
 
-    def _fit_image_forest(self):
+    def _fit_image_forest(self, fitted=(None, None)):
         """Fit the image forest on the strokes and the clear geodesic pseudo-labels, unless a kept
         image forest stands in for it (:meth:`_fit_forests`); returns the pseudo-label candidates
-        and their geodesic labels (:meth:`_pseudo_label_candidates`)."""
+        and their geodesic labels (:meth:`_pseudo_label_candidates`).
+
+        ``fitted``: the training rows and image forest (or None) fitted earlier in this update,
+        on the same strokes; that forest is taken when the rows are the same, as a new fit would
+        give it again (same rows and random state). A stack round restarted by an outline drawn
+        as a correction fitted it twice, once to judge the outline (:meth:`_tight_outlines`).
+        """
         candidates, geodesic = self._pseudo_label_candidates()
         clear = geodesic != 0
-        self._image_training = [(candidates[clear], geodesic[clear])]
-        self._image_forest = None if self._far_image_forest is not None else self._fit(None, self._image_training)
+        training = [(candidates[clear], geodesic[clear])]
+        earlier_training, earlier_forest = fitted
+        if self._far_image_forest is not None:
+            forest = None
+        elif earlier_forest is not None and all(
+                np.array_equal(new, old) for new, old in zip(training[0], earlier_training[0])):
+            forest = earlier_forest
+        else:
+            forest = self._fit(None, training)
+        self._image_training, self._image_forest = training, forest
         return candidates, geodesic
 
     def _own_image_forest(self):
