@@ -1018,8 +1018,9 @@ class AnnotationSession:
 
         ``fitted``: the training rows and image forest (or None) fitted earlier in this update,
         on the same strokes; that forest is taken when the rows are the same, as a new fit would
-        give it again (same rows and random state). A stack round restarted by an outline drawn
-        as a correction fitted it twice, once to judge the outline (:meth:`_tight_outlines`).
+        give it again (same rows and random state). A round restarted by an outline drawn as a
+        correction would otherwise fit it twice: to judge the outline (:meth:`_tight_outlines`),
+        and for the fresh start.
         """
         candidates, geodesic = self._pseudo_label_candidates()
         clear = geodesic != 0
