@@ -962,6 +962,7 @@ class AnnotationSession:
         session gave 0.84-0.88.
         """
         self._distances, self._enclosed, self._far_image_forest, self._confused = None, None, None, None
+        self._image_forest = None  # an earlier update's, on other strokes: never taken again (_fit_image_forest)
         if kept_image_forest is not None:
             forest, self._confused = kept_image_forest
             self._far_image_forest = (forest, nearest_added)
@@ -991,7 +992,7 @@ class AnnotationSession:
                 # The step costs of a class depend on whether it is enclosed (_class_costs).
                 self._distances = self._class_distances(self._strokes, classes, added_distances)[2]
             if enclosure_changed or restart:
-                candidates, geodesic = self._fit_image_forest(fitted=(self._image_training, self._image_forest))
+                candidates, geodesic = self._fit_image_forest()
         self._distances, training = self._context_features(self._strokes, classes, added_distances)
         labels = geodesic
         if candidates.size and self.pseudo_image_confidence <= 1.0:
@@ -1011,26 +1012,24 @@ class AnnotationSession:
         self._forest = self._fit(training, pseudo)
         return restart
 
-    def _fit_image_forest(self, fitted=(None, None)):
+    def _fit_image_forest(self):
         """Fit the image forest on the strokes and the clear geodesic pseudo-labels, unless a kept
         image forest stands in for it (:meth:`_fit_forests`); returns the pseudo-label candidates
         and their geodesic labels (:meth:`_pseudo_label_candidates`).
 
-        ``fitted``: the training rows and image forest (or None) fitted earlier in this update,
-        on the same strokes; that forest is taken when the rows are the same, as a new fit would
-        give it again (same rows and random state). A round restarted by an outline drawn as a
-        correction would otherwise fit it twice: to judge the outline (:meth:`_tight_outlines`),
-        and for the fresh start.
+        An image forest fitted earlier in this update (on the same strokes) is taken again when
+        its training rows are these, as a new fit would give it again (same rows and random
+        state): a round restarted by an outline drawn as a correction would otherwise fit it
+        twice, to judge the outline (:meth:`_tight_outlines`) and for the fresh start.
         """
         candidates, geodesic = self._pseudo_label_candidates()
         clear = geodesic != 0
         training = [(candidates[clear], geodesic[clear])]
-        earlier_training, earlier_forest = fitted
         if self._far_image_forest is not None:
             forest = None
-        elif earlier_forest is not None and all(
-                np.array_equal(new, old) for new, old in zip(training[0], earlier_training[0])):
-            forest = earlier_forest
+        elif self._image_forest is not None and all(
+                np.array_equal(new, old) for new, old in zip(training[0], self._image_training[0])):
+            forest = self._image_forest
         else:
             forest = self._fit(None, training)
         self._image_training, self._image_forest = training, forest
