@@ -5,6 +5,7 @@ import json
 import threading
 import time
 import warnings
+import weakref
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from FetalAnnotateLib import (
 )
 from FetalAnnotateLib.engine import (
     DEFAULT_FOREST,
+    _memory_owner,
     blend_probabilities,
     enclosed_pseudo_labels,
     median_filtered,
@@ -617,6 +619,31 @@ def test_memory_blends_each_round_with_the_previous_one(reach):
     part = with_memory.update(strokes, region=region)
     np.testing.assert_allclose(part.probabilities, second.probabilities[(slice(None),) + region], atol=1e-6)
     np.testing.assert_allclose(with_memory.update(strokes).probabilities, second.probabilities, atol=1e-6)
+
+
+@pytest.mark.parametrize("kept", ["nothing", "results", "a view"])
+def test_corrections_reuse_released_probabilities_only_when_nothing_refers_to_them(kept):
+    # Each round's probabilities are written into the memory of those the session stopped
+    # keeping, unless the caller still holds them (or any view of them): kept results never change.
+    image, inside = two_tissue_phantom()
+    strokes = phantom_strokes(inside)
+    session = AnnotationSession(image, (2.0, 1.0, 1.0), coarse_to_fine_voxels=0)
+    fresh = AnnotationSession(image, (2.0, 1.0, 1.0), coarse_to_fine_voxels=0)
+    held, copies, owners = [], [], []
+    for plane in (2, 3, 8, 9, 10):
+        result = session.update(strokes)
+        np.testing.assert_array_equal(result.probabilities, fresh.update(strokes).probabilities)
+        owners.append(weakref.ref(_memory_owner(result.probabilities)))
+        if kept != "nothing":
+            held.append(result if kept == "results" else result.probabilities[1, 1:])
+            copies.append(np.array(held[-1].probabilities if kept == "results" else held[-1]))
+        strokes[plane, 20:28, 20:26] = 1
+        del result
+    alive = [ref() for ref in owners]
+    reused = any(owner is not None and owner is later for i, owner in enumerate(alive) for later in alive[i + 1:])
+    assert reused == (kept == "nothing")
+    for kept_result, copy_before in zip(held, copies):
+        np.testing.assert_array_equal(kept_result.probabilities if kept == "results" else kept_result, copy_before)
 
 
 def test_two_class_corrections_label_far_voxels_with_the_image_forest_of_the_first_update():

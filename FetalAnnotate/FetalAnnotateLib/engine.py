@@ -16,6 +16,7 @@ settled elsewhere.
 
 import functools
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -563,6 +564,9 @@ class AnnotationSession:
         self._prior = None
         self._memory_fade = None
         self._output_dtype = None
+        # The memory of the whole-image probabilities that the last update stopped keeping, for
+        # the next blended ones (_spare_probabilities).
+        self._released_probabilities = None
         report_progress(progress, 1.0, "features ready")
 
     # ------------------------------------------------------------------ public API
@@ -668,6 +672,12 @@ class AnnotationSession:
                 index = self._pseudo[0]
                 shown_next = (index, np.where(self._dropped[index], np.asarray(result.labels).reshape(-1)[index], 0))
             far = self._image_forest if self._far_image_forest is None else self._far_image_forest[0]
+            if self._last_round is not None:
+                # The newest of the last round's arrays that this round no longer keeps.
+                released = [array for array in (self._last_round.probabilities, self._last_round.prior)
+                            if array is not None and array is not prior]
+                if released:
+                    self._released_probabilities = _memory_owner(released[0])
             self._last_round = _LastRound(self._strokes, classes, probabilities, prior, added, self._pseudo,
                                           self._shown, shown_next, far, self._confused)
         return result
@@ -1270,10 +1280,11 @@ class AnnotationSession:
             weights = self._blend_weights(region3d)
         blended = False
         if region3d is None:
+            spare = self._spare_probabilities()
             if self.coarse_to_fine and np.prod(self.shape) >= self.coarse_to_fine_voxels:
                 probabilities = predict_coarse_to_fine(
                     self._forest, self.shape, rows, self._coarse_stride(), progress=progress, prior=prior,
-                    memory=weights,
+                    memory=weights, out=None if prior is None else spare,
                 )
                 blended = True
             else:
@@ -1327,6 +1338,25 @@ class AnnotationSession:
             region=region,
         )
 
+    def _spare_probabilities(self):
+        """The memory of the probabilities the last update released, as a float32 array of
+        this update's shape, when nothing else refers to it any more; else None. Taken once.
+
+        A caller that keeps that round's result (or any view of it) keeps it unchanged. Writing
+        a 9-class atlas round into it instead of 144 MB of fresh memory, which the kernel must
+        zero: rounds 5-10 on the ten atlas volumes 2.44 -> 2.23 s (median), peak memory 90 MB
+        lower (docs/engine.md).
+        """
+        spare, self._released_probabilities = self._released_probabilities, None
+        shape = (len(self._classes),) + self.shape
+        unshared = np.empty(0)
+        # Every view of it (the caller's result among them) refers to it. Compared with an array
+        # held the same way, as the interpreter may count the references it passes differently.
+        if (spare is None or sys.getrefcount(spare) > sys.getrefcount(unshared) or spare.dtype != np.float32
+                or spare.size != np.prod(shape)):
+            return None
+        return spare.reshape(shape)
+
     def _reduced_stride(self, target_voxels, smallest=1, largest=4):
         """Stride per axis that brings the volume to about ``target_voxels`` voxels.
 
@@ -1366,7 +1396,8 @@ def flat_indices(shape, box):
     return (ranges[0][:, None, None] * shape[1] + ranges[1][None, :, None]) * shape[2] + ranges[2][None, None, :]
 
 
-def predict_coarse_to_fine(forest, shape, rows, stride, confidence=0.65, progress=None, prior=None, memory=None):
+def predict_coarse_to_fine(forest, shape, rows, stride, confidence=0.65, progress=None, prior=None, memory=None,
+                           out=None):
     """Class probabilities of a whole volume, exact only where the answer is uncertain.
 
     The forest first predicts every ``stride``-th voxel; each such voxel stands for its cell
@@ -1394,6 +1425,8 @@ def predict_coarse_to_fine(forest, shape, rows, stride, confidence=0.65, progres
         Probabilities to blend the prediction with.
     memory : float or ndarray of float32 with ``shape``, optional
         Weight of ``prior`` (see :func:`blend_probabilities`); needed with ``prior``.
+    out : ndarray of float32, shape (n_classes, *shape), optional
+        Where to write the blended result (with ``prior`` only); not ``prior`` itself.
 
     Returns
     -------
@@ -1413,7 +1446,7 @@ def predict_coarse_to_fine(forest, shape, rows, stride, confidence=0.65, progres
         probabilities = cells_to_voxels(coarse, stride, shape)
         probabilities.reshape(len(coarse), -1)[:, fine_index] = fine
         return probabilities
-    blended = np.empty(coarse.shape[:1] + tuple(shape), np.float32)
+    blended = np.empty(coarse.shape[:1] + tuple(shape), np.float32) if out is None else out
     plane = int(np.prod(shape[1:]))
     slab = stride[0] * max(1, BLOCK_VOXELS // (stride[0] * plane))  # whole cells, about a block
 
@@ -1802,6 +1835,13 @@ def _mask_box(mask):
             return None
         box.append(slice(int(present[0]), int(present[-1]) + 1))
     return tuple(box)
+
+
+def _memory_owner(array):
+    """The array that owns ``array``'s memory (``array`` itself when it owns it)."""
+    while isinstance(array.base, np.ndarray):
+        array = array.base
+    return array
 
 
 def _take_rows(table, index):
