@@ -159,7 +159,8 @@ class SegmentationResult:
     probabilities : ndarray of float32, shape (n_classes, *shape)
         Class probabilities of the image, or of ``region`` when given. Read-only after a
         whole-image :meth:`AnnotationSession.update`, which keeps them for the next round's
-        ``memory`` (copy them to modify them).
+        ``memory`` (copy them to modify them). They stay unchanged while anything refers to them
+        (this result or any view of them); a later round may reuse their memory after that.
     labels : ndarray
         Label map with values from ``classes`` (same shape as one probability map).
     region : tuple of slice or None
