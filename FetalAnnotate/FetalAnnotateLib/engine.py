@@ -1345,8 +1345,7 @@ class AnnotationSession:
 
         A caller that keeps that round's result (or any view of it) keeps it unchanged. Writing
         a 9-class atlas round into it instead of 144 MB of fresh memory, which the kernel must
-        zero: rounds 5-10 on the ten atlas volumes 2.44 -> 2.23 s (median), peak memory 90 MB
-        lower (docs/engine.md).
+        zero: rounds 5-10 on the ten atlas volumes 2.41 -> 2.18 s (median; docs/engine.md).
         """
         spare, self._released_probabilities = self._released_probabilities, None
         shape = (len(self._classes),) + self.shape
