@@ -82,7 +82,7 @@ The method follows the annotation tool for pregnancy MRI of J. L&eacute;vy, C. G
 (Institut Pasteur), <i>Towards robust fetus segmentation from MRI imaging: Accelerating annotations
 and diving into high semantic features</i>: a random forest on multi-scale filter features from one
 annotated slice, refined by correction rounds. Built on 3D Slicer's Segmentations module,
-scikit-learn, scikit-image and skops.
+scikit-learn, scikit-image, skops and numba.
 """)
         slicer.app.connect("startupCompleted()", registerSegmentEditorEffect)
 
@@ -439,7 +439,7 @@ class FetalAnnotateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 class FetalAnnotateTest(ScriptedLoadableModuleTest):
     """Self-test in the user's Slicer: a synthetic volume, painted strokes, the logic and the effect.
 
-    Each test skips (downloading nothing) when scikit-learn, scikit-image or skops is missing, as
+    Each test skips (downloading nothing) when a package of the requirements file is missing, as
     under ctest (``--testing``, which runs the ``test_*`` methods directly); "Reload and Test"
     (:meth:`runTest`) first offers to install them.
     """

@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 from packaging.requirements import InvalidRequirement
 
-from FetalAnnotateDependencies import DependencyStatus, ensureRequirements, missingRequirements, readRequirements
+from FetalAnnotateDependencies import (
+    DependencyStatus,
+    ensureRequirements,
+    missingRequirements,
+    readRequirements,
+    writeNumpyConstraint,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIREMENT_FILES = sorted(ROOT.glob("Fetal*/Resources/*-requirements.txt"))
@@ -57,3 +63,14 @@ def test_satisfied_requirements_need_no_installer(tmp_path):
     path = tmp_path / "requirements.txt"
     path.write_text(f"numpy>={importlib.metadata.version('numpy')}\n", encoding="utf-8")
     assert ensureRequirements(path, requester="test") == DependencyStatus(True)
+
+
+def test_numpy_constraint_pins_the_installed_numpy(tmp_path):
+    # pip is given it with every installation, so that Slicer's own numpy is never replaced.
+    path = writeNumpyConstraint(str(tmp_path))
+    assert readRequirements(path) == [f"numpy=={importlib.metadata.version('numpy')}"]
+
+
+def test_engine_requirements_include_numba():
+    assert any(line.startswith("numba") for line in readRequirements(ROOT / "FetalAnnotate" / "Resources"
+                                                                    / "FetalAnnotate-requirements.txt"))

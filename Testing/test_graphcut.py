@@ -4,6 +4,8 @@ import itertools
 
 import numpy as np
 import pytest
+from scipy import sparse
+from scipy.sparse import csgraph
 
 from FetalAnnotateLib import AnnotationSession
 from FetalAnnotateLib.graphcut import _min_cut, _move_pairs, _neighbour_pairs, edge_contrast, graph_cut_labels
@@ -85,9 +87,8 @@ def test_move_pairs_are_the_pairs_of_the_moving_voxels(seed):
 
 @pytest.mark.parametrize("seed", range(40))
 def test_min_cut_is_the_minimum_with_the_smallest_source_side(seed):
-    # Small integer energies have many minimisers: the cut must be the one scipy's residual graph
-    # gives on the whole graph, whose sink side is the union of the minimisers' (some nodes
-    # are decided before the maximum flow, and that must not change which minimiser comes back).
+    # Small integer energies have many minimisers: the cut must be the one whose sink side is
+    # the union of the minimisers' (the nodes the source does not reach in the residual graph).
     rng = np.random.default_rng(seed)
     n = int(rng.integers(2, 11))
     i, j = (a.ravel() for a in np.nonzero(rng.random((n, n)) < 0.3))
@@ -98,6 +99,39 @@ def test_min_cut_is_the_minimum_with_the_smallest_source_side(seed):
                 for x in configurations]
     minimisers = configurations[np.isclose(energies, min(energies))]
     np.testing.assert_array_equal(_min_cut(unary0, unary1, i, j, pair_capacity), minimisers.any(axis=0))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_min_cut_of_a_large_grid_matches_scipys_maximum_flow(seed):
+    # Tens of thousands of nodes, as a graph-cut move on a real volume: the compiled search-tree
+    # flow must leave the same nodes reachable from the source as scipy's Dinic flow.
+    rng = np.random.default_rng(seed)
+    shape = (6, 60, 60)
+    index = np.arange(np.prod(shape)).reshape(shape)
+    edges = [(np.take(index, range(n - 1), axis), np.take(index, range(1, n), axis))
+             for axis, n in enumerate(shape)]
+    i = np.concatenate([a.ravel() for a, b in edges] + [b.ravel() for a, b in edges])
+    j = np.concatenate([b.ravel() for a, b in edges] + [a.ravel() for a, b in edges])
+    pair_capacity = rng.integers(0, 600, i.size) / 1000.0
+    # Two halves that prefer opposite sides, in noise: a boundary to find and islands to keep or drop.
+    unary0 = rng.exponential(1.0, index.size)
+    unary1 = unary0 + np.where(np.indices(shape)[2].ravel() < shape[2] // 2, 0.5, -0.5) + rng.normal(0, 1, index.size)
+    x = _min_cut(unary0, unary1, i, j, pair_capacity)
+
+    n = index.size
+    terminal = np.rint((unary1 - unary0) * 1000).astype(np.int64)
+    rows = np.concatenate([np.full(n, n), np.arange(n), i])
+    cols = np.concatenate([np.arange(n), np.full(n, n + 1), j])
+    capacity = np.concatenate([np.maximum(terminal, 0), np.maximum(-terminal, 0), np.rint(pair_capacity * 1000)])
+    graph = sparse.csr_matrix((capacity.astype(np.int32), (rows, cols)), shape=(n + 2, n + 2))
+    residual = (graph + 0 * graph.T).tocsr() - csgraph.maximum_flow(graph, n, n + 1).flow
+    residual.data = np.maximum(residual.data, 0)
+    residual.eliminate_zeros()
+    reachable = csgraph.breadth_first_order(residual, n, directed=True, return_predecessors=False)
+    expected = np.ones(n, np.uint8)
+    expected[reachable[reachable < n]] = 0
+    assert 0.05 < x.mean() < 0.95
+    np.testing.assert_array_equal(x, expected)
 
 
 @pytest.mark.parametrize("seed", range(3))

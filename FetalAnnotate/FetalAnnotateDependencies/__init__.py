@@ -16,8 +16,10 @@ import importlib
 import importlib.metadata
 import importlib.util
 import logging
+import os
 import re
 import subprocess
+import tempfile
 from dataclasses import dataclass
 
 from packaging.requirements import Requirement
@@ -118,27 +120,42 @@ def ensureRequirements(requirementsPath, requester):
         return DependencyStatus(False, f"{needed}; nothing is downloaded in testing mode: install them first.")
     pipEnsure = _pipEnsure()
     try:
-        if pipEnsure is not None:
-            pipEnsure(missing, requester=requester)
-        else:
-            if not slicer.util.confirmOkCancelDisplay(
-                    f"{needed}, not yet installed in this Slicer.\n\nDownload and install them now (once)?",
-                    windowTitle=f"{requester}: install Python packages"):
-                return DependencyStatus(False, f"{needed}: installation declined. Run again to be asked again.")
-            with slicer.util.WaitCursor():
-                slicer.util.pip_install(missing)
+        with tempfile.TemporaryDirectory() as folder:
+            constraints = writeNumpyConstraint(folder)
+            if pipEnsure is not None:
+                pipEnsure(missing, constraints=constraints, requester=requester)
+            else:
+                if not slicer.util.confirmOkCancelDisplay(
+                        f"{needed}, not yet installed in this Slicer.\n\nDownload and install them now (once)?",
+                        windowTitle=f"{requester}: install Python packages"):
+                    return DependencyStatus(False, f"{needed}: installation declined. Run again to be asked again.")
+                with slicer.util.WaitCursor():
+                    slicer.util.pip_install(missing + ["-c", constraints])
     except RuntimeError as error:  # pip_ensure's "User declined package installation", among others
         return DependencyStatus(False, f"{needed}: not installed ({error}). Run again to be asked again.")
     except (subprocess.CalledProcessError, OSError) as error:
         logging.exception(f"{requester}: installing {missing} failed")
         return DependencyStatus(False, f"{needed}: pip failed ({error}); see the Python console for pip's "
-                                       "output, check the network connection, and try again.")
+                                       "output (a package that needs another numpy than Slicer's cannot be "
+                                       "installed: update Slicer), check the network connection, and try again.")
     importlib.invalidate_caches()
     stillMissing = missingRequirements(missing)
     if stillMissing:
         return DependencyStatus(False, f"{requester}: {', '.join(stillMissing)} still missing after the "
                                        "installation; restart Slicer and try again.")
     return DependencyStatus(True)
+
+
+def writeNumpyConstraint(folder):
+    """Write a pip constraints file that holds numpy at its installed version; returns its path.
+
+    Slicer is built against the numpy it ships, and numba caps the numpy versions it supports:
+    without the constraint, pip would replace Slicer's numpy by an older one rather than fail.
+    """
+    path = os.path.join(folder, "constraints.txt")
+    with open(path, "w", encoding="utf-8") as constraints:
+        constraints.write(f"numpy=={importlib.metadata.version('numpy')}\n")
+    return path
 
 
 def torchInstalled():

@@ -1,6 +1,6 @@
 """FetalAnnotate engine: interactive fetal-MRI segmentation from a few paint strokes.
 
-Pure numpy / scipy / scikit-learn / scikit-image; no Slicer import, so it runs and is tested
+numpy / scipy / scikit-learn / scikit-image / numba; no Slicer import, so it runs and is tested
 outside Slicer. See ``docs/engine.md``.
 """
 

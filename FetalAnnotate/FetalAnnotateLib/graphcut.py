@@ -3,20 +3,16 @@
 The forest labels each voxel on its own; :func:`graph_cut_labels` trades its probabilities
 against the length of the label boundary, where a boundary across an intensity edge costs
 little and one through homogeneous tissue a lot. Only an uncertain band of voxels is solved,
-so a round stays interactive; maximum flows come from :func:`scipy.sparse.csgraph.maximum_flow`.
+so a round stays interactive; the maximum flows are Boykov and Kolmogorov's, compiled by numba
+(cached on disk: the first use in an installation compiles them, a few seconds).
 """
 
+import numba
 import numpy as np
 from scipy import ndimage as ndi
-from scipy import sparse
-from scipy.sparse import csgraph
 
-#: Capacities are integers for scipy's maximum flow: energies (nats) times this, or less when
-#: the total source capacity (which bounds the flow) would not fit in int32.
+#: Capacities of the maximum flow are integers: energies (nats) times this.
 _CAPACITY_SCALE = 1000.0
-_MAX_TOTAL_CAPACITY = 2.0**30
-#: Sides of a node in a minimum cut: undecided, source side (x = 0), sink side (x = 1).
-_FREE, _SOURCE, _SINK = 0, 1, 2
 #: Probabilities are clipped here before the log, so one voxel costs at most ~9 nats.
 _MIN_PROBABILITY = 1e-4
 #: Alpha-expansion leaves out voxels whose probability of alpha is below 10 %: on the largest
@@ -222,88 +218,207 @@ def _solve_moves(unary0, unary1, pairs, stay, move_to, fixed_labels):
 def _min_cut(unary0, unary1, i, j, pair_capacity):
     """x in {0, 1} per node minimising sum unary_x + sum pair_capacity * [x_i = 0, x_j = 1].
 
-    Nodes whose unary preference outweighs all their pair capacities are decided first
-    (:func:`_decided_nodes`); scipy's maximum flow solves the rest (about half the nodes of an
-    expansion move on the 9-class atlas, 1.7x faster), with the same result as on the whole graph.
+    The nodes the source reaches in the residual graph of a maximum flow (:func:`_source_side`)
+    take x = 0, every other node x = 1: of all minimisers, the one with the smallest source side.
     """
-    n = unary0.size
-    difference = unary1 - unary0
-    source_capacity, sink_capacity = np.maximum(difference, 0), np.maximum(-difference, 0)
-    scale = min(_CAPACITY_SCALE, _MAX_TOTAL_CAPACITY / max(float(source_capacity.sum()), 1.0))
-    source_capacity, sink_capacity, pair_capacity = (
-        np.rint(c * scale).astype(np.int64) for c in (source_capacity, sink_capacity, pair_capacity)
-    )
-    keep = pair_capacity > 0
-    side, (source_capacity, sink_capacity, i, j, pair_capacity) = _decided_nodes(
-        source_capacity, sink_capacity, i[keep], j[keep], pair_capacity[keep]
-    )
-    x = (side == _SINK).astype(np.uint8)
-    free = np.flatnonzero(side == _FREE)
-    if free.size == 0:
-        return x
-    m = free.size
-    position = np.full(n, -1, np.int64)
-    position[free] = np.arange(m)
-    # The same amount off both terminal edges of a node changes every cut alike.
-    both = np.minimum(source_capacity[free], sink_capacity[free])
-    source, sink = m, m + 1
-    nodes = np.arange(m)
-    rows = np.concatenate([np.full(m, source), nodes, position[i]])
-    cols = np.concatenate([nodes, np.full(m, sink), position[j]])
-    capacity = np.concatenate([source_capacity[free] - both, sink_capacity[free] - both, pair_capacity])
-    keep = capacity > 0
-    graph = sparse.csr_matrix((capacity[keep].astype(np.int32), (rows[keep], cols[keep])), shape=(m + 2, m + 2))
-    flow = csgraph.maximum_flow(graph, source, sink).flow
-    residual = (graph + 0 * graph.T).tocsr() - flow
-    residual.data = np.maximum(residual.data, 0)
-    residual.eliminate_zeros()
-    reachable = csgraph.breadth_first_order(residual, source, directed=True, return_predecessors=False)
-    on_sink_side = np.ones(m, np.uint8)
-    on_sink_side[reachable[reachable < m]] = 0
-    x[free] = on_sink_side
-    return x
+    # A node's two terminal edges are cut alike whichever side it takes: only their difference matters.
+    terminal = np.rint((unary1 - unary0) * _CAPACITY_SCALE).astype(np.int64)
+    pair_capacity = np.rint(pair_capacity * _CAPACITY_SCALE).astype(np.int64)
+    keep = (pair_capacity > 0) & (i != j)  # [x_i = 0, x_i = 1] never holds
+    arcs = _arc_lists(unary0.size, i[keep].astype(np.int64), j[keep].astype(np.int64), pair_capacity[keep])
+    return (~_source_side(*arcs, terminal)).astype(np.uint8)
 
 
-def _decided_nodes(source_capacity, sink_capacity, i, j, pair_capacity, max_rounds=8):
-    """Nodes on the same side of every minimum cut, found from their capacities alone.
-
-    A node whose source capacity exceeds its sink capacity plus all its outgoing pair
-    capacities is on the source side of every minimum cut (moving it to the sink side always
-    costs more than it saves); likewise for the sink side with the incoming pair capacities.
-    Decided nodes are merged into the terminal: their pair edges to undecided nodes become
-    terminal capacities, which may decide more nodes in the next round. Later rounds decide
-    few nodes, hence ``max_rounds``; the minimum cut of the rest is that of the whole graph.
-
-    Parameters
-    ----------
-    source_capacity, sink_capacity : ndarray of int64, shape (n,)
-        Modified in place.
-    i, j, pair_capacity : ndarray
-        Edges ``i -> j`` with positive capacity.
+@numba.njit(cache=True, nogil=True)
+def _arc_lists(n, tails, heads, capacity):
+    """Residual arcs of edges ``tails -> heads``, grouped by tail, each with its reverse arc.
 
     Returns
     -------
-    side : ndarray of int8, shape (n,)
-        ``_FREE``, ``_SOURCE`` or ``_SINK``.
-    rest : tuple
-        ``(source_capacity, sink_capacity, i, j, pair_capacity)`` with only the edges between
-        undecided nodes.
+    first : ndarray of int64, shape (n + 1,)
+        The arcs out of node ``k`` are ``first[k]:first[k + 1]``.
+    tail, head, residual, sister : ndarray of int64, shape (2 * len(tails),)
+        Each arc's ends, residual capacity (the edge's capacity, 0 for the reverse arc) and the
+        index of its reverse arc.
     """
-    n = source_capacity.size
-    side = np.full(n, _FREE, np.int8)
-    for _ in range(max_rounds):
-        free = side == _FREE
-        to_source = free & (source_capacity > sink_capacity + np.bincount(i, pair_capacity, n))
-        to_sink = free & (sink_capacity > source_capacity + np.bincount(j, pair_capacity, n))
-        if not (to_source.any() or to_sink.any()):
+    m = tails.size
+    first = np.zeros(n + 1, np.int64)
+    for e in range(m):
+        first[tails[e] + 1] += 1
+        first[heads[e] + 1] += 1
+    for k in range(n):
+        first[k + 1] += first[k]
+    filled = first[:-1].copy()
+    tail, head = np.empty(2 * m, np.int64), np.empty(2 * m, np.int64)
+    residual, sister = np.empty(2 * m, np.int64), np.empty(2 * m, np.int64)
+    for e in range(m):
+        forward, backward = filled[tails[e]], filled[heads[e]]
+        filled[tails[e]] += 1
+        filled[heads[e]] += 1
+        tail[forward], head[forward], residual[forward], sister[forward] = tails[e], heads[e], capacity[e], backward
+        tail[backward], head[backward], residual[backward], sister[backward] = heads[e], tails[e], 0, forward
+    return first, tail, head, residual, sister
+
+
+_NO_PARENT, _TERMINAL_PARENT, _ORPHAN = -1, -2, -3
+
+
+@numba.njit(cache=True, nogil=True)
+def _source_side(first, tail, head, residual, sister, terminal):
+    """The nodes the source reaches in the residual graph of a maximum flow (Boykov & Kolmogorov 2004).
+
+    Two search trees grow from the terminals along residual arcs, one from the source and one
+    from the sink; where they meet, flow is pushed along the path so found, and the nodes cut off
+    from their tree by a saturated arc look for another parent in it (or leave it). When no path
+    is left, the source tree holds exactly the nodes the source reaches. Boykov and Kolmogorov
+    designed it for the short paths of image grids, where it is several times faster than
+    augmenting along shortest paths (Dinic's algorithm).
+
+    Parameters
+    ----------
+    first, tail, head, residual, sister : ndarray of int64
+        The arcs (:func:`_arc_lists`); ``residual`` is modified in place.
+    terminal : ndarray of int64, shape (n,)
+        Capacity from the source (positive) or to the sink (negative) of each node; modified.
+
+    Returns
+    -------
+    ndarray of bool, shape (n,)
+    """
+    n = terminal.size
+    parent = np.full(n, _NO_PARENT, np.int64)  # the arc to the parent, or a marker
+    in_sink_tree = np.zeros(n, np.bool_)
+    # Each node's distance to its terminal, valid at its time stamp (adoption prefers short paths).
+    stamp, distance = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    is_active = np.zeros(n, np.bool_)
+    size = n + 1
+    active, active_first, active_end = np.empty(size, np.int64), 0, 0
+    orphans, orphan_first, orphan_end = np.empty(size, np.int64), 0, 0
+    for k in range(n):
+        if terminal[k] != 0:
+            in_sink_tree[k] = terminal[k] < 0
+            parent[k], distance[k], is_active[k] = _TERMINAL_PARENT, 1, True
+            active[active_end] = k
+            active_end = (active_end + 1) % size
+    time, current, unreachable = 0, -1, 1 << 62
+    while True:
+        node = current
+        if node >= 0:
+            is_active[node] = False
+            if parent[node] == _NO_PARENT:
+                node = -1
+        while node < 0 and active_first != active_end:
+            k = active[active_first]
+            active_first = (active_first + 1) % size
+            is_active[k] = False
+            if parent[k] != _NO_PARENT:
+                node = k
+        if node < 0:
             break
-        side[to_source] = _SOURCE
-        side[to_sink] = _SINK
-        # i on the source side: i -> j is cut when j is on the sink side, a source edge of j.
-        merged = to_source[i] & ~to_sink[j]
-        source_capacity += np.bincount(j[merged], pair_capacity[merged], n).astype(np.int64)
-        merged = to_sink[j] & ~to_source[i]
-        sink_capacity += np.bincount(i[merged], pair_capacity[merged], n).astype(np.int64)
-        live = (side[i] == _FREE) & (side[j] == _FREE)
-        i, j, pair_capacity = i[live], j[live], pair_capacity[live]
-    return side, (source_capacity, sink_capacity, i, j, pair_capacity)
+        # Growth: the node's tree takes its free neighbours, until an arc reaches the other tree.
+        sink_tree = in_sink_tree[node]
+        middle = -1
+        for a in range(first[node], first[node + 1]):
+            if (residual[sister[a]] if sink_tree else residual[a]) <= 0:
+                continue
+            other = head[a]
+            if parent[other] == _NO_PARENT:
+                in_sink_tree[other], parent[other] = sink_tree, sister[a]
+                stamp[other], distance[other] = stamp[node], distance[node] + 1
+                if not is_active[other]:
+                    is_active[other] = True
+                    active[active_end] = other
+                    active_end = (active_end + 1) % size
+            elif in_sink_tree[other] != sink_tree:
+                middle = sister[a] if sink_tree else a  # oriented from the source tree to the sink tree
+                break
+            elif stamp[other] <= stamp[node] and distance[other] > distance[node]:
+                parent[other], stamp[other], distance[other] = sister[a], stamp[node], distance[node] + 1
+        time += 1
+        if middle < 0:
+            current = -1
+            continue
+        is_active[node], current = True, node
+        # Augmentation by the bottleneck of source -> tail[middle] -> head[middle] -> sink.
+        flow = residual[middle]
+        for sink_side in (False, True):
+            k = head[middle] if sink_side else tail[middle]
+            while parent[k] != _TERMINAL_PARENT:
+                to_parent = parent[k]
+                flow = min(flow, residual[to_parent] if sink_side else residual[sister[to_parent]])
+                k = head[to_parent]
+            flow = min(flow, -terminal[k] if sink_side else terminal[k])
+        residual[middle] -= flow
+        residual[sister[middle]] += flow
+        for sink_side in (False, True):
+            k = head[middle] if sink_side else tail[middle]
+            while parent[k] != _TERMINAL_PARENT:
+                to_parent = parent[k]
+                along = to_parent if sink_side else sister[to_parent]  # the arc the flow takes
+                residual[along] -= flow
+                residual[sister[along]] += flow
+                next_node = head[to_parent]
+                if residual[along] == 0:
+                    parent[k] = _ORPHAN
+                    orphans[orphan_end] = k
+                    orphan_end = (orphan_end + 1) % size
+                k = next_node
+            terminal[k] += flow if sink_side else -flow
+            if terminal[k] == 0:
+                parent[k] = _ORPHAN
+                orphans[orphan_end] = k
+                orphan_end = (orphan_end + 1) % size
+        # Adoption: each orphan takes the neighbour in its tree nearest the terminal as parent.
+        while orphan_first != orphan_end:
+            orphan = orphans[orphan_first]
+            orphan_first = (orphan_first + 1) % size
+            sink_tree = in_sink_tree[orphan]
+            best, best_distance = -1, unreachable
+            for a in range(first[orphan], first[orphan + 1]):
+                if (residual[a] if sink_tree else residual[sister[a]]) <= 0:
+                    continue
+                other = head[a]
+                if parent[other] == _NO_PARENT or in_sink_tree[other] != sink_tree:
+                    continue
+                d, k = 0, other
+                while True:  # does `other` still hang from the terminal, and how far?
+                    if stamp[k] == time:
+                        d += distance[k]
+                        break
+                    to_parent = parent[k]
+                    d += 1
+                    if to_parent == _TERMINAL_PARENT:
+                        stamp[k], distance[k] = time, 1
+                        break
+                    if to_parent == _ORPHAN:
+                        d = unreachable
+                        break
+                    k = head[to_parent]
+                if d == unreachable:
+                    continue
+                if d < best_distance:
+                    best, best_distance = a, d
+                k = other
+                while stamp[k] != time:
+                    stamp[k], distance[k] = time, d
+                    d -= 1
+                    k = head[parent[k]]
+            if best >= 0:
+                parent[orphan], stamp[orphan], distance[orphan] = best, time, best_distance + 1
+                continue
+            # No parent: the orphan leaves its tree; its children become orphans, and its tree
+            # neighbours that could reach it become active, to grow into it again.
+            parent[orphan] = _NO_PARENT
+            for a in range(first[orphan], first[orphan + 1]):
+                other = head[a]
+                if parent[other] == _NO_PARENT or in_sink_tree[other] != sink_tree:
+                    continue
+                if (residual[a] if sink_tree else residual[sister[a]]) > 0 and not is_active[other]:
+                    is_active[other] = True
+                    active[active_end] = other
+                    active_end = (active_end + 1) % size
+                if parent[other] >= 0 and head[parent[other]] == orphan:
+                    parent[other] = _ORPHAN
+                    orphans[orphan_end] = other
+                    orphan_end = (orphan_end + 1) % size
+    return (parent != _NO_PARENT) & ~in_sink_tree
