@@ -126,6 +126,34 @@ def test_cells_to_voxels_repeats_each_cell_over_its_voxels(stride):
     np.testing.assert_array_equal(cells_to_voxels(cells, stride, shape), expected[:, :5, :7, :8])
 
 
+@pytest.mark.parametrize("box", [None, np.s_[1:7, 3:20, 2:25]])
+def test_geodesic_sweeps_converge_to_the_shortest_paths(box):
+    # Enough rounds of sweeps along each axis reach the exact shortest paths of the 6-neighbour
+    # graph whose steps cost sqrt(h^2 + (contrast dI)^2), also inside a box (paths stay in it).
+    from scipy import sparse
+    from scipy.sparse import csgraph
+
+    rng = np.random.default_rng(1)
+    image = ndi.gaussian_filter(rng.random((8, 22, 27)), 1.0).astype(np.float32)
+    spacing, contrast = (2.5, 1.0, 0.8), 30.0
+    seeds = np.zeros(image.shape, bool)
+    seeds[3, 5, 4] = seeds[6, 16, 21] = True
+    distance = GeodesicCosts(image, spacing, contrast).distance(seeds, n_rounds=30, box=box)
+    part = image[box] if box is not None else image
+    index = np.arange(part.size).reshape(part.shape)
+    rows, columns, weights = [], [], []
+    for axis in range(3):
+        first, second = (np.take(index, range(a, part.shape[axis] - 1 + a), axis).ravel() for a in (0, 1))
+        step = np.sqrt(spacing[axis] ** 2 + (contrast * (part.ravel()[second] - part.ravel()[first])) ** 2)
+        rows += [first, second]
+        columns += [second, first]
+        weights += [step, step]
+    graph = sparse.csr_matrix((np.concatenate(weights), (np.concatenate(rows), np.concatenate(columns))),
+                              shape=(part.size, part.size))
+    exact = csgraph.dijkstra(graph, indices=np.flatnonzero(seeds[box] if box is not None else seeds), min_only=True)
+    np.testing.assert_allclose(distance, exact.reshape(part.shape), rtol=1e-5)
+
+
 def test_subsampled_geodesic_distances_equal_full_resolution_cells():
     image, _ = two_tissue_phantom(shape=(6, 20, 22))
     costs = GeodesicCosts(image / 100, (1.0, 1.0, 1.0), stride=(1, 2, 3))
