@@ -182,21 +182,44 @@ def _move_pairs(band_pairs, voxels, movable):
 
     A pair of two band voxels of which only one moves becomes a pair with a fixed neighbour.
     """
-    (i, j, w_inner), (p, q, w_outer) = band_pairs
     position = np.full(voxels.size, -1, np.int64)
     position[movable] = np.arange(movable.size)
-    i_node, j_node, p_node = position[i], position[j], position[p]
-    both = (i_node >= 0) & (j_node >= 0)
-    only_i = (i_node >= 0) & (j_node < 0)
-    only_j = (i_node < 0) & (j_node >= 0)
-    p_moves = p_node >= 0
-    inner = (i_node[both], j_node[both], w_inner[both])
-    outer = (
-        np.concatenate([p_node[p_moves], i_node[only_i], j_node[only_j]]),
-        np.concatenate([q[p_moves], voxels[j[only_i]], voxels[i[only_j]]]),
-        np.concatenate([w_outer[p_moves], w_inner[only_i], w_inner[only_j]]),
-    )
-    return inner, outer
+    return _pairs_of_moving(*band_pairs[0], *band_pairs[1], voxels, position)
+
+
+@numba.njit(cache=True, nogil=True)
+def _pairs_of_moving(i, j, w_inner, p, q, w_outer, voxels, position):
+    """:func:`_move_pairs` in one pass over the band's pairs (``position``: each band voxel's
+    node in the move, -1 if it stays); the pairs with a fixed neighbour come in the order:
+    the band's own, then those whose second voxel stays, then those whose first one does."""
+    n_inner = n_outer = 0
+    for k in range(i.size):
+        moves_i, moves_j = position[i[k]] >= 0, position[j[k]] >= 0
+        n_inner += moves_i and moves_j
+        n_outer += moves_i != moves_j
+    for k in range(p.size):
+        n_outer += position[p[k]] >= 0
+    inner_i, inner_j = np.empty(n_inner, np.int64), np.empty(n_inner, np.int64)
+    inner_w = np.empty(n_inner, w_inner.dtype)
+    outer_p, outer_q = np.empty(n_outer, np.int64), np.empty(n_outer, np.int64)
+    outer_w = np.empty(n_outer, w_inner.dtype)
+    m = o = 0
+    for k in range(p.size):
+        if position[p[k]] >= 0:
+            outer_p[o], outer_q[o], outer_w[o] = position[p[k]], q[k], w_outer[k]
+            o += 1
+    for k in range(i.size):
+        if position[i[k]] >= 0 and position[j[k]] >= 0:
+            inner_i[m], inner_j[m], inner_w[m] = position[i[k]], position[j[k]], w_inner[k]
+            m += 1
+        elif position[i[k]] >= 0:
+            outer_p[o], outer_q[o], outer_w[o] = position[i[k]], voxels[j[k]], w_inner[k]
+            o += 1
+    for k in range(i.size):
+        if position[j[k]] >= 0 and position[i[k]] < 0:
+            outer_p[o], outer_q[o], outer_w[o] = position[j[k]], voxels[i[k]], w_inner[k]
+            o += 1
+    return (inner_i, inner_j, inner_w), (outer_p, outer_q, outer_w)
 
 
 def _solve_moves(unary0, unary1, pairs, stay, move_to, fixed_labels):
