@@ -199,3 +199,13 @@ def test_session_smoothness_removes_speckle_of_a_noisy_image():
         session = AnnotationSession(image, SPACING, smoothness=smoothness, pseudo_image_confidence=2.0)
         errors[smoothness] = (session.update(strokes).labels != inside + 1).mean()
     assert errors[3.0] < 0.6 * errors[0.0]  # measured 0.42
+
+
+def test_a_function_without_a_cache_folder_is_compiled_anyway():
+    # A read-only installation and home folder leave numba no cache folder; a function whose
+    # source is no file (defined by exec) has none either. It must compile, not fail at import.
+    from FetalAnnotateLib.compiled import compiled
+
+    namespace = {}
+    exec(compile("def add_one(values):\n    return values + 1\n", "<no file>", "exec"), namespace)
+    np.testing.assert_array_equal(compiled(namespace["add_one"])(np.arange(3)), [1, 2, 3])

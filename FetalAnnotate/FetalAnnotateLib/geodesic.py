@@ -17,6 +17,8 @@ import copy
 import numba
 import numpy as np
 
+from .compiled import compiled
+
 
 class GeodesicCosts:
     """Per-axis step costs of one image, computed once and reused for every seed set.
@@ -156,7 +158,7 @@ def cells_to_voxels(cells, stride, shape):
     return cells
 
 
-@numba.njit(cache=True, nogil=True)
+@compiled
 def _sweep(distance, cost, axis):
     """Forward and backward relaxation along ``axis``, in place: ``distance`` falls to its
     neighbour's plus ``cost``, the step between them (one voxel less along ``axis``)."""
@@ -296,7 +298,7 @@ def _lowered_faces(values, box, faces, before):
 #: paths (a side of the box then reaches four times further while they lower the map on its face).
 _GROWTH_MARGIN = 8
 
-@numba.njit(cache=True, nogil=True)
+@compiled
 def _grow_sweep(labels, cost, image, axis):
     """Forward and backward relaxation of :func:`grow_from_seeds` along ``axis``, in place.
 

@@ -7,9 +7,10 @@ so a round stays interactive; the maximum flows are Boykov and Kolmogorov's, com
 (cached on disk: the first use in an installation compiles them, a few seconds).
 """
 
-import numba
 import numpy as np
 from scipy import ndimage as ndi
+
+from .compiled import compiled
 
 #: Capacities of the maximum flow are integers: energies (nats) times this.
 _CAPACITY_SCALE = 1000.0
@@ -187,7 +188,7 @@ def _move_pairs(band_pairs, voxels, movable):
     return _pairs_of_moving(*band_pairs[0], *band_pairs[1], voxels, position)
 
 
-@numba.njit(cache=True, nogil=True)
+@compiled
 def _pairs_of_moving(i, j, w_inner, p, q, w_outer, voxels, position):
     """:func:`_move_pairs` in one pass over the band's pairs (``position``: each band voxel's
     node in the move, -1 if it stays); the pairs with a fixed neighbour come in the order:
@@ -252,7 +253,7 @@ def _min_cut(unary0, unary1, i, j, pair_capacity):
     return (~_source_side(*arcs, terminal)).astype(np.uint8)
 
 
-@numba.njit(cache=True, nogil=True)
+@compiled
 def _arc_lists(n, tails, heads, capacity):
     """Residual arcs of edges ``tails -> heads``, grouped by tail, each with its reverse arc.
 
@@ -286,7 +287,7 @@ def _arc_lists(n, tails, heads, capacity):
 _NO_PARENT, _TERMINAL_PARENT, _ORPHAN = -1, -2, -3
 
 
-@numba.njit(cache=True, nogil=True)
+@compiled
 def _source_side(first, tail, head, residual, sister, terminal):
     """The nodes the source reaches in the residual graph of a maximum flow (Boykov & Kolmogorov 2004).
 
