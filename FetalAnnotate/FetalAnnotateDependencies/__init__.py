@@ -15,6 +15,7 @@ panel shows, so no exception reaches a Qt slot.
 import importlib
 import importlib.metadata
 import importlib.util
+import inspect
 import logging
 import os
 import re
@@ -98,7 +99,8 @@ def ensureRequirements(requirementsPath, requester):
 
     Uses ``pip_ensure`` where this Slicer has it (``slicer.packaging``, from 5.12; looked up by
     feature, not by version number), which asks the user itself; otherwise asks here and calls
-    ``slicer.util.pip_install``. In testing mode nothing is downloaded.
+    ``slicer.util.pip_install``. Either way pip gets :func:`writeNumpyConstraint`'s file, so
+    Slicer's numpy stays as it is. In testing mode nothing is downloaded.
 
     Parameters
     ----------
@@ -216,12 +218,17 @@ def ensureTorch(requester):
 
 
 def _pipEnsure():
-    """``pip_ensure`` of this Slicer (``slicer.packaging``; ``slicer.pydeps`` in some 5.11 builds), or None."""
+    """``pip_ensure`` of this Slicer (``slicer.packaging``; ``slicer.pydeps`` in some 5.11 builds), or None.
+
+    Only a ``pip_ensure`` that takes ``constraints`` is used, so that Slicer's numpy is kept
+    (:func:`writeNumpyConstraint`); without one, the caller asks and runs ``pip_install`` itself.
+    """
     for moduleName in ("slicer.packaging", "slicer.pydeps"):
         try:
             module = importlib.import_module(moduleName)
         except ImportError:
             continue
-        if hasattr(module, "pip_ensure"):
-            return module.pip_ensure
+        pipEnsure = getattr(module, "pip_ensure", None)
+        if pipEnsure is not None and "constraints" in inspect.signature(pipEnsure).parameters:
+            return pipEnsure
     return None
