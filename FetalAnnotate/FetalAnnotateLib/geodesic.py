@@ -5,8 +5,9 @@ voxels along ``axis`` costs ``sqrt(h**2 + (contrast * dI)**2)``: ``h`` the spaci
 ``dI`` the intensity difference, so crossing an edge costs as much as walking ``contrast * dI``
 mm. Each sweep visits the volume slice by slice along one axis, forward then backward (loops
 compiled by numba, which release the interpreter lock, so maps can be computed in threads); a
-few rounds of sweeps over all axes converge for paths that bend around obstacles. Seconds-per-round matters more than exact paths here: the
-maps are classifier features, not measurements.
+few rounds of sweeps over all axes converge for paths that bend around obstacles.
+Seconds-per-round matters more than exact paths here: the maps are classifier features, not
+measurements.
 
 :func:`grow_from_seeds` relaxes the same way the cost of Slicer's *Grow from seeds* (intensity
 change only, 26 neighbours) and carries along the class of the cheapest seed.
@@ -163,8 +164,8 @@ def _sweep(distance, cost, axis):
     """Forward and backward relaxation along ``axis``, in place: ``distance`` falls to its
     neighbour's plus ``cost``, the step between them (one voxel less along ``axis``)."""
     nz, ny, nx = distance.shape
-    # The swept axis is the one whose index loop waits for the previous voxel; the others run
-    # innermost-last, in memory order.
+    # Only the loop along the swept axis carries a dependency; the innermost loop runs along the
+    # last axis wherever it can, in memory order.
     if axis == 0:
         for z in range(1, nz):
             for y in range(ny):
