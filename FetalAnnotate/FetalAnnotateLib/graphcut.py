@@ -249,7 +249,8 @@ def _min_cut(unary0, unary1, i, j, pair_capacity):
     terminal = np.rint((unary1 - unary0) * _CAPACITY_SCALE).astype(np.int64)
     pair_capacity = np.rint(pair_capacity * _CAPACITY_SCALE).astype(np.int64)
     keep = (pair_capacity > 0) & (i != j)  # [x_i = 0, x_i = 1] never holds
-    arcs = _arc_lists(unary0.size, i[keep].astype(np.int64), j[keep].astype(np.int64), pair_capacity[keep])
+    arcs = _arc_lists(unary0.size, i[keep].astype(np.int64, copy=False), j[keep].astype(np.int64, copy=False),
+                      pair_capacity[keep])
     return (~_source_side(*arcs, terminal)).astype(np.uint8)
 
 
@@ -261,9 +262,9 @@ def _arc_lists(n, tails, heads, capacity):
     -------
     first : ndarray of int64, shape (n + 1,)
         The arcs out of node ``k`` are ``first[k]:first[k + 1]``.
-    tail, head, residual, sister : ndarray of int64, shape (2 * len(tails),)
-        Each arc's ends, residual capacity (the edge's capacity, 0 for the reverse arc) and the
-        index of its reverse arc.
+    head, residual, sister : ndarray of int64, shape (2 * len(tails),)
+        Each arc's end node, residual capacity (the edge's capacity, 0 for the reverse arc) and
+        the index of its reverse arc (whose end node is this arc's start).
     """
     m = tails.size
     first = np.zeros(n + 1, np.int64)
@@ -273,22 +274,21 @@ def _arc_lists(n, tails, heads, capacity):
     for k in range(n):
         first[k + 1] += first[k]
     filled = first[:-1].copy()
-    tail, head = np.empty(2 * m, np.int64), np.empty(2 * m, np.int64)
-    residual, sister = np.empty(2 * m, np.int64), np.empty(2 * m, np.int64)
+    head, residual, sister = np.empty(2 * m, np.int64), np.empty(2 * m, np.int64), np.empty(2 * m, np.int64)
     for e in range(m):
         forward, backward = filled[tails[e]], filled[heads[e]]
         filled[tails[e]] += 1
         filled[heads[e]] += 1
-        tail[forward], head[forward], residual[forward], sister[forward] = tails[e], heads[e], capacity[e], backward
-        tail[backward], head[backward], residual[backward], sister[backward] = heads[e], tails[e], 0, forward
-    return first, tail, head, residual, sister
+        head[forward], residual[forward], sister[forward] = heads[e], capacity[e], backward
+        head[backward], residual[backward], sister[backward] = tails[e], 0, forward
+    return first, head, residual, sister
 
 
 _NO_PARENT, _TERMINAL_PARENT, _ORPHAN = -1, -2, -3
 
 
 @compiled
-def _source_side(first, tail, head, residual, sister, terminal):
+def _source_side(first, head, residual, sister, terminal):
     """The nodes the source reaches in the residual graph of a maximum flow (Boykov & Kolmogorov 2004).
 
     Two search trees grow from the terminals along residual arcs, one from the source and one
@@ -300,7 +300,7 @@ def _source_side(first, tail, head, residual, sister, terminal):
 
     Parameters
     ----------
-    first, tail, head, residual, sister : ndarray of int64
+    first, head, residual, sister : ndarray of int64
         The arcs (:func:`_arc_lists`); ``residual`` is modified in place.
     terminal : ndarray of int64, shape (n,)
         Capacity from the source (positive) or to the sink (negative) of each node; modified.
@@ -363,10 +363,10 @@ def _source_side(first, tail, head, residual, sister, terminal):
             current = -1
             continue
         is_active[node], current = True, node
-        # Augmentation by the bottleneck of source -> tail[middle] -> head[middle] -> sink.
+        # Augmentation by the bottleneck of source -> middle's start -> middle's end -> sink.
         flow = residual[middle]
         for sink_side in (False, True):
-            k = head[middle] if sink_side else tail[middle]
+            k = head[middle] if sink_side else head[sister[middle]]
             while parent[k] != _TERMINAL_PARENT:
                 to_parent = parent[k]
                 flow = min(flow, residual[to_parent] if sink_side else residual[sister[to_parent]])
@@ -375,7 +375,7 @@ def _source_side(first, tail, head, residual, sister, terminal):
         residual[middle] -= flow
         residual[sister[middle]] += flow
         for sink_side in (False, True):
-            k = head[middle] if sink_side else tail[middle]
+            k = head[middle] if sink_side else head[sister[middle]]
             while parent[k] != _TERMINAL_PARENT:
                 to_parent = parent[k]
                 along = to_parent if sink_side else sister[to_parent]  # the arc the flow takes
