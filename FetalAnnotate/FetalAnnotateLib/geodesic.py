@@ -165,32 +165,31 @@ def _sweep(distance, cost, axis):
     neighbour's plus ``cost``, the step between them (one voxel less along ``axis``)."""
     nz, ny, nx = distance.shape
     # Only the loop along the swept axis carries a dependency; the innermost loop runs along the
-    # last axis wherever it can, in memory order. ``cost[edge]`` is the step between ``before``
-    # and the voxel updated from it.
+    # last axis wherever it can, in memory order.
     if axis == 0:
-        for direction in (1, -1):
-            for step in range(nz - 1):
-                z = 1 + step if direction == 1 else nz - 2 - step
-                before, edge = z - direction, min(z, z - direction)
-                for y in range(ny):
-                    for x in range(nx):
-                        distance[z, y, x] = min(distance[z, y, x], distance[before, y, x] + cost[edge, y, x])
+        for z in range(1, nz):
+            for y in range(ny):
+                for x in range(nx):
+                    distance[z, y, x] = min(distance[z, y, x], distance[z - 1, y, x] + cost[z - 1, y, x])
+        for z in range(nz - 2, -1, -1):
+            for y in range(ny):
+                for x in range(nx):
+                    distance[z, y, x] = min(distance[z, y, x], distance[z + 1, y, x] + cost[z, y, x])
     elif axis == 1:
         for z in range(nz):
-            for direction in (1, -1):
-                for step in range(ny - 1):
-                    y = 1 + step if direction == 1 else ny - 2 - step
-                    before, edge = y - direction, min(y, y - direction)
-                    for x in range(nx):
-                        distance[z, y, x] = min(distance[z, y, x], distance[z, before, x] + cost[z, edge, x])
+            for y in range(1, ny):
+                for x in range(nx):
+                    distance[z, y, x] = min(distance[z, y, x], distance[z, y - 1, x] + cost[z, y - 1, x])
+            for y in range(ny - 2, -1, -1):
+                for x in range(nx):
+                    distance[z, y, x] = min(distance[z, y, x], distance[z, y + 1, x] + cost[z, y, x])
     else:
         for z in range(nz):
             for y in range(ny):
-                for direction in (1, -1):
-                    for step in range(nx - 1):
-                        x = 1 + step if direction == 1 else nx - 2 - step
-                        before, edge = x - direction, min(x, x - direction)
-                        distance[z, y, x] = min(distance[z, y, x], distance[z, y, before] + cost[z, y, edge])
+                for x in range(1, nx):
+                    distance[z, y, x] = min(distance[z, y, x], distance[z, y, x - 1] + cost[z, y, x - 1])
+                for x in range(nx - 2, -1, -1):
+                    distance[z, y, x] = min(distance[z, y, x], distance[z, y, x + 1] + cost[z, y, x])
 
 
 def grow_from_seeds(image, seeds, previous=None, n_rounds=2):
