@@ -8,7 +8,14 @@ from scipy import sparse
 from scipy.sparse import csgraph
 
 from FetalAnnotateLib import AnnotationSession
-from FetalAnnotateLib.graphcut import _min_cut, _move_pairs, _neighbour_pairs, edge_contrast, graph_cut_labels
+from FetalAnnotateLib.graphcut import (
+    _min_cut,
+    _move_pairs,
+    _neighbour_pairs,
+    _sorted_positions,
+    edge_contrast,
+    graph_cut_labels,
+)
 
 SPACING = (3.0, 1.0, 1.0)
 
@@ -83,6 +90,17 @@ def test_move_pairs_are_the_pairs_of_the_moving_voxels(seed):
     moving = voxels[movable]
     expected = as_sets(_neighbour_pairs(moving, shape, image, SPACING, 1.5, 0.2), moving)
     assert as_sets(_move_pairs(band_pairs, voxels, movable), moving) == expected
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_sorted_positions_find_each_key_or_report_it_absent(seed):
+    rng = np.random.default_rng(seed)
+    values = np.flatnonzero(rng.random(200) < 0.4)
+    keys = np.sort(rng.integers(-5, 210, 150))  # repeated keys and keys beyond both ends
+    positions = _sorted_positions(values, keys)
+    found = positions >= 0
+    np.testing.assert_array_equal(values[positions[found]], keys[found])
+    np.testing.assert_array_equal(found, np.isin(keys, values))
 
 
 @pytest.mark.parametrize("seed", range(40))

@@ -110,7 +110,7 @@ PSEUDO_LABEL_REACH_MM = 100.0
 #: What an update changes in an :class:`AnnotationSession` (restored when it is cancelled).
 _ROUND_STATE = ("_strokes", "_classes", "_distances", "_enclosed", "_forest", "_image_forest", "_image_training",
                 "_confused", "_far_image_forest", "_output_dtype", "_prior", "_memory_fade", "_last_round",
-                "_grown", "_judged_outlines", "_pseudo", "_kept_pseudo", "_shown", "_dropped")
+                "_grown", "_growth", "_judged_outlines", "_pseudo", "_kept_pseudo", "_shown", "_dropped")
 
 #: Values of ``AnnotationSession(pseudo_label_source=...)``.
 PSEUDO_LABEL_SOURCES = ("auto", "distances", "intensity")
@@ -522,6 +522,7 @@ class AnnotationSession:
         self._normalized = normalized
         self._growth_image = None
         self._grown = None
+        self._growth = None  # (strokes, future of grow_from_seeds' result) while it runs
         self._contrast = edge_contrast(self._edge_image, self.spacing)
         # Also read by the round memory, so built without spatial context too.
         self._costs = GeodesicCosts(
@@ -639,6 +640,11 @@ class AnnotationSession:
         prior, added = self._round_prior(added_voxels)
         self._strokes = np.array(strokes3d, copy=True)
         self._classes = classes
+        if self.spatial_context and self.pseudo_labels > 0 and self._pseudo_labels_grown():
+            # The pseudo-labels' growth runs while the stroke distances are computed, which leave a
+            # core idle when a correction adds one class (both are compiled loops that release
+            # the interpreter lock).
+            self._start_growth()
         # Distances from the added strokes serve both the fading memory and, as an update of
         # the cached class distances, the spatial context: one distance map per round, not two.
         added_distances = {}
@@ -1253,9 +1259,17 @@ class AnnotationSession:
     def _grown_labels(self):
         """:func:`~FetalAnnotateLib.geodesic.grow_from_seeds` of the strokes on the normalised
         image's :func:`median_filtered`, grown on from the last call's result when the strokes
-        only add to its strokes."""
+        only add to its strokes; the growth :meth:`_start_growth` started for them, if any."""
         if self._grown is not None and self._grown[0] is self._strokes:
             return self._grown[1]
+        if self._growth is None or self._growth[0] is not self._strokes:
+            self._start_growth()
+        labels, cost = self._growth[1].result()
+        self._grown, self._growth = (self._strokes, labels, cost), None
+        return labels
+
+    def _start_growth(self):
+        """Start the growth of :meth:`_grown_labels` for the current strokes in a worker thread."""
         previous = None
         if self._grown is not None:
             before, labels, cost = self._grown
@@ -1266,10 +1280,12 @@ class AnnotationSession:
             self._growth_image = median_filtered(
                 self._normalized, filter_axes(self.spacing, self.shape, self._anisotropy_ratio))
             self._normalized = None
+        pool = ThreadPoolExecutor(1)
         # One round of sweeps per box when growing on: the last round's paths are already relaxed.
-        labels, cost = grow_from_seeds(self._growth_image, self._strokes, previous, n_rounds=2 if previous is None else 1)
-        self._grown = (self._strokes, labels, cost)
-        return labels
+        growth = pool.submit(grow_from_seeds, self._growth_image, self._strokes, previous,
+                             n_rounds=2 if previous is None else 1)
+        pool.shutdown(wait=False)  # the thread ends with the growth
+        self._growth = (self._strokes, growth)
 
     def _predict(self, region, progress):
         """Probabilities and stroke-consistent labels of the image or a region."""

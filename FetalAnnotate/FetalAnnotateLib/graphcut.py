@@ -168,14 +168,27 @@ def _neighbour_pairs(voxels, shape, image, spacing, smoothness, contrast):
             q = voxels[p] + sign * int(strides[axis])
             step = image[voxels[p]] - image[q]
             weight = smoothness * (finest / spacing[axis]) * np.exp(-(step * step) / contrast)
-            q_node = np.minimum(np.searchsorted(voxels, q), voxels.size - 1)  # voxels are sorted
-            both = voxels[q_node] == q
+            q_node = _sorted_positions(voxels, q)
+            both = q_node >= 0
             if sign == 1:  # pairs of two solved voxels once, from the lower one
                 for store, values in zip(inner, (p[both], q_node[both], weight[both])):
                     store.append(values)
             for store, values in zip(outer, (p[~both], q[~both], weight[~both])):
                 store.append(values)
     return tuple(np.concatenate(s) for s in inner), tuple(np.concatenate(s) for s in outer)
+
+
+@compiled
+def _sorted_positions(values, keys):
+    """Position of each of the ascending ``keys`` in the ascending ``values``, -1 where absent:
+    one merge pass (a binary search per key took most of :func:`_neighbour_pairs`)."""
+    positions = np.empty(keys.size, np.int64)
+    k = 0
+    for m in range(keys.size):
+        while k < values.size and values[k] < keys[m]:
+            k += 1
+        positions[m] = k if k < values.size and values[k] == keys[m] else -1
+    return positions
 
 
 def _move_pairs(band_pairs, voxels, movable):
