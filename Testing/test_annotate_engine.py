@@ -467,7 +467,8 @@ def test_pseudo_labels_grow_by_intensity_with_more_than_two_classes():
         AnnotationSession(image, pseudo_label_source="growcut")
 
 
-def test_grown_pseudo_labels_grow_on_from_the_last_round_and_survive_a_cancel():
+@pytest.mark.parametrize("cancel_when", ["growing", "fitting"])
+def test_grown_pseudo_labels_grow_on_from_the_last_round_and_survive_a_cancel(cancel_when):
     image, inside = two_tissue_phantom(shape=(6, 40, 40))
     image[:, :, :6] = 300.0
     strokes = phantom_strokes(inside, plane=3)
@@ -480,49 +481,25 @@ def test_grown_pseudo_labels_grow_on_from_the_last_round_and_survive_a_cancel():
     more[1, 20, 10:20] = 2
 
     def cancel(fraction, message):
-        if fraction > 0.5:
+        # The growth starts in its thread as the update starts; the forests collect it.
+        growing = session._growth is not None
+        if (cancel_when == "growing" and growing) or (cancel_when == "fitting" and fraction > 0.5):
             raise OperationCancelled("cancelled")
 
     session.progress = cancel
     with pytest.raises(OperationCancelled):
         session.update(more)
-    assert session._grown is kept  # the last finished round's result, untouched
+    assert session._grown is kept and session._growth is None  # the last finished round's, untouched
     np.testing.assert_array_equal(kept[1], grow_from_seeds(session._growth_image, strokes)[0])
-    session.progress = None
-    session.update(more)
-    expected = grow_from_seeds(session._growth_image, more, previous=(kept[1].copy(), kept[2].copy()), n_rounds=1)
-    np.testing.assert_array_equal(session._grown[1], expected[0])
-    np.testing.assert_array_equal(kept[1], grow_from_seeds(session._growth_image, strokes)[0])  # not grown in place
-
-
-def test_a_cancel_while_the_pseudo_labels_grow_in_their_thread_leaves_the_last_growth():
-    image, inside = two_tissue_phantom(shape=(6, 40, 40))
-    image[:, :, :6] = 300.0
-    strokes = phantom_strokes(inside, plane=3)
-    strokes[:, :, :6] = 0
-    strokes[3, 10:30, 2] = 3
-    session = AnnotationSession(image, (2.0, 1.0, 1.0))
-    session.update(strokes)
-    kept = session._grown
-    more = strokes.copy()
-    more[1, 20, 10:20] = 2
-
-    def cancel_once_growing(fraction, message):
-        if session._growth is not None:  # started at the update's start, collected for the forests
-            raise OperationCancelled("cancelled")
-
-    session.progress = cancel_once_growing
-    with pytest.raises(OperationCancelled):
-        session.update(more)
-    assert session._growth is None and session._grown is kept
     session.progress = None
     result = session.update(more)
     assert session._growth is None  # collected: no thread left holding the round's arrays
     expected = grow_from_seeds(session._growth_image, more, previous=(kept[1].copy(), kept[2].copy()), n_rounds=1)
     np.testing.assert_array_equal(session._grown[1], expected[0])
-    again = AnnotationSession(image, (2.0, 1.0, 1.0))
-    again.update(strokes)
-    np.testing.assert_array_equal(again.update(more).probabilities, result.probabilities)  # as if never cancelled
+    np.testing.assert_array_equal(kept[1], grow_from_seeds(session._growth_image, strokes)[0])  # not grown in place
+    uncancelled = AnnotationSession(image, (2.0, 1.0, 1.0))
+    uncancelled.update(strokes)
+    np.testing.assert_array_equal(uncancelled.update(more).probabilities, result.probabilities)
 
 
 @pytest.mark.parametrize("shape, axes", [((7, 20, 17), (0, 1, 2)), ((5, 16, 19), (1, 2)), ((1, 18, 15), (1, 2))])
