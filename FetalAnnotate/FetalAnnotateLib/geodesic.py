@@ -338,6 +338,7 @@ def _grow_sweep(labels, cost, image, axis):
                             labels[z, y, x] = labels[z, y, before]
 
 
+# Not :func:`compiled`: inlined into :func:`_grow_sweep`, compiled and cached with it.
 @numba.njit(inline="always")
 def _relax_row(labels, cost, image, labels_from, cost_from, image_from, shift):
     """Each voxel ``x`` of a row takes the path through voxel ``x + shift`` of another row when it costs less."""
