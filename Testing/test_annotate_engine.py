@@ -502,11 +502,20 @@ def test_grown_pseudo_labels_grow_on_from_the_last_round_and_survive_a_cancel(ca
     np.testing.assert_array_equal(uncancelled.update(more).probabilities, result.probabilities)
 
 
-@pytest.mark.parametrize("shape, axes", [((7, 20, 17), (0, 1, 2)), ((5, 16, 19), (1, 2)), ((1, 18, 15), (1, 2))])
-def test_median_filtered_equals_the_whole_image_median(shape, axes):
+@pytest.mark.parametrize("shape, axes", [((7, 20, 17), (0, 1, 2)), ((5, 16, 19), (1, 2)), ((1, 18, 15), (1, 2)),
+                                         ((19, 5, 16), (0, 2)), ((18, 1, 15), (0, 2)), ((2, 2, 3), (0, 1, 2))])
+@pytest.mark.parametrize("levels", [None, 3])
+def test_median_filtered_equals_scipys_median_filter(shape, axes, levels):
     image = np.random.default_rng(0).random(shape, np.float32)
+    if levels:  # many equal values
+        image = np.floor(image * levels)
     size = tuple(3 if axis in axes else 1 for axis in range(3))
     np.testing.assert_array_equal(median_filtered(image, axes), ndi.median_filter(image, size=size))
+
+
+def test_median_filtered_refuses_two_axes_left_out():
+    with pytest.raises(ValueError, match="all axes but one"):
+        median_filtered(np.zeros((4, 5, 6), np.float32), (2,))
 
 
 def test_pseudo_labels_grow_from_a_few_dabs_through_noisy_tissue():
