@@ -146,13 +146,22 @@ def getParameterNode():
     return FetalAnnotateParameterNode(node)
 
 
+def extraFeatureVolumes(parameters):
+    """The ticked extra feature volumes that are still in the scene.
+
+    The parameter node keeps a ticked volume as a node reference: once the volume is removed
+    (or was not saved with the scene), the list reads None in its place.
+    """
+    return [node for node in parameters.extraFeatureVolumes if node is not None]
+
+
 def trainingSettings(parameters):
     """Keyword arguments of ``FetalAnnotateLogic.session`` and ``segment`` from the module's settings."""
     return {
         "preset": parameters.featurePreset,
         "forestSettings": {"n_estimators": parameters.numberOfTrees, "max_depth": parameters.maxDepth,
                            "min_samples_leaf": parameters.minSamplesLeaf},
-        "extraFeatureNodes": list(parameters.extraFeatureVolumes),
+        "extraFeatureNodes": extraFeatureVolumes(parameters),
         "outlineMode": parameters.outlineMode,
         "smoothness": parameters.smoothness,
         "memory": parameters.memory,
@@ -251,7 +260,7 @@ class FetalAnnotateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.classSegmentsSelector.setCurrentNode(parameters.segmentation)
         self.ui.classSegmentsSelector.setSelectedSegmentIDs(list(parameters.classSegmentIds))
         self.ui.classSegmentsSelector.blockSignals(wasBlocked)
-        checked = {node.GetID() for node in parameters.extraFeatureVolumes}
+        checked = {node.GetID() for node in extraFeatureVolumes(parameters)}
         wasBlocked = self.ui.extraFeatureVolumesSelector.blockSignals(True)
         for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"):
             self.ui.extraFeatureVolumesSelector.setCheckState(
@@ -352,10 +361,21 @@ class FetalAnnotateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         parameters = self._parameterNode
         return {parameters.thresholdClass: parameters.threshold} if parameters.thresholdClass else None
 
+    def classSegmentIds(self):
+        """The ticked class segments that are still in the segmentation; None (every class segment) if none.
+
+        A segment deleted or a segmentation switched while the panel was hidden stays in the saved
+        selection, since the selector's signal came when nothing listened.
+        """
+        parameters = self._parameterNode
+        segmentation = parameters.segmentation.GetSegmentation()
+        present = [segmentId for segmentId in parameters.classSegmentIds if segmentation.GetSegment(segmentId)]
+        return present or None
+
     def onTrain(self):
         parameters = self._parameterNode
         result = self.runWithProgress(_("Training"), lambda progress: self.logic.segment(
-            parameters.inputVolume, parameters.segmentation, list(parameters.classSegmentIds) or None,
+            parameters.inputVolume, parameters.segmentation, self.classSegmentIds(),
             outputSegmentationNode=parameters.outputSegmentation, thresholds=self.thresholds(),
             masking=self.masking(), progress=progress, **trainingSettings(parameters)))
         if result is not None:
@@ -404,7 +424,7 @@ class FetalAnnotateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         parameters = self._parameterNode
         result = self.runWithProgress(_("Applying the classifier"), lambda progress: self.logic.applyClassifier(
             path, parameters.inputVolume, parameters.outputSegmentation, progress=progress,
-            extraFeatureNodes=list(parameters.extraFeatureVolumes)))
+            extraFeatureNodes=extraFeatureVolumes(parameters)))
         if result is not None:
             self.ui.statusLabel.text = _("Applied {file}: segments in {segmentation}.").format(
                 file=os.path.basename(path), segmentation=result.outputSegmentationNode.GetName())
@@ -453,7 +473,8 @@ class FetalAnnotateTest(ScriptedLoadableModuleTest):
 
     def runTest(self):
         ensureDependencies()  # asks the user (never in testing mode); setUp skips what still cannot run
-        for test in (self.test_PresetNamesMatchEngine, self.test_LogicOnPhantom, self.test_EffectOnPhantom):
+        for test in (self.test_PresetNamesMatchEngine, self.test_RemovedFeatureVolumeIsLeftOut,
+                     self.test_LogicOnPhantom, self.test_EffectOnPhantom):
             self.setUp()
             test()
 
@@ -482,6 +503,18 @@ class FetalAnnotateTest(ScriptedLoadableModuleTest):
         from FetalAnnotateLib import FEATURE_PRESETS
 
         self.assertEqual(set(FEATURE_PRESET_NAMES), set(FEATURE_PRESETS))
+
+    def test_RemovedFeatureVolumeIsLeftOut(self):
+        """A ticked extra feature volume removed from the scene reads None in the parameter node."""
+        phantom, volume, segmentation, ids = self.makePhantomScene()
+        feature = slicer.util.addVolumeFromArray(phantom.image, name="feature")
+        parameters = getParameterNode()
+        parameters.extraFeatureVolumes = [feature]
+        slicer.mrmlScene.RemoveNode(feature)
+
+        self.assertEqual(trainingSettings(parameters)["extraFeatureNodes"], [])
+        result = FetalAnnotateLogic().segment(volume, segmentation, **trainingSettings(parameters))
+        self.assertEqual(result.classNames, ("background", "fetus", "placenta"))
 
     def test_LogicOnPhantom(self):
         from FetalAnnotateLib.metrics import dice

@@ -148,6 +148,7 @@ class FetalInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._trainingRun = None
         self._lossChartNode = None
         self._evaluationTableNode = None
+        self._installing = False  # the package installer processes events: no button may start work meanwhile
         self._pollTimer = None
 
     def setup(self) -> None:
@@ -217,11 +218,6 @@ class FetalInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
-            wasBlocked = self.ui.trainingVolumesSelector.blockSignals(True)
-            for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"):
-                checked = node in self._parameterNode.trainingVolumes
-                self.ui.trainingVolumesSelector.setCheckState(node, qt.Qt.Checked if checked else qt.Qt.Unchecked)
-            self.ui.trainingVolumesSelector.blockSignals(wasBlocked)
         self._onParameterNodeModified()
 
     def onTrainingVolumesChanged(self) -> None:
@@ -229,8 +225,24 @@ class FetalInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.trainingVolumes = list(self.ui.trainingVolumesSelector.checkedNodes())
 
     def _onParameterNodeModified(self, caller=None, event=None) -> None:
+        self._updateTrainingVolumeChecks()
         self._updateButtonStates()
         self._updateDeviceLabel()
+
+    def _updateTrainingVolumeChecks(self) -> None:
+        """Tick the training volumes of the parameter node, also after a scene is loaded into it."""
+        if not self._parameterNode:
+            return
+        trainingVolumes = self._parameterNode.trainingVolumes
+        wasBlocked = self.ui.trainingVolumesSelector.blockSignals(True)
+        for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"):
+            self.ui.trainingVolumesSelector.setCheckState(
+                node, qt.Qt.Checked if node in trainingVolumes else qt.Qt.Unchecked)
+        self.ui.trainingVolumesSelector.blockSignals(wasBlocked)
+
+    def _trainingVolumes(self):
+        """The ticked training volumes still in the scene (a removed node reads None in the parameter node)."""
+        return [node for node in self._parameterNode.trainingVolumes if node is not None]
 
     def _trainingIsRunning(self):
         return self._trainingRun is not None and self._trainingRun.process.poll() is None
@@ -238,8 +250,8 @@ class FetalInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _updateButtonStates(self) -> None:
         parameters = self._parameterNode
         running = self._trainingIsRunning()
-        canTrain = bool(parameters and parameters.trainingVolumes and _isSet(parameters.outputFolder))
-        self.ui.startTrainingButton.enabled = canTrain and not running
+        canTrain = bool(parameters and self._trainingVolumes() and _isSet(parameters.outputFolder))
+        self.ui.startTrainingButton.enabled = canTrain and not running and not self._installing
         self.ui.startTrainingButton.toolTip = (
             _("Training is running.") if running else
             _("Start training in a background process.") if canTrain else
@@ -247,8 +259,8 @@ class FetalInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         )
         self.ui.stopTrainingButton.enabled = running and not self._trainingRun.stopRequested
         haveModel = bool(parameters and _isSet(parameters.checkpointPath) and parameters.evaluationVolume)
-        self.ui.evaluateButton.enabled = haveModel
-        self.ui.exportFeaturesButton.enabled = haveModel
+        self.ui.evaluateButton.enabled = haveModel and not self._installing
+        self.ui.exportFeaturesButton.enabled = haveModel and not self._installing
 
     def _updateDeviceLabel(self) -> None:
         """Describe the device; torch is never imported here (opening the module must stay fast and safe)."""
@@ -261,7 +273,13 @@ class FetalInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _ensureDependencies(self):
         """The torch module once every package is installed and loads; else None, with the reason in the status line."""
-        status = ensureDependencies()
+        self._installing = True
+        self._updateButtonStates()
+        try:
+            status = ensureDependencies()
+        finally:
+            self._installing = False
+            self._updateButtonStates()
         if not status.ok:
             self.ui.statusLabel.text = status.message
             return None
@@ -308,7 +326,7 @@ class FetalInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not overwrite:
                 return
         run = self._run(_("Failed to start the training."), lambda: self.logic.startTraining(
-            parameters.trainingVolumes,
+            self._trainingVolumes(),
             parameters.outputFolder,
             corruptor=parameters.corruptor,
             corruptorStrength=parameters.corruptorStrength,
@@ -337,14 +355,14 @@ class FetalInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onPollTraining(self) -> None:
         run = self._trainingRun
         status = self.logic.pollTraining(run)
-        if status.newRecords:
-            self._lossChartNode = self.logic.updateLossPlot(run, self._lossChartNode)
+        if not status.running:
+            self._pollTimer.stop()  # first: whatever fails below, an ended run is not polled again
         self.ui.trainingProgressBar.value = int(round(100 * status.fraction))
         self.ui.trainingStatusLabel.text = status.message
+        if status.newRecords or not status.running:  # the last validation point comes at the end
+            self._lossChartNode = self.logic.updateLossPlot(run, self._lossChartNode)
         if status.running:
             return
-        self._pollTimer.stop()
-        self._lossChartNode = self.logic.updateLossPlot(run, self._lossChartNode)  # last validation point
         checkpoint = self.logic.findCheckpoint(run.outputDirectory)
         if checkpoint is not None:
             # Through the scene's parameter node, not the panel's: the module may not be shown (the

@@ -790,6 +790,84 @@ def test_hand_edited_result_is_kept_and_a_new_result_written(phantom_scene):
     assert len(names) == count + 2
 
 
+def test_undone_results_are_no_hand_edit(phantom_scene):
+    """Undo in the Segment Editor restores a result's earlier voxels with their digest."""
+    import slicer
+
+    import FetalAnnotateLogic
+
+    volume, segmentation, ids, _, strokes = phantom_scene
+    logic = FetalAnnotateLogic.FetalAnnotateLogic()
+    history = slicer.vtkSegmentationHistory()  # what the Segment Editor's undo uses
+    history.SetSegmentation(segmentation.GetSegmentation())
+    logic.segment(volume, segmentation)
+    stroke = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, ids[2], volume)
+    stroke[strokes.shape[0] // 2, 10:14, 5:50] = 1
+    slicer.util.updateSegmentBinaryLabelmapFromArray(stroke, segmentation, ids[2], volume)
+    history.SaveState()
+    logic.segment(volume, segmentation, memory=0.0, smoothness=0.0)  # another result than the first round's
+    count = segmentation.GetSegmentation().GetNumberOfSegments()
+    history.RestorePreviousState()
+
+    logic.segment(volume, segmentation)
+
+    names = segment_names(segmentation)
+    assert not any("(edited" in name for name in names)
+    assert len(names) == count
+
+
+def test_a_round_on_stroke_labels_names_the_saved_classifier(phantom_scene, tmp_path):
+    """The Segment Editor effect trains on its own label order; the saved classifier must follow it."""
+    import slicer
+
+    import FetalAnnotateLogic
+
+    volume, segmentation, _, phantom, strokes = phantom_scene
+    logic = FetalAnnotateLogic.FetalAnnotateLogic()
+    logic.segment(volume, segmentation)  # the panel's round: background, fetus, placenta
+    relabelled = np.zeros_like(strokes)
+    for old, new in ((2, 1), (3, 2), (1, 3)):
+        relabelled[strokes == old] = new
+
+    result, classNames = logic.train(volume, relabelled, ["fetus", "placenta", "uterus"])
+
+    assert classNames == ["fetus", "placenta", "uterus"] and tuple(result.classes) == (1, 2, 3)
+    applied = logic.applyClassifier(logic.saveClassifier(volume, tmp_path / "effect.skops"), volume)
+    assert applied.classNames == ("fetus", "placenta", "uterus")
+    fetus = slicer.util.arrayFromSegmentBinaryLabelmap(applied.outputSegmentationNode,
+                                                       applied.resultSegmentIds[0], volume) > 0
+    assert dice(fetus, phantom.label_map == 2) > 0.8
+    colors = {applied.outputSegmentationNode.GetSegmentation().GetSegment(i).GetColor()
+              for i in applied.resultSegmentIds}
+    assert len(colors) == 3  # no stroke segments to take colors from: each class still has its own
+
+
+def test_a_round_refuses_duplicate_class_names(phantom_scene):
+    import FetalAnnotateLib
+    import FetalAnnotateLogic
+
+    volume, _, _, _, strokes = phantom_scene
+    with pytest.raises(FetalAnnotateLib.StrokeError, match="distinct names"):
+        FetalAnnotateLogic.FetalAnnotateLogic().train(volume, strokes, ["background", "fetus", "fetus"])
+
+
+def test_scene_closed_during_a_round_cancels_it(phantom_scene):
+    """The panel's progress callback processes events: the user may close the scene meanwhile."""
+    import FetalAnnotateLib
+    import FetalAnnotateLogic
+
+    volume, segmentation, _, _, _ = phantom_scene
+    scene = volume.GetScene()
+
+    def close_scene(fraction, message):
+        if fraction > 0.7 and scene.GetNumberOfNodes():
+            scene.Clear()
+
+    with pytest.raises(FetalAnnotateLib.OperationCancelled, match="scene closed"):
+        FetalAnnotateLogic.FetalAnnotateLogic(scene).segment(volume, segmentation, progress=close_scene)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 0
+
+
 def vtk_string():
     import vtk
 

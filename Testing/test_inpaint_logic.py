@@ -152,6 +152,9 @@ def test_evaluate_gives_finite_psnr_for_the_model_and_the_baselines(mrml_scene, 
     assert logic.evaluate(tinyCheckpoint, [heldOut], corruptors=("toss",), seeds=(0,), maxPatches=2,
                           tableNode=table) is table
     assert table.GetNumberOfRows() == 3
+    mrml_scene.RemoveNode(table)  # the user deleted the table: the next evaluation gets a new one in the scene
+    again = logic.evaluate(tinyCheckpoint, [heldOut], corruptors=("toss",), seeds=(0,), maxPatches=2, tableNode=table)
+    assert again is not table and again.GetScene() is mrml_scene and again.GetNumberOfRows() == 3
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -246,6 +249,9 @@ def test_read_progress_skips_a_partial_last_line(tmp_path):
     more, offset = readProgress(path, offset)
     assert more == [{"epoch": 2, "loss": 0.25}]
     assert readProgress(path, offset) == ([], offset)
+    with open(path, "ab") as handle:  # a line that is not UTF-8 is skipped, not read again and again
+        handle.write(b"caf\xe9 not json\n" + json.dumps({"epoch": 3}).encode() + b"\n")
+    assert readProgress(path, offset)[0] == [{"epoch": 3}]
 
 
 def test_loss_plot_is_a_chart_with_train_and_validation_series(mrml_scene, tmp_path):
@@ -268,6 +274,20 @@ def test_loss_plot_is_a_chart_with_train_and_validation_series(mrml_scene, tmp_p
     run.records.append({"epoch": 0, "step": 2, "loss": 0.05})  # a resumed run redoes step 2
     FetalInpaintLogic.updateLossPlot(run, chartNode=chart)
     np.testing.assert_allclose(slicer.util.arrayFromTableColumn(tables["loss"], "loss"), [0.2, 0.05, 0.08])
+
+    # The user deletes a table, then the whole chart, while the training runs: both come back.
+    mrml_scene.RemoveNode(tables["loss"])
+    tableCount = mrml_scene.GetNumberOfNodesByClass("vtkMRMLTableNode")
+    for _ in range(2):
+        assert FetalInpaintLogic.updateLossPlot(run, chartNode=chart) is chart
+    assert mrml_scene.GetNumberOfNodesByClass("vtkMRMLTableNode") == tableCount + 1
+    series = {chart.GetNthPlotSeriesNode(i).GetYColumnName(): chart.GetNthPlotSeriesNode(i) for i in range(2)}
+    np.testing.assert_allclose(slicer.util.arrayFromTableColumn(series["loss"].GetTableNode(), "loss"),
+                               [0.2, 0.05, 0.08])
+    mrml_scene.RemoveNode(chart)
+    replacement = FetalInpaintLogic.updateLossPlot(run, chartNode=chart)
+    assert replacement is not chart and replacement.GetScene() is mrml_scene
+    assert replacement.GetNumberOfPlotSeriesNodes() == 2
 
 
 # ----------------------------------------------------------------------------- background training

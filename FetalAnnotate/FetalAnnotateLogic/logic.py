@@ -53,7 +53,6 @@ FINGERPRINT_TAG = "FetalAnnotate.ResultFingerprint"
 CLASS_NAME_ATTRIBUTE = "FetalAnnotate.ClassName"
 CLASS_INDEX_ATTRIBUTE = "FetalAnnotate.ClassIndex"
 SOURCE_VOLUME_ROLE = "FetalAnnotateSourceVolume"
-_DEFAULT_COLOR = (0.9, 0.62, 0.0)
 # RAS (Slicer) <-> LPS (ITK files) flips the first two axes.
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 #: Extra feature volumes must match the source's IJK-to-RAS matrix to this fraction of its smallest
@@ -523,10 +522,44 @@ class FetalAnnotateLogic:
         _checkSegmentation(segmentationNode)
         segmentIds = list(segmentIds) if segmentIds is not None else self.classSegmentIds(segmentationNode)
         strokes, classNames = self.strokeLabels(volumeNode, segmentationNode, segmentIds)
+        result, classNames = self.train(volumeNode, strokes, classNames, progress=progress, preset=preset,
+                                        forestSettings=forestSettings, extraFeatureNodes=extraFeatureNodes,
+                                        outlineMode=outlineMode, smoothness=smoothness, memory=memory)
+        probabilityNodes = self.writeProbabilityVolumes(volumeNode, result.probabilities, classNames)
+        outputSegmentationNode = outputSegmentationNode or segmentationNode
+        masks = classMasks(result.probabilities, strokes, result.classes, classNames, thresholds, result.labels)
+        editable = self.editableArea(volumeNode, segmentationNode, masking, segmentIds)
+        resultIds = self.writeResultSegments(volumeNode, segmentationNode, outputSegmentationNode, classNames, masks,
+                                              editable)
+        return SegmentResult(tuple(classNames), tuple(resultIds), tuple(probabilityNodes), outputSegmentationNode)
+
+    def train(self, volumeNode, strokes, classNames, *, progress=None, preset="default", forestSettings=None,
+              extraFeatureNodes=None, outlineMode=False, smoothness=None, memory=None):
+        """One round on a stroke label array: train, predict, and remember the class names for
+        :meth:`saveClassifier`. Writes nothing to the scene (:meth:`segment` does).
+
+        Parameters
+        ----------
+        volumeNode : vtkMRMLScalarVolumeNode
+        strokes : ndarray of uint8, shape (z, y, x)
+            0 unpainted, k for ``classNames[k - 1]`` (as :meth:`strokeLabels` gives).
+        classNames : sequence of str
+            Distinct names; at least two of the classes painted.
+        progress, preset, forestSettings, extraFeatureNodes, outlineMode, smoothness, memory
+            As for :meth:`session`; ``progress`` also covers computing the features in the first round.
+
+        Returns
+        -------
+        result : FetalAnnotateLib.SegmentationResult
+            The round's probabilities and labels (``result.classes``: the painted label values).
+        classNames : list of str
+            The names of ``result.classes``, in their order.
+        """
+        classNames = list(classNames)
         painted = [name for value, name in enumerate(classNames, start=1) if (strokes == value).any()]
         if len(painted) < 2:
             raise _lib().StrokeError(f"paint at least two class segments (painted: {painted or 'none'}); "
-                              "e.g. one inside the target and one around it")
+                                     "e.g. one inside the target and one around it")
         if len(set(classNames)) != len(classNames):
             raise _lib().StrokeError(f"class segments need distinct names, got {classNames}")
         # One progress bar for both phases: features (first round only), then training and prediction.
@@ -536,15 +569,13 @@ class FetalAnnotateLogic:
                                outlineMode, smoothness, memory)
         session.progress = _scaled(progress, 0.6, 1.0) if computeFeatures else progress
         result = session.update(strokes)
+        cached = self.sessionCache.get(volumeNode.GetID())
+        if cached is None or cached.session is not session:  # the progress callback let the user close the scene
+            raise _lib().OperationCancelled(f"volume {volumeNode.GetName()!r} was removed (or the scene closed) "
+                                            "during training")
         classNames = [classNames[value - 1] for value in result.classes]
-        self.sessionCache.get(volumeNode.GetID()).classNames = tuple(classNames)
-        probabilityNodes = self.writeProbabilityVolumes(volumeNode, result.probabilities, classNames)
-        outputSegmentationNode = outputSegmentationNode or segmentationNode
-        masks = classMasks(result.probabilities, strokes, result.classes, classNames, thresholds, result.labels)
-        editable = self.editableArea(volumeNode, segmentationNode, masking, segmentIds)
-        resultIds = self.writeResultSegments(volumeNode, segmentationNode, outputSegmentationNode, classNames, masks,
-                                              editable)
-        return SegmentResult(tuple(classNames), tuple(resultIds), tuple(probabilityNodes), outputSegmentationNode)
+        cached.classNames = tuple(classNames)
+        return result, classNames
 
     def rethreshold(self, volumeNode, segmentationNode, thresholds=None, *, outputSegmentationNode=None, masking=None):
         """Update the ``"(auto)"`` segments from the stored probability volumes, without retraining.
@@ -841,7 +872,8 @@ class FetalAnnotateLogic:
         volumeNode : vtkMRMLScalarVolumeNode
             Defines the masks' voxel grid.
         strokeSegmentationNode : vtkMRMLSegmentationNode or None
-            New result segments take the color of the class segment found here.
+            New result segments take the color of the class segment found here; without one, the
+            output's display node gives each a distinct color.
         outputSegmentationNode : vtkMRMLSegmentationNode
         classNames : sequence of str
         masks : sequence of ndarray of bool, shape (z, y, x)
@@ -873,7 +905,9 @@ class FetalAnnotateLogic:
                     # the painted segments are not even touched.
                     segment = slicer.vtkSegment()
                     segment.SetName(segmentName)
-                    segment.SetColor(self._classColor(strokeSegmentationNode, name) or _DEFAULT_COLOR)
+                    color = self._classColor(strokeSegmentationNode, name)
+                    if color is not None:  # else the segmentation's display node gives it a color of its own
+                        segment.SetColor(color)
                     segment.SetTag(RESULT_TAG, "auto")
                     binaryLabelmap = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
                     segment.AddRepresentation(binaryLabelmap, image)
@@ -910,16 +944,16 @@ class FetalAnnotateLogic:
             className = segment.GetName()[:-len(AUTO_SUFFIX)]
             voxels = self.segmentArray(volumeNode, segmentationNode, segmentId)
             written = self.sessionCache.writtenResult(segmentationNode.GetID(), segmentId)
-            if written is not None and written.shape == voxels.shape:
+            digest = vtk.reference("")
+            # The digest first: Undo restores a segment's earlier voxels together with their digest.
+            unedited = bool(segment.GetTag(FINGERPRINT_TAG, digest)) and str(digest) == _fingerprint(voxels)
+            if not unedited and written is not None and written.shape == voxels.shape:
                 # Painting a class stroke in the Segment Editor's default "overwrite all" mode takes
                 # its voxels out of the results: that is a correction stroke, not an edit of the result.
                 changed = voxels != written
                 if changed.any() and strokes is None:
                     strokes = self.strokeLabels(volumeNode, segmentationNode)[0] > 0
                 unedited = not (changed.any() and (changed & ~strokes).any())
-            else:  # written in an earlier Slicer session: the saved digest tells
-                digest = vtk.reference("")
-                unedited = segment.GetTag(FINGERPRINT_TAG, digest) and str(digest) == _fingerprint(voxels)
             if not unedited:
                 segment.SetName(_unusedSegmentName(segmentation, f"{className}{EDITED_SUFFIX}"))
                 segment.SetTag(RESULT_TAG, "edited")

@@ -11,6 +11,7 @@ All computation is in FetalAnnotateLogic; this file only connects it to the edit
 
 import logging
 import os
+from collections import namedtuple
 
 import ctk
 import qt
@@ -21,6 +22,9 @@ from slicer.i18n import tr as _
 from SegmentEditorEffects import AbstractScriptedSegmentEditorAutoCompleteEffect
 
 MOST_PROBABLE = "(most probable class)"
+
+#: The last training of the effect: what the preview shows, re-thresholds and applies.
+TrainedRound = namedtuple("TrainedRound", "volumeNodeId classNames probabilities strokes classes labels")
 
 
 class SegmentEditorEffect(AbstractScriptedSegmentEditorAutoCompleteEffect):
@@ -35,7 +39,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorAutoCompleteEffect):
         self.clippedMasterImageDataRequired = False  # the logic reads the whole source volume itself
         self.clippedMaskImageDataRequired = False  # the logic builds the editable area itself
         self.logic = None
-        self.lastRound = None  # (classNames, probabilities, strokes, classes, labels) of the last training
+        self.lastRound = None  # TrainedRound of the last training
         self.thresholdOnly = False  # next preview re-thresholds lastRound instead of retraining
 
     def clone(self):
@@ -132,7 +136,7 @@ the <i>Editable area</i> and <i>Editable intensity range</i>. It never changes o
         if self.getPreviewNode() is None:
             # No preview to re-threshold or apply (e.g. the scene was closed): free the last round.
             self.lastRound = None
-        classNames = list(self.lastRound[0]) if self.lastRound else []
+        classNames = list(self.lastRound.classNames) if self.lastRound else []
         thresholdClass = self.thresholdClass()
         wasBlocked = self.thresholdClassComboBox.blockSignals(True)
         self.thresholdClassComboBox.clear()
@@ -151,7 +155,7 @@ the <i>Editable area</i> and <i>Editable intensity range</i>. It never changes o
         wasBlocked = self.outlineModeCheckBox.blockSignals(True)
         self.outlineModeCheckBox.checked = parameters.outlineMode
         self.outlineModeCheckBox.blockSignals(wasBlocked)
-        extraVolumes = ", ".join(node.GetName() for node in parameters.extraFeatureVolumes) or _("none")
+        extraVolumes = ", ".join(node.GetName() for node in FetalAnnotate.extraFeatureVolumes(parameters)) or _("none")
         self.settingsLabel.text = _(
             "FetalAnnotate module settings: features '{preset}', {trees} trees of depth {depth} (leaf {leaf}), "
             "boundary smoothness {smoothness:g}, round memory {memory:g}, extra feature volumes: {extra}.").format(
@@ -246,15 +250,15 @@ the <i>Editable area</i> and <i>Editable intensity range</i>. It never changes o
         parameterSetNode = self.scriptedEffect.parameterSetNode()
         volumeNode = parameterSetNode.GetSourceVolumeNode()
         segmentationNode = parameterSetNode.GetSegmentationNode()
-        if not (self.thresholdOnly and self.lastRound):
+        if not (self.thresholdOnly and self.lastRoundOf(volumeNode)):
             strokes, names = logic.strokeLabels(volumeNode, segmentationNode, self.selectedClassSegmentIds())
             settings = FetalAnnotate.trainingSettings(FetalAnnotate.getParameterNode())
-            result = logic.session(volumeNode, progress=self.reportProgress, **settings).update(strokes)
             # Label value k of the preview is the k-th selected segment, as the auto-complete base expects.
-            self.lastRound = ([names[value - 1] for value in result.classes], result.probabilities, strokes,
-                              result.classes, result.labels)
+            result, classNames = logic.train(volumeNode, strokes, names, progress=self.reportProgress, **settings)
+            self.lastRound = TrainedRound(volumeNode.GetID(), classNames, result.probabilities, strokes,
+                                          result.classes, result.labels)
         self.thresholdOnly = False
-        classNames, probabilities, strokes, classes, engineLabels = self.lastRound
+        _volumeNodeId, classNames, probabilities, strokes, classes, engineLabels = self.lastRound
         thresholdClass = self.thresholdClass()
         masks = classMasks(probabilities, strokes, classes, classNames, self.thresholds(classNames), engineLabels)
         editable = self.editableArea(volumeNode, segmentationNode)
@@ -266,6 +270,12 @@ the <i>Editable area</i> and <i>Editable intensity range</i>. It never changes o
             labels[~editable] = 0
         outputLabelmap.DeepCopy(logic.labelmapInSegmentationFrame(volumeNode, segmentationNode, labels))
         self.showProbabilities()
+
+    def lastRoundOf(self, volumeNode):
+        """The last training if it was on ``volumeNode`` (the source volume may have changed since), else None."""
+        if self.lastRound is None or volumeNode is None or self.lastRound.volumeNodeId != volumeNode.GetID():
+            return None
+        return self.lastRound
 
     def thresholds(self, classNames):
         """``{class: threshold}`` for the class chosen in the threshold row, or {} for "most probable"."""
@@ -285,7 +295,9 @@ the <i>Editable area</i> and <i>Editable intensity range</i>. It never changes o
         if not self.lastRound or self.logic is None:
             return
         volumeNode = self.scriptedEffect.parameterSetNode().GetSourceVolumeNode()
-        classNames, probabilities = self.lastRound[0], self.lastRound[1]
+        if self.lastRoundOf(volumeNode) is None:
+            return
+        classNames, probabilities = self.lastRound.classNames, self.lastRound.probabilities
         shown = self.logic.probabilityVolumeNodes(volumeNode)
         if self.scriptedEffect.integerParameter("ShowProbabilities") == 0:
             for sliceCompositeNode in slicer.util.getNodesByClass("vtkMRMLSliceCompositeNode"):
@@ -310,12 +322,16 @@ the <i>Editable area</i> and <i>Editable intensity range</i>. It never changes o
 
         if not self.lastRound:
             return
-        self.delayedAutoUpdateTimer.stop()
-        self.observeSegmentation(False)
         parameterSetNode = self.scriptedEffect.parameterSetNode()
         volumeNode = parameterSetNode.GetSourceVolumeNode()
         segmentationNode = parameterSetNode.GetSegmentationNode()
-        classNames, probabilities, strokes, classes, engineLabels = self.lastRound
+        if self.lastRoundOf(volumeNode) is None:
+            slicer.util.errorDisplay(_("Random forest: the source volume changed since the preview was computed. "
+                                       "Click Update (or Initialize) to compute it on this volume, then Apply."))
+            return
+        self.delayedAutoUpdateTimer.stop()
+        self.observeSegmentation(False)
+        _volumeNodeId, classNames, probabilities, strokes, classes, engineLabels = self.lastRound
         try:
             with slicer.util.tryWithErrorDisplay(_("Random forest: could not write the result segments."),
                                                  waitCursor=True):

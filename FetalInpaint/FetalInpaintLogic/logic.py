@@ -138,7 +138,7 @@ def readProgress(progressPath, offset=0):
             continue
         try:
             records.append(json.loads(line))
-        except json.JSONDecodeError:
+        except ValueError:  # not JSON, or not UTF-8
             logging.warning(f"FetalInpaint: skipped an unreadable progress line in {path}: {line[:200]!r}")
     return records, offset + end
 
@@ -820,7 +820,8 @@ class FetalInpaintLogic:
         ----------
         run : TrainingProcess
         chartNode : vtkMRMLPlotChartNode or None
-            Chart to update; a new one (with its tables and series) is added when None.
+            Chart to update; a new one (with its tables and series) is added when None or when the
+            user removed it from the scene. A removed series or table is added again.
         scene : vtkMRMLScene or None
             Default ``slicer.mrmlScene`` (used only to create a new chart).
 
@@ -829,6 +830,8 @@ class FetalInpaintLogic:
         vtkMRMLPlotChartNode
             Show it with ``slicer.modules.plots.logic().ShowChartInLayout(chartNode)``.
         """
+        if chartNode is not None and chartNode.GetScene() is None:
+            chartNode = None
         scene = chartNode.GetScene() if chartNode is not None else (scene if scene is not None else slicer.mrmlScene)
         if chartNode is None:
             chartNode = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", scene.GenerateUniqueName("FetalInpaint loss"))
@@ -848,21 +851,19 @@ class FetalInpaintLogic:
         }
         for key, points in curves.items():
             seriesName = f"{chartNode.GetName()} {key}"
-            series = next(
-                (chartNode.GetNthPlotSeriesNode(i) for i in range(chartNode.GetNumberOfPlotSeriesNodes())
-                 if chartNode.GetNthPlotSeriesNode(i).GetName() == seriesName),
-                None,
-            )
+            allSeries = [chartNode.GetNthPlotSeriesNode(i) for i in range(chartNode.GetNumberOfPlotSeriesNodes())]
+            series = next((node for node in allSeries if node is not None and node.GetName() == seriesName), None)
             if series is None:
-                table = scene.AddNewNodeByClass("vtkMRMLTableNode", seriesName + " table")
                 series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", seriesName)
-                series.SetAndObserveTableNodeID(table.GetID())
                 series.SetXColumnName("step")
                 series.SetYColumnName(key)
                 series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
                 series.SetColor(*style[key][0])
                 series.SetMarkerStyle(style[key][1])
                 chartNode.AddAndObservePlotSeriesNodeID(series.GetID())
+            if series.GetTableNode() is None:
+                table = scene.AddNewNodeByClass("vtkMRMLTableNode", seriesName + " table")
+                series.SetAndObserveTableNodeID(table.GetID())
             values = np.asarray(points, dtype=np.float64).reshape(-1, 2)
             slicer.util.updateTableFromArray(series.GetTableNode(), [values[:, 0], values[:, 1]], ["step", key])
         return chartNode
@@ -948,7 +949,8 @@ class FetalInpaintLogic:
             Patches evaluated (biharmonic inpainting costs about 10 ms per patch and seed).
         device : str, default "cpu"
         tableNode : vtkMRMLTableNode or None
-            Table to fill (its columns are replaced); a new one is added when None.
+            Table to fill (its columns are replaced); a new one is added when None or when the user
+            removed it from the scene.
 
         Returns
         -------
@@ -984,7 +986,7 @@ class FetalInpaintLogic:
         rows = evaluate_inpainting(model, patches, tuple(corruptors), float(strength), tuple(seeds), device=device)
 
         scene = volumeNodes[0].GetScene()
-        if tableNode is None:
+        if tableNode is None or tableNode.GetScene() is not scene:
             tableNode = scene.AddNewNodeByClass("vtkMRMLTableNode", scene.GenerateUniqueName("FetalInpaint evaluation"))
         columns = {"corruptor": [row["corruptor"] for row in rows], "method": [row["method"] for row in rows]}
         for key, title in (("psnr_hidden", "PSNR hidden (dB)"), ("psnr_whole", "PSNR whole (dB)"),
