@@ -292,10 +292,8 @@ the <i>Editable area</i> and <i>Editable intensity range</i>. It never changes o
 
     def showProbabilities(self):
         """Show or hide the chosen (or last) class's probability map as the slice views' foreground."""
-        if not self.lastRound or self.logic is None:
-            return
         volumeNode = self.scriptedEffect.parameterSetNode().GetSourceVolumeNode()
-        if self.lastRoundOf(volumeNode) is None:
+        if self.logic is None or self.lastRoundOf(volumeNode) is None:
             return
         classNames, probabilities = self.lastRound.classNames, self.lastRound.probabilities
         shown = self.logic.probabilityVolumeNodes(volumeNode)
