@@ -6,9 +6,11 @@ import pytest
 
 def test_demo_writes_slicer_files_and_segments_the_phantom(tmp_path):
     import slicerio
-    from FetalAnnotateLib.__main__ import main, run_demo
+    from FetalAnnotateLib.__main__ import demo_file_names, main, run_demo
 
     scores = run_demo(tmp_path, print_fn=lambda line: None)
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(
+        demo_file_names(["background", "fetus", "placenta"]))  # the files an existing folder is checked for
 
     segmentation = slicerio.read_segmentation(str(tmp_path / "phantom_auto.seg.nrrd"))
     assert [segment["name"] for segment in segmentation["segments"]] == [
@@ -69,3 +71,23 @@ def test_demo_into_a_file_is_a_message_not_a_traceback(tmp_path, capsys):
     error = capsys.readouterr().err
     assert "README.md is a file; give a folder for the demo files" in error and "Traceback" not in error
     assert (tmp_path / "README.md").read_text() == "# my notes\n"
+
+
+def test_demo_refuses_to_replace_files_of_the_folder_unless_told_to(tmp_path, capsys):
+    from FetalAnnotateLib.__main__ import main
+
+    mine = {"phantom_strokes.seg.nrrd": b"strokes I corrected", "phantom_classifier.skops": b"my classifier"}
+    for name, content in mine.items():
+        (tmp_path / name).write_bytes(content)
+
+    assert main(["demo", "--output", str(tmp_path)]) == 2
+
+    error = capsys.readouterr().err
+    assert f"{tmp_path} already holds phantom_strokes.seg.nrrd, phantom_classifier.skops; give --overwrite" in error
+    assert "Traceback" not in error
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(mine)  # refused before any work
+    assert all((tmp_path / name).read_bytes() == content for name, content in mine.items())
+
+    assert main(["demo", "--output", str(tmp_path), "--overwrite"]) == 0
+    assert (tmp_path / "phantom.nrrd").stat().st_size > 0
+    assert all((tmp_path / name).read_bytes() != content for name, content in mine.items())

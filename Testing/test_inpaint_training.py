@@ -339,3 +339,45 @@ def test_command_line_evaluates_and_exports_in_the_volume_geometry(tmp_path, cap
     assert features.GetSpacing() == source.GetSpacing() and features.GetDirection() == source.GetDirection()
     assert main(["export", "--model", str(tmp_path / "missing.pt"), "--volume", volume, "--output", str(output)]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+TINY_OPTIONS = ["--device", "cpu", "--base-channels", "4", "--depth", "2", "--patch-size", "16", "--stride", "8",
+                "--batch-size", "16", "--threads", "1"]
+
+
+def test_command_line_replaces_an_earlier_training_only_when_told(tmp_path, capsys):
+    volume, run = _write_volume_file(tmp_path / "only.nrrd"), tmp_path / "run"
+    assert train_main(["--volumes", volume, "--out", str(run), "--epochs", "1", *TINY_OPTIONS]) == 0
+    earlier = {path.name: path.read_bytes() for path in run.iterdir()}
+    assert {"model.pt", "resume.pt", "history.json"} <= set(earlier)
+
+    assert train_main(["--volumes", volume, "--out", str(run), "--epochs", "1", *TINY_OPTIONS]) == 2
+    assert "give --resume to continue it, --overwrite to replace it, or another --out" in capsys.readouterr().err
+    assert {path.name: path.read_bytes() for path in run.iterdir()} == earlier
+
+    # A replacing run stopped in its first epoch leaves its own model and resume point, nothing of the earlier run.
+    request_stop(run)
+    assert train_main(["--volumes", volume, "--out", str(run), "--epochs", "2", "--overwrite", *TINY_OPTIONS]) == 0
+    assert _strict_json(capsys.readouterr().out.splitlines()[-1])["interrupted"]
+    assert sorted(path.name for path in run.iterdir()) == ["model.json", "model.pt", "resume.pt"]
+    assert json.loads((run / "model.json").read_text())["config"]["epochs"] == 2
+    assert train_main(["--volumes", volume, "--out", str(run), "--epochs", "2", "--resume", *TINY_OPTIONS]) == 0
+    assert len(_strict_json((run / "history.json").read_text())) == 2
+
+
+def test_command_line_trains_on_a_2d_image_and_exports_2d_features_in_its_geometry(tmp_path, capsys):
+    import SimpleITK as sitk
+
+    from FetalInpaintLib.__main__ import main
+
+    image = sitk.GetImageFromArray(phantom((1, 40, 48))[0])  # one ultrasound frame or MRI slice
+    image.SetSpacing((0.2, 0.3))
+    image.SetOrigin((5.0, -7.0))
+    sitk.WriteImage(image, str(tmp_path / "frame.nrrd"))
+    frame = str(tmp_path / "frame.nrrd")
+    assert train_main(["--volumes", frame, "--out", str(tmp_path / "run"), "--epochs", "1", *TINY_OPTIONS]) == 0
+    assert main(["export", "--model", str(tmp_path / "run"), "--volume", frame, "--output",
+                 str(tmp_path / "features.nrrd"), "--pca", "2"]) == 0
+    features = sitk.ReadImage(str(tmp_path / "features.nrrd"))
+    assert features.GetDimension() == 2 and features.GetNumberOfComponentsPerPixel() == 2
+    assert (features.GetSize(), features.GetSpacing(), features.GetOrigin()) == ((48, 40), (0.2, 0.3), (5.0, -7.0))

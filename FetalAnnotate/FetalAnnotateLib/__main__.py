@@ -35,7 +35,23 @@ def _write_volume(path, array, spacing):
         sitk.WriteImage(image, temporary, useCompression=True)
 
 
-def run_demo(output_dir, seed=0, print_fn=print):
+def demo_file_names(class_names):
+    """The files :func:`run_demo` writes, in the order it writes them.
+
+    Parameters
+    ----------
+    class_names : sequence of str
+        The phantom's classes.
+
+    Returns
+    -------
+    list of str
+    """
+    return ["phantom.nrrd", "phantom_strokes.seg.nrrd", "phantom_auto.seg.nrrd",
+            *[f"phantom_{name}_probability.nrrd" for name in class_names], "phantom_classifier.skops"]
+
+
+def run_demo(output_dir, seed=0, overwrite=False, print_fn=print):
     """Segment the phantom from one slice of strokes and write the files Slicer opens.
 
     Parameters
@@ -45,6 +61,8 @@ def run_demo(output_dir, seed=0, print_fn=print):
         ``phantom_<class>_probability.nrrd`` and ``phantom_classifier.skops``.
     seed : int, default 0
         Phantom seed.
+    overwrite : bool, default False
+        Replace those files where they exist; without it, an existing one is refused before any work.
     print_fn : callable, default print
         Where progress lines go.
 
@@ -52,14 +70,23 @@ def run_demo(output_dir, seed=0, print_fn=print):
     -------
     dict
         Class name -> Dice of the automatic segment against the phantom's truth.
+
+    Raises
+    ------
+    FetalAnnotateError
+        ``output_dir`` is a file, or holds a file the demo writes (without ``overwrite``).
     """
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise FetalAnnotateError(f"{output_dir} is a file; give a folder for the demo files (it is created if needed)")
-    output_dir.mkdir(parents=True, exist_ok=True)
     phantom = make_phantom(seed=seed)
     strokes = example_strokes(phantom.label_map)
     names = [phantom.class_names[value] for value in sorted(phantom.class_names)]
+    existing = [name for name in demo_file_names(names) if (output_dir / name).exists()]
+    if existing and not overwrite:
+        raise FetalAnnotateError(f"{output_dir} already holds {', '.join(existing)}; give --overwrite to replace "
+                                 "them, or another --output folder")
+    output_dir.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
     session = AnnotationSession(phantom.image, phantom.spacing)
@@ -176,6 +203,8 @@ def build_parser(prog=None):
     demo.add_argument("--output", default="fetalannotate-demo", metavar="FOLDER",
                       help="folder for the demo files, created if needed (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0, help="phantom seed (default: %(default)s)")
+    demo.add_argument("--overwrite", action="store_true",
+                      help="replace the demo files that FOLDER already holds (default: refuse and list them)")
 
     apply = commands.add_parser(
         "apply", parents=[verbose], help="segment many volumes with a saved classifier; volumetry report",
@@ -238,7 +267,7 @@ def main(argv=None):
     display = ProgressDisplay()
     try:
         if args.command == "demo":
-            run_demo(args.output, args.seed)
+            run_demo(args.output, args.seed, args.overwrite)
             return EXIT_OK
         return run_apply(args, display)
     except (FetalAnnotateError, OSError) as error:

@@ -4,11 +4,14 @@ A classifier file holds the forest, the feature settings that produced its train
 the class values and their names (the segment names the user painted), the scikit-learn version
 that trained it and this file format's version. Loading refuses, with a message that says what to
 do, any file that is not such a file, that is corrupted, that holds types outside an explicit
-trusted list, or that was written by an incompatible FetalAnnotate or scikit-learn version.
+trusted list, that holds trees scikit-learn could not have grown (scikit-learn follows their node
+indices without bounds checks: such a file would crash the application), or that was written by
+an incompatible FetalAnnotate or scikit-learn version (told before the file is loaded).
 """
 
 import json
 import math
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,9 +118,9 @@ def load_classifier(path):
     ------
     ClassifierFileError
         If the file is missing, not a FetalAnnotate classifier, corrupted, holds untrusted types,
-        or was written by an incompatible FetalAnnotate or scikit-learn version.
+        holds trees that could crash the application, or was written by an incompatible
+        FetalAnnotate or scikit-learn version.
     """
-    import sklearn
     import skops.io
 
     from .engine import PixelClassifier
@@ -131,6 +134,9 @@ def load_classifier(path):
         raise ClassifierFileError(f"{path} is not a FetalAnnotate classifier file (not a readable skops file: "
                                   f"{error}); "
                                   "choose a file saved with 'Save classifier'") from error
+    header = _saved_header(path)
+    if header.get("format") == FORMAT_NAME:  # before loading: another version's trees may neither load nor be trusted
+        _check_versions(path, header.get("format_version"), header.get("sklearn_version"))
     foreign = sorted(set(untrusted) - set(TRUSTED_TYPES))
     if foreign:
         raise ClassifierFileError(f"{path} holds types a FetalAnnotate classifier never contains "
@@ -145,15 +151,7 @@ def load_classifier(path):
         raise ClassifierFileError(f"{path} is a skops file but not a FetalAnnotate classifier; "
                                   "choose a file saved with 'Save classifier'")
     format_version = content.get("format_version")
-    if not isinstance(format_version, int) or format_version > FORMAT_VERSION:
-        raise ClassifierFileError(f"{path} uses classifier format {format_version}, newer than this FetalAnnotate "
-                                  f"reads ({FORMAT_VERSION}); update the FetalAnnotate extension")
-    saved_version = str(content.get("sklearn_version"))
-    if _major_minor(saved_version) != _major_minor(sklearn.__version__):
-        raise ClassifierFileError(
-            f"{path} was trained with scikit-learn {saved_version} but scikit-learn {sklearn.__version__} is "
-            f"installed; forests are not portable across scikit-learn versions: retrain from the strokes, or "
-            f"install scikit-learn=={saved_version} to apply this file")
+    saved_version = _check_versions(path, format_version, content.get("sklearn_version"))
     try:
         forest = content["forest"]
         classes = tuple(int(value) for value in content["classes"])
@@ -165,10 +163,15 @@ def load_classifier(path):
                                   "save it again") from error
     if not type(forest).__module__.startswith(_FOREST_MODULE_PREFIX) or len(names) != len(classes):
         raise ClassifierFileError(f"{path} does not hold a scikit-learn forest with one name per class; save it again")
-    if [int(value) for value in getattr(forest, "classes_", [])] != list(classes):
+    problem = forest_problem(forest)
+    if problem:
+        raise ClassifierFileError(f"{path} is damaged or was not written by FetalAnnotate: {problem}. "
+                                  "It is not applied, for safety; save the classifier again from FetalAnnotate")
+    forest_classes = [int(value) for value in forest.classes_]
+    if forest_classes != list(classes):
         raise ClassifierFileError(f"{path} is inconsistent: its forest predicts classes "
-                                  f"{list(getattr(forest, 'classes_', []))}, not {list(classes)}; save it again")
-    problem = feature_settings_problem(settings, getattr(forest, "n_features_in_", None))
+                                  f"{forest_classes}, not {list(classes)}; save it again")
+    problem = feature_settings_problem(settings, forest.n_features_in_)
     if problem:
         raise ClassifierFileError(f"{path} has invalid feature settings: {problem}. The file was edited or damaged; "
                                   "save the classifier again from FetalAnnotate")
@@ -179,6 +182,155 @@ def load_classifier(path):
         format_version=format_version,
         metadata=metadata,
     )
+
+
+def _saved_header(path):
+    """The format name and versions saved in a skops classifier file, read without loading it.
+
+    skops keeps the plain values of the saved dict as JSON text in the file's ``schema.json``, so
+    they can be read before any object is built: a file from another scikit-learn version (whose
+    trees may not load at all) gets the version message, not "corrupted".
+
+    Parameters
+    ----------
+    path : Path
+        A readable skops file.
+
+    Returns
+    -------
+    dict
+        ``format``, ``format_version`` and ``sklearn_version`` as saved. A key is absent when the
+        file does not hold it as a plain value; the checks after loading then judge the file.
+    """
+    header = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = json.loads(archive.read("schema.json"))["content"]
+        for key in ("format", "format_version", "sklearn_version"):
+            entry = entries.get(key)
+            if isinstance(entry, dict) and entry.get("is_json") and isinstance(entry.get("content"), str):
+                header[key] = json.loads(entry["content"])
+    except Exception:  # zip, JSON, key and type errors alike: what was read so far is kept
+        pass
+    return header
+
+
+def _check_versions(path, format_version, sklearn_version):
+    """Refuse a classifier file of a newer format or of another scikit-learn version.
+
+    Parameters
+    ----------
+    path : Path
+        The file, for the message.
+    format_version : object
+        The saved file format version.
+    sklearn_version : object
+        The saved scikit-learn version.
+
+    Returns
+    -------
+    str
+        The saved scikit-learn version.
+
+    Raises
+    ------
+    ClassifierFileError
+        If the format is newer than this FetalAnnotate reads, or the scikit-learn major.minor
+        version differs from the installed one.
+    """
+    import sklearn
+
+    if not _is_int(format_version) or format_version > FORMAT_VERSION:
+        raise ClassifierFileError(f"{path} uses classifier format {format_version}, newer than this FetalAnnotate "
+                                  f"reads ({FORMAT_VERSION}); update the FetalAnnotate extension")
+    saved_version = str(sklearn_version)
+    if _major_minor(saved_version) != _major_minor(sklearn.__version__):
+        raise ClassifierFileError(
+            f"{path} was trained with scikit-learn {saved_version} but scikit-learn {sklearn.__version__} is "
+            f"installed; forests are not portable across scikit-learn versions: retrain from the strokes, or "
+            f"install scikit-learn=={saved_version} to apply this file")
+    return saved_version
+
+
+def forest_problem(forest):
+    """What makes a loaded forest unsafe or inconsistent to predict with, or None when it is sound.
+
+    scikit-learn follows a tree's stored child and feature indices without bounds checks, so a
+    damaged or crafted file could crash the application, hang it, or read memory it does not own
+    at the first prediction. Every tree must therefore be one scikit-learn could have grown: its
+    ``node_count`` nodes stored, a leaf's children both -1, an inner node's children both later
+    nodes (which also rules out loops), an inner node's feature one of the forest's
+    ``n_features_in_`` features and its threshold finite, and one finite value per node for one
+    output and each of the forest's ``classes_``. A few vectorised checks per tree.
+
+    Parameters
+    ----------
+    forest : object
+        The ``forest`` read from a classifier file (a scikit-learn forest of decision trees).
+
+    Returns
+    -------
+    str or None
+    """
+    import numpy as np
+
+    n_features = getattr(forest, "n_features_in_", None)
+    if not _is_count(n_features):
+        return f"its number of features is {n_features!r}"
+    n_outputs = getattr(forest, "n_outputs_", None)
+    if not (_is_count(n_outputs) and n_outputs == 1):
+        return f"it predicts {n_outputs!r} outputs, not one"
+    classes = np.asarray(getattr(forest, "classes_", []))
+    if classes.ndim != 1 or classes.size < 1 or not np.issubdtype(classes.dtype, np.integer):
+        return f"its classes are {classes.tolist()!r}"
+    trees = getattr(forest, "estimators_", None)
+    if not isinstance(trees, list) or not trees:
+        return "it holds no list of trees"
+    for index, estimator in enumerate(trees):
+        tree_features = getattr(estimator, "n_features_in_", None)
+        if not (_is_count(tree_features) and tree_features == n_features):
+            return f"tree {index} takes {tree_features!r} features, not {n_features}"
+        try:
+            problem = _tree_problem(getattr(estimator, "tree_", None), n_features, classes.size)
+        except (TypeError, ValueError) as error:  # arrays of another kind than a tree's
+            problem = f"is not a decision tree ({error})"
+        if problem:
+            return f"tree {index} {problem}"
+    return None
+
+
+def _tree_problem(tree, n_features, n_classes):
+    """What is wrong with the node arrays of one fitted ``tree_``, or None (see :func:`forest_problem`)."""
+    import numpy as np
+
+    try:
+        node_count, capacity = tree.node_count, tree.capacity
+    except AttributeError:
+        return "is not a decision tree"
+    if not (_is_count(node_count) and _is_count(capacity) and node_count <= capacity):
+        return f"claims {node_count!r} nodes but stores {capacity!r}"  # its arrays would run past their memory
+    left, right = np.asarray(tree.children_left), np.asarray(tree.children_right)
+    feature, threshold = np.asarray(tree.feature), np.asarray(tree.threshold)
+    value = np.asarray(tree.value)
+    if any(array.shape != (node_count,) for array in (left, right, feature, threshold)):
+        return f"has node arrays of other lengths than its {node_count} nodes"
+    nodes = np.arange(node_count)
+    leaf = (left == -1) & (right == -1)
+    inner = ~leaf
+    bad = inner & ~((left > nodes) & (left < node_count) & (right > nodes) & (right < node_count))
+    if bad.any():
+        node = int(np.flatnonzero(bad)[0])
+        return f"has node {node} with children {int(left[node])} and {int(right[node])} (of {node_count} nodes)"
+    bad = inner & ((feature < 0) | (feature >= n_features) | ~np.isfinite(threshold))
+    if bad.any():
+        node = int(np.flatnonzero(bad)[0])
+        return (f"has node {node} splitting feature {int(feature[node])} at {float(threshold[node])} "
+                f"(of {n_features} features)")
+    if value.shape != (node_count, 1, n_classes):
+        return f"has node values of shape {value.shape}, not ({node_count}, 1, {n_classes})"
+    if not np.isfinite(value).all():
+        return "has node values that are not finite"
+    return None
 
 
 def feature_settings_problem(settings, n_forest_features=None):
@@ -266,6 +418,13 @@ def _is_number(value):
 def _is_int(value):
     """True for an int that is not a bool."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_count(value):
+    """True for a positive integer (Python or NumPy) that is not a bool."""
+    import numpy as np
+
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0
 
 
 def _major_minor(version):

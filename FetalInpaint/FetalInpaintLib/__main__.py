@@ -20,7 +20,7 @@ import traceback
 
 from .config import CORRUPTOR_NAMES
 from .errors import FetalInpaintError
-from .train import add_train_arguments, read_volume, run_train
+from .train import add_train_arguments, image_volume, read_image, read_volume, run_train
 
 #: Exit codes (the same as ``fetalannotate``'s): a failed command has done nothing, like a usage
 #: error, which argparse ends with 2.
@@ -62,10 +62,13 @@ def run_export(args):
     from .training import load_checkpoint
 
     model, metadata = load_checkpoint(args.model, device=args.device)
-    array, spacing = read_volume(args.volume)
+    source = read_image(args.volume)
+    array, spacing = image_volume(source)
     features = encode_volume(model, array, spacing, metadata, pca_components=args.pca or None, device=args.device)
+    if source.GetDimension() == 2:
+        features = features[:, 0]  # the one slice: a 2D image gets 2D features
     image = sitk.GetImageFromArray(np.moveaxis(features, 0, -1), isVector=True)
-    image.CopyInformation(sitk.ReadImage(str(args.volume)))  # origin, spacing and axis directions of the volume
+    image.CopyInformation(source)  # origin, spacing and axis directions of the volume
     partial = output.with_name(f".partial-{output.name}")  # same extension, so the same writer
     try:
         sitk.WriteImage(image, str(partial))

@@ -16,30 +16,142 @@ starts, so building the parser (``--help``) works without it.
 
 import argparse
 import csv
+import gzip
 import json
+import math
 import os
 import signal
 import sys
+import zlib
 from pathlib import Path
 
 from .config import CORRUPTOR_NAMES, PREFILL_NAMES, TrainConfig
 from .errors import FetalInpaintError, InvalidVolumeError
 
+#: The files that show an earlier training in an output folder: its model, resume point and history.
+EARLIER_TRAINING_FILE_NAMES = ("model.pt", "resume.pt", "history.json")
 
-def read_volume(path):
-    """(array z,y,x float32, spacing z,y,x) of a NIfTI / NRRD / any SimpleITK-readable file."""
+
+def check_volume_file(path):
+    """Refuse a truncated or corrupt NIfTI file, which SimpleITK would read padded with zeros.
+
+    As FetalAnnotate's reader does: a ``.nii.gz`` must hold a complete gzip stream (ended, CRC
+    checked), and a NIfTI file at least the voxel bytes its header announces after its voxel
+    offset. The NRRD and MetaImage readers refuse missing data themselves.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        An existing image file.
+
+    Raises
+    ------
+    InvalidVolumeError
+        The data is shorter than its header says, or its compressed stream is damaged.
+    RuntimeError
+        SimpleITK cannot read the header.
+    """
+    import SimpleITK as sitk
+
+    name = path.name.lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        return
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    component_bytes = sitk.Image([1, 1], reader.GetPixelID(), reader.GetNumberOfComponents()).GetSizeOfPixelComponent()
+    expected = int(float(reader.GetMetaData("vox_offset"))) + \
+        math.prod(reader.GetSize()) * reader.GetNumberOfComponents() * component_bytes
+    if name.endswith(".gz"):
+        try:
+            with gzip.open(path) as stream:
+                available = sum(len(piece) for piece in iter(lambda: stream.read(1 << 24), b""))
+        except EOFError as error:
+            raise InvalidVolumeError(f"{path} is truncated: its compressed data ends early; copy it again from its "
+                                     "source.") from error
+        except (gzip.BadGzipFile, zlib.error) as error:
+            raise InvalidVolumeError(f"{path} is corrupt ({error}); copy it again from its source.") from error
+    else:
+        available = path.stat().st_size
+    if available < expected:
+        raise InvalidVolumeError(f"{path} is truncated: it holds {available} of the {expected} bytes its header "
+                                 "announces; copy it again from its source.")
+
+
+def read_image(path):
+    """Read a scalar 2D image or 3D volume file, refusing a missing, truncated or corrupt one.
+
+    Parameters
+    ----------
+    path : str or Path
+        NIfTI, NRRD, MetaImage, PNG or any other file SimpleITK reads.
+
+    Returns
+    -------
+    SimpleITK.Image
+        2D or 3D, one component per pixel.
+
+    Raises
+    ------
+    InvalidVolumeError
+        Missing, unreadable, truncated or corrupt file, several components, or not 2D or 3D.
+    """
     import SimpleITK as sitk
 
     path = Path(path)
     if not path.exists():
         raise InvalidVolumeError(f"volume file {path} not found.")
     try:
+        check_volume_file(path)
         image = sitk.ReadImage(str(path))
     except RuntimeError as error:
         raise InvalidVolumeError(f"cannot read {path} as an image ({error}).") from error
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InvalidVolumeError(f"{path} has {image.GetNumberOfComponentsPerPixel()} components; use a scalar volume.")
+    if image.GetDimension() not in (2, 3):
+        raise InvalidVolumeError(f"{path} is a {image.GetDimension()}D image; use a 2D image or a 3D volume.")
+    return image
+
+
+def image_volume(image):
+    """(array z,y,x float32, spacing z,y,x) of a 2D or 3D image; a 2D image is a volume of one 1 mm slice."""
+    import SimpleITK as sitk
+
+    if image.GetDimension() == 2:
+        image = sitk.JoinSeries(image)
     return sitk.GetArrayFromImage(image).astype("float32"), tuple(image.GetSpacing()[::-1])
+
+
+def read_volume(path):
+    """(array z,y,x float32, spacing z,y,x) of an image file checked by :func:`read_image` (a 2D image: one slice)."""
+    return image_volume(read_image(path))
+
+
+def check_output_folder(output_dir, resume=False, overwrite=False):
+    """Refuse to start a training that would replace an earlier one in ``output_dir`` unasked.
+
+    Parameters
+    ----------
+    output_dir : str or Path
+    resume : bool, default False
+        Continue the earlier training: allowed where its ``resume.pt`` exists.
+    overwrite : bool, default False
+        Replace the earlier training.
+
+    Raises
+    ------
+    FetalInpaintError
+        The folder holds a model, resume point or history (:data:`EARLIER_TRAINING_FILE_NAMES`), and
+        neither ``overwrite`` nor ``resume`` with a ``resume.pt`` is given.
+    """
+    found = [name for name in EARLIER_TRAINING_FILE_NAMES if (Path(output_dir) / name).exists()]
+    if not found or overwrite or (resume and "resume.pt" in found):
+        return
+    if resume:
+        raise FetalInpaintError(f"{output_dir} holds a training ({', '.join(found)}) without resume.pt, so --resume "
+                                "cannot continue it: give --overwrite to replace it, or another --out.")
+    raise FetalInpaintError(f"{output_dir} already holds a training ({', '.join(found)}): give --resume to continue "
+                            "it, --overwrite to replace it, or another --out.")
 
 
 def manifest_paths(manifest, dataset=None, column="image"):
@@ -93,7 +205,11 @@ def add_train_arguments(parser):
     data.add_argument("--dataset", help="use only the manifest rows whose 'dataset' column has this value")
     parser.add_argument("--out", required=True, metavar="FOLDER",
                         help="output folder: model.pt, model.json, resume.pt, history.json, loss_curve.png")
-    parser.add_argument("--resume", action="store_true", help="continue the training saved in FOLDER/resume.pt")
+    earlier = parser.add_mutually_exclusive_group()
+    earlier.add_argument("--resume", action="store_true", help="continue the training saved in FOLDER/resume.pt")
+    earlier.add_argument("--overwrite", action="store_true",
+                         help="replace the training FOLDER holds (default: refuse to start where FOLDER holds "
+                              "model.pt, resume.pt or history.json)")
     defaults = TrainConfig()
     settings = parser.add_argument_group("training settings")
     for name, (kind, text) in TRAIN_OPTIONS.items():
@@ -150,7 +266,8 @@ def run_train(args):
     Raises
     ------
     FetalInpaintError
-        No volume, unreadable volume, bad settings, or a locked output folder.
+        No volume, unreadable volume, bad settings, an earlier training in the output folder (without
+        ``--resume`` or ``--overwrite``; see :func:`check_output_folder`), or a locked output folder.
     """
     # SIGTERM stops like the stop file: the run is checkpointed and --resume continues it. Caught from
     # the start, so a SIGTERM while the volumes load is not lost.
@@ -166,6 +283,7 @@ def run_train(args):
     options.update(augment=not args.no_augment, compile=args.compile)
     config = TrainConfig(**options)
     config.validate()
+    check_output_folder(args.out, args.resume, args.overwrite)
     volumes = {str(path): read_volume(path) for path in paths}
 
     import torch

@@ -7,6 +7,8 @@ Files written to ``output_dir`` (only by rank 0 under DistributedDataParallel):
 - ``model.json``: architecture, patch size, normalisation, corruptor, split hash, versions;
 - ``resume.pt``: model, optimiser and scheduler state of the last completed step, to resume;
 - ``history.json`` and ``loss_curve.png``.
+
+A new (not resumed) training first removes these files of an earlier one, so none of them outlives it.
 """
 
 import dataclasses
@@ -32,6 +34,7 @@ from .errors import ArchitectureMismatchError, CheckpointError, FetalInpaintErro
 from .model import build_model
 
 CHECKPOINT_FORMAT = 1
+OUTPUT_FILE_NAMES = ("model.pt", "model.json", "resume.pt", "history.json", "loss_curve.png")
 SLICE_AXIS_RULE = "the axis of length 1 of a single image; else largest spacing (acquisition axis); isotropic volumes: array axis 0"
 
 
@@ -232,6 +235,9 @@ def train(volumes, config, output_dir, progress=None, should_stop=None, resume=F
         is removed when training returns.
     resume : bool, default False
         Continue from ``output_dir/resume.pt`` when it exists (same split and architecture).
+        Otherwise the files of an earlier training in ``output_dir`` are removed once the volumes
+        have given their patches (the command line refuses that unless told, see
+        :func:`FetalInpaintLib.train.check_output_folder`).
 
     Returns
     -------
@@ -305,6 +311,9 @@ def _train(volumes, config, output_dir, progress, should_stop, resume, device, d
         scheduler.load_state_dict(state["scheduler"])
         history, best_val, bad_epochs = list(state["history"]), state["best_val"], state["bad_epochs"]
         start_epoch, step = state["next_epoch"], state["step"]
+    elif rank == 0:  # a new training: an interrupted one must not leave the earlier model beside its resume point
+        for name in OUTPUT_FILE_NAMES:
+            (output_dir / name).unlink(missing_ok=True)
 
     net = model
     if distributed:

@@ -47,6 +47,7 @@ from FetalInpaintLib.control import (
     request_stop,
 )
 from FetalInpaintLib.errors import CheckpointError, FetalInpaintError, InvalidVolumeError, TrainingLockedError
+from FetalInpaintLib.train import EARLIER_TRAINING_FILE_NAMES
 
 MODULE_NAME = "FetalInpaint"
 
@@ -790,7 +791,7 @@ class FetalInpaintLogic:
         -------
         bool
         """
-        return any((Path(outputDirectory) / name).exists() for name in (MODEL_FILE_NAME, RESUME_FILE_NAME, HISTORY_FILE_NAME))
+        return any((Path(outputDirectory) / name).exists() for name in EARLIER_TRAINING_FILE_NAMES)
 
     @staticmethod
     def findCheckpoint(outputDirectory):
