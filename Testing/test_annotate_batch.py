@@ -1,15 +1,34 @@
 """Headless file I/O of FetalAnnotateLib: volumes (NIfTI/NRRD/DICOM), .seg.nrrd, classifier files, batch."""
 
 import csv
+import glob
 import hashlib
 import json
+import os
+import socket
+import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 ANGLE = np.deg2rad(15)
 OBLIQUE = np.array([[np.cos(ANGLE), 0, np.sin(ANGLE)], [0, 1, 0], [-np.sin(ANGLE), 0, np.cos(ANGLE)]])
+# Another process writing a file with atomic_path: argv = library folder, file, "killed" or "waiting".
+WRITER = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+from FetalAnnotateLib.segio import atomic_path
+with atomic_path(sys.argv[2]) as temporary:
+    open(temporary, "wb").write(b"half a segmentation")
+    print(temporary, flush=True)
+    if sys.argv[3] == "killed":
+        os._exit(1)  # no clean-up runs, as when the process is killed
+    sys.stdin.readline()  # still writing until told to finish
+"""
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +56,20 @@ def write_image(path, array, spacing_zyx, origin=(4.0, -3.0, 12.0), direction=OB
     image.SetDirection(np.asarray(direction, float).ravel().tolist())
     sitk.WriteImage(image, str(path))
     return image
+
+
+def start_writer(path, killed):
+    """A process writing ``path`` with ``atomic_path``, killed while writing (its temporary file is left behind) or
+    waiting for a line on its standard input to finish; returns it and its temporary file."""
+    import FetalAnnotateLib
+
+    process = subprocess.Popen([sys.executable, "-c", WRITER, str(Path(FetalAnnotateLib.__file__).parents[1]),
+                                str(path), "killed" if killed else "waiting"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    temporary = Path(process.stdout.readline().strip())
+    if killed:
+        process.communicate(timeout=60)
+    return process, temporary
 
 
 def write_dicom_series(folder, array, spacing_zyx, origin=(4.0, -3.0, 12.0)):
@@ -262,6 +295,53 @@ def test_inputs_with_the_same_name_are_refused_before_any_work(trained, tmp_path
     assert not (tmp_path / "out").exists()
 
 
+def test_output_names_that_differ_only_in_letter_case_or_normalization_collide(trained, tmp_path):
+    """On macOS and Windows Case.seg.nrrd and case.seg.nrrd are one file, and so are the two spellings of Café."""
+    from FetalAnnotateLib import FetalAnnotateError
+    from FetalAnnotateLib.batch import apply_classifier_to_files
+
+    path, _, second = trained
+    for folder, name in (("a", "Case.nrrd"), ("b", "case.nii.gz"), ("a", "Caf\u00e9.nrrd"), ("b", "Cafe\u0301.nrrd")):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        write_image(tmp_path / folder / name, second.image, second.spacing)
+
+    with pytest.raises(FetalAnnotateError, match="4 inputs would write the same output .*a/Case.nrrd and "
+                                                 ".*b/case.nii.gz"):
+        apply_classifier_to_files(path, [tmp_path / "a", tmp_path / "b"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("place", ["read-only folder", "below a file"])
+def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(trained, tmp_path, place):
+    from FetalAnnotateLib import FetalAnnotateError
+    from FetalAnnotateLib.batch import apply_classifier_to_files
+
+    path, _, second = trained
+    write_image(tmp_path / "case.nrrd", second.image, second.spacing)
+    if place == "read-only folder":
+        output = tmp_path / "out"
+        output.mkdir()
+        output.chmod(0o555)
+        try:
+            with tempfile.TemporaryFile(dir=output):
+                pytest.skip("this user may write into read-only folders (root, or Windows)")
+        except PermissionError:
+            pass
+    else:
+        (tmp_path / "notes.txt").write_text("a file")
+        output = tmp_path / "notes.txt" / "out"
+    lines = []
+
+    with pytest.raises(FetalAnnotateError, match="cannot write into the output folder .*out .*; give a folder you "
+                                                 "may write to with --output"):
+        apply_classifier_to_files(path, tmp_path / "case.nrrd", output, log=lines.append)
+
+    assert lines == []  # not even the memory budget: no volume was segmented
+    if place == "read-only folder":
+        output.chmod(0o755)
+        assert list(output.iterdir()) == []
+
+
 def test_truncated_and_corrupt_files_fail_their_item_with_a_clear_message(trained, tmp_path):
     from FetalAnnotateLib.batch import apply_classifier_to_files
     from FetalAnnotateLib.segio import VolumeFileError, check_volume_file, read_volume
@@ -353,15 +433,178 @@ def test_overwrite_keeps_an_output_corrected_and_saved_again_from_slicer(trained
     corrected = edited.read_bytes()
     assert header_field(edited, OUTPUT_MARK) is None  # Slicer writes a header of its own
 
+    kept = apply_classifier_to_files(path, tmp_path, tmp_path / "out")
     again = apply_classifier_to_files(path, tmp_path, tmp_path / "out", overwrite=True)
 
+    assert [item.status for item in kept.items] == ["failed", "existing"]  # not reported as the classifier's result
     assert [item.status for item in again.items] == ["failed", "segmented"]
-    assert "saved again from Slicer" in again.items[0].error and "move it away" in again.items[0].error
+    for item in (kept.items[0], again.items[0]):
+        assert "saved again from Slicer" in item.error and "it is kept" in item.error and "move it away" in item.error
     assert edited.read_bytes() == corrected
     assert header_field(untouched, OUTPUT_MARK) is not None
 
 
-def test_a_damaged_existing_output_fails_its_item_only(trained, tmp_path):
+def test_an_output_saved_from_slicer_with_overlapping_segments_is_kept_with_advice_that_keeps_it(
+        trained, tmp_path, mrml_scene):
+    import slicer
+
+    from FetalAnnotateLib.batch import apply_classifier_to_files
+
+    path, _, second = trained
+    write_image(tmp_path / "case.nrrd", second.image, second.spacing)
+    output = apply_classifier_to_files(path, tmp_path, tmp_path / "out").items[0].output
+    # The user adds a segment that overlaps a class in Slicer and saves: Slicer writes one layer per overlap.
+    node = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    storage = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(output))
+    assert storage.ReadData(node)
+    segmentation = node.GetSegmentation()
+    overlapping = slicer.vtkSegment()
+    overlapping.SetName("fetus, checked")
+    labelmap = slicer.vtkOrientedImageData()
+    labelmap.DeepCopy(segmentation.GetSegment(segmentation.GetNthSegmentID(1)).GetRepresentation("Binary labelmap"))
+    overlapping.AddRepresentation("Binary labelmap", labelmap)
+    segmentation.AddSegment(overlapping)
+    assert segmentation.GetNumberOfLayers() == 2
+    assert storage.WriteData(node)
+    corrected = output.read_bytes()
+
+    for overwrite in (False, True):
+        item = apply_classifier_to_files(path, tmp_path, tmp_path / "out", overwrite=overwrite).items[0]
+
+        assert item.status == "failed" and item.output is None
+        assert "was not written by the batch (saved again from Slicer" in item.error
+        assert "it is kept" in item.error and "move it away, or give another --output" in item.error
+        assert "delete" not in item.error
+    assert output.read_bytes() == corrected
+
+
+def test_overwrite_replaces_only_outputs_whose_voxels_and_names_are_as_the_batch_wrote_them(trained, tmp_path):
+    """Edits with a tool that keeps the header (and so the classifier mark) are the user's work too."""
+    import SimpleITK as sitk
+
+    from FetalAnnotateLib.batch import LABELS_MARK, OUTPUT_MARK, apply_classifier_to_files
+    from FetalAnnotateLib.segio import header_field
+
+    path, _, second = trained
+    for name in ("edited", "renamed", "earlier", "untouched"):
+        write_image(tmp_path / f"{name}.nrrd", second.image, second.spacing)
+    first = apply_classifier_to_files(path, tmp_path, tmp_path / "out")
+    outputs = {item.source.stem: item.output for item in first.items}
+    assert all(header_field(output, LABELS_MARK) is not None for output in outputs.values())
+    # A correction with SimpleITK that copies the header: ten voxels of the second class given to the first.
+    image = sitk.ReadImage(str(outputs["edited"]))
+    labels = sitk.GetArrayFromImage(image)
+    labels.reshape(-1)[np.flatnonzero(labels == 2)[:10]] = 1
+    corrected = sitk.GetImageFromArray(labels)
+    corrected.CopyInformation(image)
+    for key in image.GetMetaDataKeys():
+        corrected.SetMetaData(key, image.GetMetaData(key))
+    sitk.WriteImage(corrected, str(outputs["edited"]), True)
+    assert header_field(outputs["edited"], OUTPUT_MARK) is not None
+    # A segment renamed in a text editor.
+    content = outputs["renamed"].read_bytes()
+    outputs["renamed"].write_bytes(content.replace(b"Segment1_Name:=fetus", b"Segment1_Name:=fetus (checked)", 1))
+    # What the previous version wrote: the classifier mark but no record of the voxels.
+    image = sitk.ReadImage(str(outputs["earlier"]))
+    image.EraseMetaData(LABELS_MARK)
+    sitk.WriteImage(image, str(outputs["earlier"]), True)
+    before = {name: outputs[name].read_bytes() for name in ("edited", "renamed", "earlier")}
+
+    kept = {item.source.stem: item for item in apply_classifier_to_files(path, tmp_path, tmp_path / "out").items}
+    again = {item.source.stem: item
+             for item in apply_classifier_to_files(path, tmp_path, tmp_path / "out", overwrite=True).items}
+
+    assert {name: item.status for name, item in kept.items()} == {
+        "edited": "failed", "renamed": "failed", "earlier": "existing", "untouched": "existing"}
+    assert {name: item.status for name, item in again.items()} == {
+        "edited": "failed", "renamed": "failed", "earlier": "failed", "untouched": "segmented"}
+    for name in ("edited", "renamed"):
+        assert "was changed since the batch wrote it (its segment names or voxels differ)" in kept[name].error
+        assert again[name].error == kept[name].error
+    assert "may have been corrected since (an earlier version of FetalAnnotate wrote it without recording its " \
+           "voxels); it is kept (--overwrite replaces only unedited outputs of the batch): move it away, or give " \
+           "another --output, to segment this volume" in again["earlier"].error
+    assert {name: outputs[name].read_bytes() for name in before} == before
+
+
+def test_an_existing_output_is_a_result_only_when_this_classifier_wrote_it_for_this_volume(trained, tmp_path, capsys):
+    from FetalAnnotateLib.__main__ import main
+    from FetalAnnotateLib.batch import apply_classifier_to_files
+    from FetalAnnotateLib.classifier_io import save_classifier
+    from FetalAnnotateLib.phantom import example_strokes
+    from FetalAnnotateLib.segio import write_segmentation
+
+    path, classifier, second = trained
+    inputs, out = tmp_path / "inputs", tmp_path / "out"
+    inputs.mkdir()
+    for name in ("other", "moved", "resized", "same", "strokes"):
+        write_image(inputs / f"{name}.nrrd", second.image, second.spacing)
+    another = save_classifier(tmp_path / "another.skops", classifier, ["background", "fetus", "placenta"],
+                              metadata={"seed": 2})  # the same class names
+    apply_classifier_to_files(another, inputs / "other.nrrd", out)
+    apply_classifier_to_files(path, [inputs / "moved.nrrd", inputs / "resized.nrrd", inputs / "same.nrrd"], out)
+    write_image(inputs / "moved.nrrd", second.image, second.spacing, origin=(40.0, -3.0, 12.0))
+    write_image(inputs / "resized.nrrd", second.image[:, :40].copy(), second.spacing)
+    strokes = write_segmentation(out / "strokes.seg.nrrd", example_strokes(second.label_map),
+                                 ["background", "fetus", "placenta"], spacing=second.spacing)
+    painted = strokes.read_bytes()
+    apply = ["apply", "--classifier", str(path), "--output", str(out), str(inputs)]
+
+    assert main(apply) == 1
+
+    report = json.loads((out / "fetalannotate-report.json").read_text())
+    items = {Path(entry["source"]).stem: entry for entry in report["items"]}
+    assert {name: entry["status"] for name, entry in items.items()} == {
+        "other": "failed", "moved": "failed", "resized": "failed", "same": "existing", "strokes": "failed"}
+    assert all(entry["classes"] == {} for name, entry in items.items() if name != "same")
+    assert items["other"]["error"] == f"{out / 'other.seg.nrrd'} was written by another classifier: give " \
+                                      "--overwrite to replace it, or another --output"
+    assert items["moved"]["error"].endswith("was written for a volume at another position or orientation: give "
+                                            "--overwrite to replace it, or another --output")
+    assert "was written for (8, 48, 48) voxels of (" in items["resized"]["error"]
+    assert "but the volume has (8, 40, 48) of (" in items["resized"]["error"]
+    assert "strokes.seg.nrrd was not written by the batch" in items["strokes"]["error"]
+    assert "it is kept" in items["strokes"]["error"]
+    err = capsys.readouterr().err
+    assert err.count("FAILED") == 4 and "kept existing" in err
+
+    assert main(apply + ["--overwrite"]) == 1
+
+    report = json.loads((out / "fetalannotate-report.json").read_text())
+    assert [(Path(entry["source"]).stem, entry["status"]) for entry in report["items"]] == [
+        ("moved", "segmented"), ("other", "segmented"), ("resized", "segmented"), ("same", "segmented"),
+        ("strokes", "failed")]
+    assert strokes.read_bytes() == painted
+    assert main(apply) == 1  # the strokes remain; the others are this classifier's results now
+    assert capsys.readouterr().err.count("kept existing") == 4
+
+
+def test_an_output_that_appears_or_changes_while_its_volume_is_segmented_is_kept(trained, tmp_path):
+    from FetalAnnotateLib.batch import apply_classifier_to_files
+
+    path, _, second = trained
+    write_image(tmp_path / "case.nrrd", second.image, second.spacing)
+    output = tmp_path / "out" / "case.seg.nrrd"
+
+    def save_there_while_predicting(fraction, message):
+        if "predicting" in message:
+            output.write_bytes(b"the user's file, or another run's output")
+        return False
+
+    for overwrite in (False, True):  # first no output yet, then an unedited one to replace
+        item = apply_classifier_to_files(path, tmp_path / "case.nrrd", tmp_path / "out", overwrite=overwrite,
+                                         progress=save_there_while_predicting).items[0]
+
+        assert item.status == "failed"
+        assert item.error == f"{output} was written or changed by another program or run while this volume was " \
+                             "segmented; it is kept: run the same command again to check it"
+        assert output.read_bytes() == b"the user's file, or another run's output"
+        apply_classifier_to_files(path, tmp_path / "case.nrrd", tmp_path / "other")
+        output.write_bytes((tmp_path / "other" / "case.seg.nrrd").read_bytes())
+
+
+def test_a_damaged_existing_output_fails_its_item_only_and_is_kept(trained, tmp_path):
     from FetalAnnotateLib.batch import apply_classifier_to_files
 
     path, _, second = trained
@@ -372,11 +615,14 @@ def test_a_damaged_existing_output_fails_its_item_only(trained, tmp_path):
     truncated.write_bytes(truncated.read_bytes()[:-200])
     header = bad_label.read_bytes()
     bad_label.write_bytes(header.replace(b"Segment0_LabelValue:=1", b"Segment0_LabelValue:=one", 1))
+    damaged = truncated.read_bytes(), bad_label.read_bytes()
 
-    again = apply_classifier_to_files(path, tmp_path, tmp_path / "out")
+    for overwrite in (False, True):
+        again = apply_classifier_to_files(path, tmp_path, tmp_path / "out", overwrite=overwrite)
 
-    assert [item.status for item in again.items] == ["failed", "failed", "existing"]
-    assert all("delete it or give --overwrite" in item.error for item in again.items[:2])
+        assert [item.status for item in again.items] == ["failed", "failed", "segmented" if overwrite else "existing"]
+        assert all("cannot be read (" in item.error and "it is kept" in item.error for item in again.items[:2])
+        assert (truncated.read_bytes(), bad_label.read_bytes()) == damaged
 
 
 def test_an_interrupted_write_leaves_no_file_and_a_cancelled_batch_resumes(trained, tmp_path, monkeypatch):
@@ -413,7 +659,8 @@ def test_an_interrupted_write_leaves_no_file_and_a_cancelled_batch_resumes(train
     assert [(item.source.name, item.status) for item in cancelled.value.result.items] == [("case0.nrrd", "segmented")]
     assert sorted(child.name for child in (tmp_path / "out").iterdir()) == [
         "case0.seg.nrrd", "fetalannotate-report.csv", "fetalannotate-report.json"]
-    (tmp_path / "out" / ".case1.seg.nrrd.x1y2.partial.seg.nrrd").write_bytes(b"left by a killed run")
+    _, leftover = start_writer(tmp_path / "out" / "case1.seg.nrrd", killed=True)
+    assert leftover.exists()
     resumed = apply_classifier_to_files(path, tmp_path, tmp_path / "out")
     assert [item.status for item in resumed.items] == ["existing", "segmented", "segmented"]
     assert not any(child.name.startswith(".") for child in (tmp_path / "out").iterdir())
@@ -592,14 +839,34 @@ def test_file_list_inputs_are_relative_to_the_list(tmp_path):
                                                                  tmp_path / "lists" / "/data/b.nrrd"]
 
 
+def test_a_file_list_saved_with_a_byte_order_mark_or_not_as_utf8(tmp_path):
+    from FetalAnnotateLib import FetalAnnotateError
+    from FetalAnnotateLib.batch import read_file_list
+
+    (tmp_path / "notepad.txt").write_bytes("\ufeffcaf\u00e9.nii.gz\r\n# comment\r\nb.nrrd\r\n".encode("utf-8"))
+    assert read_file_list(tmp_path / "notepad.txt") == [tmp_path / "caf\u00e9.nii.gz", tmp_path / "b.nrrd"]
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9.nii.gz\n".encode("latin-1"))
+    with pytest.raises(FetalAnnotateError, match="latin1.txt is not UTF-8 text .*; save it as UTF-8"):
+        read_file_list(tmp_path / "latin1.txt")
+
+
 def test_feature_volume_reader_and_atomic_path(tmp_path):
+    from FetalAnnotateLib import FetalAnnotateError
     from FetalAnnotateLib.segio import atomic_path, read_feature_volume
 
     with pytest.raises(RuntimeError):
         with atomic_path(tmp_path / "report.csv") as temporary:
+            assert Path(temporary).name.startswith(f".report.csv.{os.getpid()}@{socket.gethostname()}.")
             assert temporary.endswith(".partial.csv")
             open(temporary, "w").write("half")
             raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(FetalAnnotateError, match="the temporary file .* was removed while report.csv was written "
+                                                 r"\(by another program or run cleaning the folder\?\); .*report.csv "
+                                                 "was not written: run again"):
+        with atomic_path(tmp_path / "report.csv") as temporary:
+            open(temporary, "w").write("whole")
+            os.remove(temporary)  # as another program cleaning the folder would
     assert list(tmp_path.iterdir()) == []
     write_image(tmp_path / "one.nrrd", np.ones((3, 4, 5), np.float32), (2.0, 1.0, 1.0))
     assert read_feature_volume(tmp_path / "one.nrrd").array.shape == (1, 3, 4, 5)
@@ -625,7 +892,7 @@ def test_command_line_exit_codes_messages_and_file_list(trained, tmp_path, capsy
     assert "memory budget" in captured.err and "1 of 1 volumes done (0 kept from before), 0 failed" in captured.err
 
     (tmp_path / "inputs" / "broken.nii.gz").write_bytes(b"\x1f\x8b\x08 not gzip")
-    (tmp_path / "list.txt").write_text("inputs/case.nrrd\ninputs/broken.nii.gz\n")
+    (tmp_path / "list.txt").write_text("inputs/case.nrrd\ninputs/broken.nii.gz\n", encoding="utf-8-sig")
     assert main(apply + [str(tmp_path / "out"), "--file-list", str(tmp_path / "list.txt")]) == 1
     captured = capsys.readouterr()
     assert "FAILED" in captured.err and "kept existing" in captured.err and "Traceback" not in captured.err
@@ -663,22 +930,48 @@ def test_progress_is_a_bar_with_eta_on_a_terminal_and_plain_lines_when_piped():
     assert "\r\x1b[K[########################] 100% ETA 00:00  done" in terminal.getvalue()
 
 
-def test_leftovers_of_a_killed_run_are_matched_by_their_exact_volume_name(trained, tmp_path):
+def test_only_leftovers_of_interrupted_writes_of_the_same_output_are_removed(trained, tmp_path):
     from FetalAnnotateLib.batch import apply_classifier_to_files
+    from FetalAnnotateLib.segio import LEFTOVER_AGE_S
 
     path, _, second = trained
     write_image(tmp_path / "case[1].nrrd", second.image, second.spacing)
     out = tmp_path / "out"
     out.mkdir()
-    own = out / ".case[1].seg.nrrd.x1y2.partial.seg.nrrd"
-    own.write_bytes(b"left by a killed run")
-    # What a glob bracket would match: the write in progress of volume "case1" (e.g. by another shard).
-    other = out / ".case1.seg.nrrd.x1y2.partial.seg.nrrd"
-    other.write_bytes(b"being written by another run")
+    _, own = start_writer(out / "case[1].seg.nrrd", killed=True)
+    # What a glob bracket would match: a leftover of volume "case1" (e.g. of another shard) is not this output's.
+    _, other = start_writer(out / "case1.seg.nrrd", killed=True)
+    # Without a writer of this computer (an earlier version's, or a run on another computer sharing the folder):
+    # left over only when it has not changed for a day.
+    old, recent, elsewhere = (out / f".case[1].seg.nrrd.{writer}.partial.seg.nrrd"
+                              for writer in ("x1y2z3", "a1b2c3", "7@another-computer.lab.org.d4e5f6"))
+    for leftover in (old, recent, elsewhere):
+        leftover.write_bytes(b"left by a killed run, or being written")
+    a_day_ago = time.time() - LEFTOVER_AGE_S - 60
+    os.utime(old, (a_day_ago, a_day_ago))
 
     apply_classifier_to_files(path, tmp_path / "case[1].nrrd", out)
 
-    assert not own.exists() and other.exists()
+    assert not own.exists() and not old.exists()
+    assert other.exists() and recent.exists() and elsewhere.exists()
+
+
+def test_a_write_in_progress_of_another_run_into_the_same_folder_is_left_alone(trained, tmp_path):
+    from FetalAnnotateLib.batch import apply_classifier_to_files
+
+    path, _, second = trained
+    write_image(tmp_path / "case.nrrd", second.image, second.spacing)
+    out = tmp_path / "out"
+    writer, temporary = start_writer(out / "case.seg.nrrd", killed=False)
+    try:
+        result = apply_classifier_to_files(path, tmp_path / "case.nrrd", out)
+        assert temporary.exists()
+    finally:
+        writer.communicate("finish\n", timeout=60)
+
+    assert writer.returncode == 0 and not temporary.exists()
+    assert result.items[0].status == "segmented"
+    assert not glob.glob(glob.escape(str(out)) + "/.*")
 
 
 @pytest.mark.parametrize("flag", [b"CompressedData = true", b"CompressedData=True", b"CompressedData = 1"])

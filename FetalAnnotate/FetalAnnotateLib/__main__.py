@@ -220,8 +220,8 @@ def build_parser(prog=None):
     apply.add_argument("--file-list", metavar="FILE",
                        help="text file with one input per line (relative to its folder), added to INPUT")
     apply.add_argument("--overwrite", action="store_true",
-                       help="segment again volumes whose output exists (default: keep and report them); an "
-                            "output corrected and saved again from Slicer is kept even so")
+                       help="segment again volumes whose output exists (default: keep and report them); only "
+                            "outputs unchanged since the batch wrote them are replaced, a corrected one is kept")
     apply.add_argument("--jobs", type=_positive_int, default=1, metavar="N",
                        help="volumes segmented at once in worker processes, one core each (default: %(default)s)")
     apply.add_argument("--memory-gb", type=float, metavar="GB",

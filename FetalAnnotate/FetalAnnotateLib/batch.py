@@ -3,22 +3,27 @@
 Runs headless (plain Python with FetalAnnotateLib installed, or ``fetalannotate apply``) and from
 Slicer's Python interactor alike; nothing here needs Slicer.
 
-Data safety: an existing output is kept (and its volumes reported) unless ``overwrite`` is
-given, so running the same command again continues an interrupted batch; even then an output
-that was not written by this batch (corrected and saved again from Slicer) is kept; every file is written
-under a temporary name and renamed when complete; segmentations are never taken as inputs, so
-no input is overwritten; inputs whose outputs would collide are refused before any work starts.
+Data safety: an existing output is kept unless ``overwrite`` is given, and reported as this
+run's result only when this classifier wrote it for the volume's voxel grid, so running the same
+command again continues an interrupted batch; ``overwrite`` replaces only an unedited output of
+the batch (its header marks still match its segment names and voxels), never one corrected by
+hand or made elsewhere; every file is written under a temporary name and renamed when complete,
+and only temporary files of writes that were interrupted are removed; segmentations are never
+taken as inputs, so no input is overwritten; inputs whose outputs would collide (also on file
+systems that ignore letter case) and an output folder that cannot be written are refused
+before any work starts.
 """
 
 import csv
-import glob
 import hashlib
 import json
 import multiprocessing
 import os
 import sys
+import tempfile
 import time
 import traceback
+import unicodedata
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -29,8 +34,8 @@ from typing import Optional
 import numpy as np
 
 from .classifier_io import load_classifier
-from .segio import (VOLUME_SUFFIXES, atomic_path, check_volume_file, is_dicom_folder, not_an_image_volume,
-                    header_field, read_feature_volume, read_segmentation, read_volume, volume_name,
+from .segio import (VOLUME_SUFFIXES, atomic_path, check_volume_file, is_dicom_folder, leftover_partial_files,
+                    not_an_image_volume, read_feature_volume, read_segmentation, read_volume, volume_name,
                     write_segmentation)
 from .validation import FetalAnnotateError, OperationCancelled, report_progress
 
@@ -40,6 +45,10 @@ REPORT_NAME = "fetalannotate-report"
 #: Slicer and other editors write their own header when they save a segmentation, so an output
 #: corrected and saved again by hand lacks it, and ``overwrite`` keeps that file.
 OUTPUT_MARK = "FetalAnnotate_Classifier_SHA256"
+#: NRRD header field of every segmentation the batch writes: the SHA-256 of its segment names and
+#: label voxels. An output edited with a tool that keeps the header (e.g. SimpleITK) no longer
+#: matches it, and ``overwrite`` keeps that file too.
+LABELS_MARK = "FetalAnnotate_Labels_SHA256"
 #: Share of the available memory that the default memory budget takes, so the machine stays usable.
 DEFAULT_MEMORY_SHARE = 0.5
 # A worker process with numpy, scipy, scikit-learn, SimpleITK and a forest loaded.
@@ -57,8 +66,9 @@ class BatchItem:
     output : Path or None
         The ``.seg.nrrd``; None when the volume failed.
     status : str
-        ``"segmented"`` (written by this run), ``"existing"`` (the output was already there and
-        was kept) or ``"failed"``.
+        ``"segmented"`` (written by this run), ``"existing"`` (this classifier's unedited output
+        for the volume was already there and was kept) or ``"failed"`` (also when another file
+        is in the output's place: it is kept, and ``error`` says why).
     error : str or None
         Why the volume failed; None otherwise.
     seconds : float
@@ -161,9 +171,10 @@ def find_volumes(inputs):
 
 
 def read_file_list(path):
-    """Inputs listed in a text file, one per line (blank lines and ``#`` comments skipped).
+    """Inputs listed in a UTF-8 text file, one per line (blank lines and ``#`` comments skipped).
 
-    Relative paths are taken from the list file's folder.
+    Relative paths are taken from the list file's folder. A byte order mark (as Windows editors
+    write) is ignored.
 
     Returns
     -------
@@ -171,9 +182,11 @@ def read_file_list(path):
     """
     path = Path(path)
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except OSError as error:
         raise FetalAnnotateError(f"cannot read the file list {path}: {error}") from error
+    except UnicodeDecodeError as error:
+        raise FetalAnnotateError(f"the file list {path} is not UTF-8 text ({error}); save it as UTF-8") from error
     return [path.parent / line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
@@ -300,10 +313,13 @@ def apply_classifier_to_files(classifier_path, inputs, output_dir, *, overwrite=
     output_dir : str or Path
         Folder for the ``.seg.nrrd`` files and the report (created if needed).
     overwrite : bool, default False
-        Segment volumes whose output exists again; by default they are kept and reported, so
-        a second run continues an interrupted one. An existing output that this batch did not
-        write (no :data:`OUTPUT_MARK` in its header: corrected and saved again from Slicer, or
-        made elsewhere) is kept even so, and its volume fails with a message.
+        Segment volumes whose output exists again. By default an output is kept: when this
+        classifier wrote it for the volume's voxel grid it is reported (status ``"existing"``),
+        so a second run continues an interrupted one; otherwise its volume fails with a
+        message. Only an unedited output of the batch is replaced: one without
+        :data:`OUTPUT_MARK` (saved again from Slicer, or made elsewhere), one whose segment
+        names or voxels no longer match :data:`LABELS_MARK` (edited), or one written by a
+        version without it, is kept even so, and its volume fails with a message.
     jobs : int, default 1
         Volumes segmented at once, each in its own worker process (1: in this process, which
         is what Slicer's GUI needs). Outputs are the same for any value.
@@ -335,8 +351,9 @@ def apply_classifier_to_files(classifier_path, inputs, output_dir, *, overwrite=
         If the classifier file cannot be loaded or its settings are invalid.
     FetalAnnotateError
         Before any work, if there is no volume to segment, two inputs would write the same
-        output, ``output_dir`` is a file or file name, ``jobs`` or ``shard`` are invalid, the
-        extra features do not fit the classifier, or ``jobs`` > 1 inside the Slicer application.
+        output (or outputs whose names differ only in letter case), ``output_dir`` is a file or
+        file name or cannot be written, ``jobs`` or ``shard`` are invalid, the extra features do
+        not fit the classifier, or ``jobs`` > 1 inside the Slicer application.
     BatchCancelled
         If ``progress`` asked to stop; volumes done so far are kept and reported, and the
         exception's ``result`` lists them.
@@ -359,6 +376,7 @@ def apply_classifier_to_files(classifier_path, inputs, output_dir, *, overwrite=
                                  + (f" ({len(skipped)} other files skipped)" if skipped else "")
                                  + "; give NIfTI/NRRD/MetaImage files, DICOM series folders or folders of them")
     outputs = _planned_outputs(volumes, output_dir)
+    _check_writable(output_dir)
     volumes = shard_of(volumes, shard)
     report_stem = output_dir / (REPORT_NAME if shard is None else f"{REPORT_NAME}-shard-{shard[0]}-of-{shard[1]}")
     n_features = int(getattr(saved.classifier.forest, "n_features_in_", 0))
@@ -370,18 +388,16 @@ def apply_classifier_to_files(classifier_path, inputs, output_dir, *, overwrite=
     done = {}
     todo = []
     for source in volumes:
-        if outputs[source].exists() and not overwrite:
-            done[source] = _existing_item(source, outputs[source], saved.class_names)
-            log(_item_line(done[source]))
-        elif outputs[source].exists() and header_field(outputs[source], OUTPUT_MARK) is None:
-            done[source] = BatchItem(source, None, "failed", error=(
-                f"{outputs[source]} was not written by this batch (corrected and saved again from Slicer, or made "
-                "elsewhere), so --overwrite keeps it; move it away to segment this volume again"))
-            log(_item_line(done[source]))
+        found = _file_state(outputs[source])
+        item = None if found is None else _existing_item(source, outputs[source], saved.class_names, digest,
+                                                         overwrite)
+        if item is None:
+            todo.append((source, found))
+            for leftover in leftover_partial_files(outputs[source]):
+                leftover.unlink(missing_ok=True)  # from a run killed while writing this output
         else:
-            todo.append(source)
-            for leftover in output_dir.glob(glob.escape(f".{outputs[source].name}.") + "*.partial.seg.nrrd"):
-                leftover.unlink()  # from a run killed while writing this output
+            done[source] = item
+            log(_item_line(item))
     settings = {"classifier": str(classifier_path), "inputs": [str(path) for path in volumes], "jobs": int(jobs),
                 "shard": None if shard is None else f"{shard[0]}/{shard[1]}", "memory_budget_bytes": budget,
                 "overwrite": bool(overwrite), "extra_features": extra_features, "started": started.isoformat()}
@@ -394,7 +410,8 @@ def apply_classifier_to_files(classifier_path, inputs, output_dir, *, overwrite=
 
     cancelled = False
     try:
-        tasks = [(source, outputs[source], _extra_path(extra_features, source), digest) for source in todo]
+        tasks = [(source, outputs[source], _extra_path(extra_features, source), digest, found)
+                 for source, found in todo]
         if int(jobs) == 1:
             cancelled = _run_here(saved, tasks, len(done), len(volumes), progress, finished)
         else:
@@ -425,12 +442,12 @@ def _asks_to_stop(progress, fraction, message):
 def _run_here(saved, tasks, n_done, n_total, progress, finished):
     """Segment the tasks one by one in this process; True when cancelled."""
     saved.classifier.forest.n_jobs = 1  # same sums in the same order as in worker processes
-    for index, (source, output, extra_path, digest) in enumerate(tasks):
+    for index, (source, output, extra_path, digest, found) in enumerate(tasks):
         def volume_progress(fraction, message, _done=n_done + index, _name=source.name):
             return progress is not None and progress((_done + fraction) / n_total, f"{_name}: {message}")
 
         try:
-            item = _segment_volume(saved, source, output, extra_path, digest, volume_progress)
+            item = _segment_volume(saved, source, output, extra_path, digest, found, volume_progress)
         except OperationCancelled:
             return True
         if finished(item):
@@ -509,13 +526,17 @@ def _start_worker(classifier_path):
     _worker_classifier.classifier.forest.n_jobs = 1  # one core per worker; same sums as in one process
 
 
-def _segment_in_worker(source, output, extra_path, digest):
-    return _segment_volume(_worker_classifier, source, output, extra_path, digest)
+def _segment_in_worker(source, output, extra_path, digest, found):
+    return _segment_volume(_worker_classifier, source, output, extra_path, digest, found)
 
 
-def _segment_volume(saved, source, output, extra_path, digest, progress=None):
+def _segment_volume(saved, source, output, extra_path, digest, found, progress=None):
     """Segment one volume and write its ``.seg.nrrd`` (marked with the classifier's SHA-256
-    ``digest``, :data:`OUTPUT_MARK`); a failure becomes a failed item."""
+    ``digest``, :data:`OUTPUT_MARK`, and with :data:`LABELS_MARK`); a failure becomes a failed item.
+
+    ``found`` is the output's :func:`_file_state` when the batch checked it: an output written or
+    changed since (by another run, or by hand) is kept.
+    """
     started = time.perf_counter()
     try:
         volume = read_volume(source)
@@ -524,8 +545,12 @@ def _segment_volume(saved, source, output, extra_path, digest, progress=None):
                                                        extra_features=extra)
         labels = (np.argmax(probabilities, axis=0) + 1).astype(np.uint8)
         del probabilities
+        if _file_state(output) != found:
+            raise FetalAnnotateError(f"{output} was written or changed by another program or run while this volume "
+                                     "was segmented; it is kept: run the same command again to check it")
         write_segmentation(output, labels, saved.class_names, spacing=volume.spacing, origin=volume.origin,
-                           direction=volume.direction, header={OUTPUT_MARK: digest})
+                           direction=volume.direction,
+                           header={OUTPUT_MARK: digest, LABELS_MARK: _labels_digest(labels, saved.class_names)})
         voxels = np.bincount(labels.ravel(), minlength=len(saved.class_names) + 1)[1:]
         return BatchItem(source, output, "segmented", seconds=time.perf_counter() - started,
                          voxels=tuple(int(count) for count in voxels),
@@ -540,27 +565,87 @@ def _segment_volume(saved, source, output, extra_path, digest, progress=None):
                          seconds=time.perf_counter() - started, details=traceback.format_exc())
 
 
-def _existing_item(source, output, class_names):
-    """Report a kept output with its class volumes; fail it when it holds other classes."""
+def _existing_item(source, output, class_names, digest, overwrite):
+    """The item of a volume whose output exists, or None when the volume is to be segmented again.
+
+    Without ``overwrite`` the output is this run's result (status ``"existing"``, with its class
+    volumes) when this classifier (SHA-256 ``digest``) wrote it for the volume's voxel grid and
+    it was not edited since; with ``overwrite`` any unedited output of the batch is segmented
+    again. Otherwise the output is kept and the volume fails with why.
+    """
     import SimpleITK as sitk
 
     started = time.perf_counter()
+
+    def failed(error):
+        return BatchItem(source, None, "failed", error=error, seconds=time.perf_counter() - started)
+
+    def kept(why):
+        return failed(f"{output} {why}; it is kept (--overwrite replaces only unedited outputs of the batch): "
+                      "move it away, or give another --output, to segment this volume")
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(output))
     try:
+        reader.ReadImageInformation()
+        if not reader.HasMetaDataKey(OUTPUT_MARK):  # e.g. Slicer's file of overlapping segments: not read
+            return kept("was not written by the batch (saved again from Slicer, or made elsewhere)")
         check_volume_file(output)  # a truncated output would report wrong volumes
         labels, names = read_segmentation(output)
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(output))
-        reader.ReadImageInformation()
     except (FetalAnnotateError, RuntimeError, ValueError, OSError) as error:
-        return BatchItem(source, None, "failed", error=f"the existing output {output} cannot be read ({error}); "
-                         "delete it or give --overwrite")
-    if list(names) != list(class_names):
-        return BatchItem(source, None, "failed", error=f"the existing output {output} holds segments {names}, not "
-                         f"this classifier's {list(class_names)}; give another --output, or --overwrite")
+        return kept(f"cannot be read ({error})")
+    recorded = reader.GetMetaData(LABELS_MARK) if reader.HasMetaDataKey(LABELS_MARK) else None
+    unedited = recorded == _labels_digest(labels, names)
+    if recorded is not None and not unedited:
+        return kept("was changed since the batch wrote it (its segment names or voxels differ)")
+    doubt = "may have been corrected since (an earlier version of FetalAnnotate wrote it without recording its voxels)"
+    if overwrite:
+        return None if unedited else kept(doubt)
+    if reader.GetMetaData(OUTPUT_MARK) != digest:
+        difference = "was written by another classifier"
+    elif list(names) != list(class_names):
+        difference = f"holds segments {names}, not this classifier's {list(class_names)}"
+    else:
+        try:
+            difference = _grid_difference(reader, read_volume(source))
+        except FetalAnnotateError as error:
+            return failed(str(error))
+    if difference is not None and unedited:
+        return failed(f"{output} {difference}: give --overwrite to replace it, or another --output")
+    if difference is not None:
+        return kept(f"{difference}, and {doubt}")
     voxels = np.bincount(labels.ravel(), minlength=len(names) + 1)[1:]
     return BatchItem(source, output, "existing", seconds=time.perf_counter() - started,
                      voxels=tuple(int(count) for count in voxels),
                      voxel_ml=float(np.prod(reader.GetSpacing())) / 1000.0)
+
+
+def _grid_difference(reader, volume):
+    """How the voxel grid of an output (its header ``reader``) differs from its volume's, or None."""
+    shape, spacing = tuple(reader.GetSize())[::-1], tuple(reader.GetSpacing())[::-1]
+    if shape != volume.array.shape or not np.allclose(spacing, volume.spacing, rtol=1e-4):
+        return (f"was written for {shape} voxels of {spacing} mm, but the volume has {volume.array.shape} of "
+                f"{volume.spacing} mm")
+    if not np.allclose(reader.GetOrigin(), volume.origin, rtol=1e-4, atol=1e-3) or \
+            not np.allclose(reader.GetDirection(), volume.direction.ravel(), atol=1e-4):
+        return "was written for a volume at another position or orientation"
+    return None
+
+
+def _labels_digest(labels, names):
+    """SHA-256 of segment names and a label map (value k: ``names[k - 1]``), as :data:`LABELS_MARK` holds it."""
+    digest = hashlib.sha256(json.dumps([list(names), list(labels.shape)]).encode())
+    digest.update(np.ascontiguousarray(labels, "<u2").tobytes())
+    return digest.hexdigest()
+
+
+def _file_state(path):
+    """(size, modification time) of a file, to notice that it changed; None when it does not exist."""
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
 
 
 def _check_extra_features(pattern, n_extra):
@@ -602,16 +687,29 @@ def _checked_output_dir(output_dir):
     return output_dir
 
 
+def _check_writable(output_dir):
+    """Create the output folder if needed; refuse it when no file can be written into it."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
+    except OSError as error:
+        raise FetalAnnotateError(f"cannot write into the output folder {output_dir} ({error.strerror or error}); "
+                                 "give a folder you may write to with --output") from error
+
+
 def _planned_outputs(volumes, output_dir):
     """``<output_dir>/<name>.seg.nrrd`` per volume; refused when two collide.
 
-    No output can be an input: ``.seg.nrrd`` files are never taken as volumes.
+    Names that differ only in letter case or Unicode normalization collide too: they are one
+    file on macOS and Windows. No output can be an input: ``.seg.nrrd`` files are never taken
+    as volumes.
     """
     outputs = {source: output_dir / f"{volume_name(source)}.seg.nrrd" for source in volumes}
-    by_output = {}
+    by_name = {}
     for source, output in outputs.items():
-        by_output.setdefault(output, []).append(source)
-    collisions = [sources for sources in by_output.values() if len(sources) > 1]
+        by_name.setdefault(unicodedata.normalize("NFC", output.name).casefold(), []).append(source)
+    collisions = [sources for sources in by_name.values() if len(sources) > 1]
     if collisions:
         listed = "; ".join(" and ".join(str(source) for source in sources) for sources in collisions[:5])
         raise FetalAnnotateError(f"{sum(map(len, collisions))} inputs would write the same output ({listed}): "

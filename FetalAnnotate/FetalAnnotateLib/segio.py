@@ -12,9 +12,14 @@ segments.
 """
 
 import contextlib
+import glob
 import os
+import re
+import socket
 import struct
+import sys
 import tempfile
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +29,9 @@ import numpy as np
 from .validation import FetalAnnotateError
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+#: Seconds after its last change when a temporary file of :func:`atomic_path` whose writer cannot
+#: be checked (another computer's, on a shared folder) counts as left over by an interrupted write.
+LEFTOVER_AGE_S = 24 * 3600
 
 # Distinct, colour-blind friendly colours (RGB in [0, 1]) for segments without a given colour.
 DEFAULT_SEGMENT_COLORS = (
@@ -425,24 +433,90 @@ def write_segmentation(path, labels, segment_names, *, spacing=(1.0, 1.0, 1.0), 
 def atomic_path(path):
     """Yield a temporary path in ``path``'s folder; rename it to ``path`` once the block succeeds.
 
-    An interrupted write leaves a hidden ``.<name>.*.partial<suffix>`` file, never a
-    half-written ``path``; the temporary file is removed when the block raises.
+    An interrupted write leaves a hidden ``.<name>.<pid>@<host>.*.partial<suffix>`` file, never
+    a half-written ``path``; the temporary file is removed when the block raises. The writer's
+    process ID and computer in the name tell :func:`leftover_partial_files` whether the write
+    is still in progress.
+
+    Raises
+    ------
+    FetalAnnotateError
+        If the temporary file was removed (by another program) before it was renamed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # The temporary name keeps the extension: SimpleITK picks the writer from it.
-    suffix = path.name[len(volume_name(path)):] or path.suffix
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".partial{suffix}")
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}@{socket.gethostname()}.",
+                                         suffix=_partial_suffix(path))
     os.close(handle)
     umask = os.umask(0o022)
     os.umask(umask)
     try:
         yield temporary
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp's owner-only mode would hide outputs from a lab's group
-        os.replace(temporary, path)
+        try:
+            os.chmod(temporary, 0o666 & ~umask)  # mkstemp's owner-only mode would hide outputs from a lab's group
+            os.replace(temporary, path)
+        except FileNotFoundError as error:
+            raise FetalAnnotateError(f"the temporary file {temporary} was removed while {path.name} was written "
+                                     f"(by another program or run cleaning the folder?); {path} was not written: "
+                                     "run again") from error
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def leftover_partial_files(path, max_age=LEFTOVER_AGE_S):
+    """Temporary files of :func:`atomic_path` for ``path`` that interrupted writes left behind.
+
+    A write in progress is never among them: a temporary file counts when the process that
+    wrote it on this computer has ended, or when it has not changed for ``max_age`` seconds
+    (the only test for files written on another computer sharing the folder, by earlier
+    versions, or on Windows).
+
+    Parameters
+    ----------
+    path : str or Path
+        The file that the interrupted writes were writing.
+    max_age : float, default :data:`LEFTOVER_AGE_S`
+        Seconds.
+
+    Returns
+    -------
+    list of Path
+    """
+    path = Path(path)
+    prefix, suffix = f".{path.name}.", _partial_suffix(path)
+    leftovers = []
+    for candidate in path.parent.glob(glob.escape(prefix) + "*" + glob.escape(suffix)):
+        # "<pid>@<host>.<random>" as atomic_path writes it; "<random>" from earlier versions
+        writer = re.fullmatch(r"(?:(\d+)@(.+)\.)?\w+", candidate.name[len(prefix):-len(suffix)])
+        if writer is None:  # another file's, whose name only starts like these
+            continue
+        try:
+            old = time.time() - candidate.stat().st_mtime > max_age
+        except FileNotFoundError:  # renamed or removed since
+            continue
+        pid, host = writer.groups()
+        # On Windows os.kill(pid, 0) would end the process.
+        if old or (host == socket.gethostname() and sys.platform != "win32" and not _process_runs(int(pid))):
+            leftovers.append(candidate)
+    return leftovers
+
+
+def _partial_suffix(path):
+    """End of the temporary names of ``path``: ``.partial`` and its extension, since SimpleITK picks the writer
+    from the extension."""
+    return ".partial" + (path.name[len(volume_name(path)):] or path.suffix)
+
+
+def _process_runs(pid):
+    """True unless process ``pid`` of this computer has ended."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def header_field(path, key):

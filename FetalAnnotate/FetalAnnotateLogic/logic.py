@@ -733,8 +733,8 @@ class FetalAnnotateLogic:
         outputFolder : str or Path
             Where the ``.seg.nrrd`` files and the report go.
         overwrite : bool
-            Segment volumes whose output exists again (an output corrected and saved again
-            from Slicer is kept even so; its volume fails with a message).
+            Segment volumes whose output exists again; only outputs unchanged since the batch
+            wrote them are replaced (a corrected one is kept and its volume fails with a message).
         extraFeatures : str, optional
             For a classifier trained with extra feature channels: each volume's feature file,
             with ``{name}`` for the volume's name, e.g. ``"features/{name}_features.nrrd"``.
