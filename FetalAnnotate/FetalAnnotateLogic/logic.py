@@ -739,7 +739,8 @@ class FetalAnnotateLogic:
             For a classifier trained with extra feature channels: each volume's feature file,
             with ``{name}`` for the volume's name, e.g. ``"features/{name}_features.nrrd"``.
         progress : callable, optional
-            ``progress(fraction, message) -> bool``; True stops after the current volume. When
+            ``progress(fraction, message) -> bool``; True stops the batch (the volume being segmented
+            is dropped; finished ones are kept). When
             omitted, in the Slicer application a progress dialog with a Cancel button shows the
             progress (and the status bar the current volume); headless, nothing is shown.
 

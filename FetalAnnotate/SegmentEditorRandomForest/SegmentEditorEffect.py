@@ -65,9 +65,9 @@ updates, and the FetalAnnotate module on the same volume, reuse them.</li>
 <dfn>Closed outlines enclose their class</dfn>: what the outline encloses is then taught as the target.</li>
 <li>Pick a class and move <dfn>Threshold</dfn> to grow or shrink it without retraining.</li>
 <li>Click <dfn>Apply</dfn>: results go to segments "&lt;class&gt; (auto)"; painted segments stay as painted.</li>
-</ul><p>Segments named "... (auto)" and hidden segments are not used as classes. Feature preset, forest,
-boundary smoothness, round memory, outline mode and extra feature volumes are the FetalAnnotate module's
-settings (its <i>Advanced</i> section).<p>
+</ul><p>Segments named "... (auto)", results kept as "... (edited)" and hidden segments are not used as
+classes. Feature preset, forest, boundary smoothness, round memory, outline mode and extra feature volumes
+are the FetalAnnotate module's settings (its <i>Advanced</i> section).<p>
 Apply writes only the "&lt;class&gt; (auto)" segments, on the source volume's voxel grid and only inside
 the <i>Editable area</i> and <i>Editable intensity range</i>. It never changes other segments, whatever
 <i>Modify other segments</i> says: the painted classes must stay as painted to train the next round. An
