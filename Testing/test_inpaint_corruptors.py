@@ -11,7 +11,7 @@ from FetalInpaintLib.errors import FetalInpaintError, InvalidVolumeError
 
 
 @pytest.mark.parametrize("name", sorted(CORRUPTORS))
-@pytest.mark.parametrize("fraction", [0.1, 0.2, 0.4])
+@pytest.mark.parametrize("fraction", [0.1, 0.2, 0.4, 0.8, 0.95])
 def test_corruptors_hide_the_requested_fraction(name, fraction):
     image = np.random.default_rng(0).random((64, 64)).astype(np.float32) + 1.0
     corrupt = make_corruptor(name, strength=fraction)
@@ -38,6 +38,8 @@ def test_corruptors_are_reproducible_from_a_seed_or_generator(corrupt):
 def test_explicit_hole_count_and_size():
     _, mask = corrupt_holes(np.ones((64, 64)), rng=0, n_holes=1, hole_size=10)
     assert mask.sum() == 100
+    assert not corrupt_holes(np.ones((64, 64)), rng=0, n_holes=0)[1].any()
+    assert not corrupt_shapes(np.ones((64, 64)), rng=0, n_shapes=0)[1].any()
     rows, cols = np.nonzero(mask)
     assert np.ptp(rows) == 9 and np.ptp(cols) == 9
 

@@ -169,6 +169,15 @@ def test_stop_request_checkpoints_and_resume_continues(tmp_path):
         train(tiny_volumes(3), config, tmp_path, resume=True)
 
 
+def test_stop_requested_at_the_end_of_an_epoch_ends_training_there(tmp_path):
+    config = TrainConfig(**{**TINY, "epochs": 4, "log_every": 1000})  # progress only after each epoch
+    calls = []
+    result = train(tiny_volumes(2), config, tmp_path, progress=lambda info: calls.append(info) or True)
+    assert len(calls) == 1 and result.interrupted and result.epochs_completed == 1
+    resumed = train(tiny_volumes(2), config, tmp_path, resume=True)
+    assert [h["epoch"] for h in resumed.history] == [0, 1, 2, 3]
+
+
 def test_early_stop_after_patience(tmp_path):
     # lr 0: only batch-norm statistics move, so the validation loss soon stops improving.
     config = TrainConfig(**{**TINY, "epochs": 8, "patience": 1, "lr": 0.0})

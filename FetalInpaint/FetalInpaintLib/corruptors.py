@@ -108,8 +108,13 @@ def _union_until(make_mask, count, fraction):
 
 
 def _mask_count(fraction, area, shape_area):
-    """Enough shapes to reach ``fraction`` despite overlaps (3x the no-overlap count, 4..256)."""
-    return int(min(256, max(4, math.ceil(3.0 * fraction * area / max(shape_area, 1.0)) + 2)))
+    """Enough shapes to reach ``fraction`` despite overlaps (4..1024).
+
+    n shapes of area a dropped at random cover about 1 - exp(-n a / A) of the area A; the count
+    is three times what that needs (shapes cut by the border cover less).
+    """
+    coverage = -3.0 * math.log1p(-fraction)
+    return int(min(1024, max(4, math.ceil(coverage * area / max(shape_area, 1.0)) + 2)))
 
 
 def batch_masks(shape, name, strength=0.2, size=None, count=None, kinds=SHAPE_KINDS, generator=None, device="cpu"):
@@ -150,17 +155,18 @@ def batch_masks(shape, name, strength=0.2, size=None, count=None, kinds=SHAPE_KI
     # Default sizes give holes and shapes of similar area (8 px squares, 8-16 px shapes at 64x64).
     default_size = min(height, width) // (8 if name == "holes" else 4)
     size = int(size) if size else max(2, default_size)
-    if count is None and fraction == 0.0:
+    if (count is None and fraction == 0.0) or count == 0:
         return torch.zeros((batch, height, width), dtype=torch.bool, device=device)
     if name == "holes":
-        number = count or _mask_count(fraction, height * width, size * size)
+        number = count if count is not None else _mask_count(fraction, height * width, size * size)
         make_mask = _square_masks(batch, number, height, width, size, generator, device)
     else:
         kinds = tuple(kinds)
         unknown = set(kinds) - set(SHAPE_KINDS)
         if not kinds or unknown:
             raise FetalInpaintError(f"shape kinds must be a non-empty subset of {SHAPE_KINDS}, got {kinds}.")
-        number = count or _mask_count(fraction, height * width, 0.6 * math.pi * (size / 2.0) ** 2)
+        number = count if count is not None else _mask_count(fraction, height * width,
+                                                              0.6 * math.pi * (size / 2.0) ** 2)
         make_mask = _shape_masks(batch, number, height, width, size, kinds, generator, device)
     if count is not None:
         return _union_until(make_mask, number, fraction=2.0)

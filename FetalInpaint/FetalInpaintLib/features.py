@@ -3,9 +3,9 @@
 The dense maps are what FetalAnnotate takes as ``extra_features`` of shape (C, *image.shape):
 the encoder runs on every whole slice along the acquisition axis, its bottleneck (1 / 2**depth of
 the slice resolution) is optionally reduced by PCA, then bilinearly upsampled to the slice grid.
-PCA is fitted and applied on the low-resolution bottleneck: bilinear upsampling is an affine
-combination with weights summing to 1, so it commutes with the affine PCA projection and the
-result equals PCA of the upsampled map at a fraction of the memory and time.
+PCA is fitted and applied on the low-resolution bottleneck cells, at a fraction of the memory and
+time of the upsampled map: the projection commutes with bilinear upsampling (weights summing to
+1), though the basis fitted on the cells is not the one a fit on the upsampled map would give.
 """
 
 import csv
@@ -63,7 +63,8 @@ def encode_volume(model, volume, spacing, metadata, pca_components=None, progres
         Checkpoint metadata (its intensity normalisation is applied).
     pca_components : int or None
         Keep this many principal components (fitted on this volume); None = all bottleneck
-        channels (C x the volume's size in float32: ~2.3 GB for 256 channels of 320x320x22).
+        channels (C x the volume's size in float32: ~2.3 GB for 256 channels of 320x320x22; the
+        command line's ``export`` peaks at about twice that while writing the file).
     progress : callable or None
         ``progress(fraction, message)``.
     device : str or None

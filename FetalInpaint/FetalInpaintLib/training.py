@@ -434,9 +434,11 @@ def _train(volumes, config, output_dir, progress, should_stop, resume, device, d
         if rank == 0:
             _write_json(history, output_dir / "history.json")
             plot_loss_curve(history, output_dir / "loss_curve.png")
-        if progress and rank == 0:
-            progress({"epoch": epoch, "step": step, "loss": train_loss, "val_loss": val_loss, "patches_per_s": speed,
-                      "eta_s": (total_steps - step) * train_time / max(run_steps, 1)})
+        epoch_report = {"epoch": epoch, "step": step, "loss": train_loss, "val_loss": val_loss, "patches_per_s": speed,
+                        "eta_s": (total_steps - step) * train_time / max(run_steps, 1)}
+        if stop_requested(epoch_report if rank == 0 else None):  # the epoch's state is saved: resume starts the next
+            interrupted = True
+            break
         if config.patience and bad_epochs >= config.patience:
             stopped_early = True
             break
