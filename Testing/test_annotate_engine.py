@@ -765,6 +765,24 @@ def test_memory_leaves_single_plane_images_alone(plane):
     np.testing.assert_array_equal(with_memory.update(strokes).probabilities, without.update(strokes).probabilities)
 
 
+def test_repeating_a_correction_on_a_single_plane_gives_the_same_result():
+    """A kept image forest gives way near the strokes the last update added, also when the update is repeated."""
+    from robot_user import add_correction_stroke, initial_strokes
+
+    from FetalAnnotateLib.phantom import make_phantom
+
+    phantom = make_phantom(shape=(22, 160, 160), seed=2)
+    image, fetus = phantom.image[11], phantom.label_map[11] == 2
+    strokes = initial_strokes(fetus[None], 0, style="dabs")[0]
+    session = AnnotationSession(image, phantom.spacing[1:])
+    for _ in range(3):
+        first = session.update(strokes)
+        again = session.update(strokes)
+        np.testing.assert_array_equal(again.labels, first.labels)
+        np.testing.assert_array_equal(again.probabilities, first.probabilities)
+        add_correction_stroke(strokes[None], fetus[None], (first.labels == 2)[None], 0)
+
+
 @pytest.mark.parametrize("memory", [-0.1, 1.0, float("nan")])
 def test_memory_outside_zero_one_is_refused(memory):
     image, _ = two_tissue_phantom(shape=(4, 24, 24))
