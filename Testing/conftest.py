@@ -121,3 +121,21 @@ def shared_data():
     if not SHARED_DATA.exists():
         pytest.skip(f"development data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+def write_scaled_nifti(path, array, slope=1.5, intercept=3.0):
+    """An integer NIfTI file whose header scales its values (``scl_slope``, ``scl_inter``), as
+    dcm2niix writes Philips scans; ITK reads such a file as float. Gzipped for ``.nii.gz``."""
+    import gzip
+    import struct
+
+    import SimpleITK as sitk
+
+    path = Path(path)
+    plain = path.with_name(path.name.replace(".nii.gz", ".nii") + ".unscaled.nii")
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(plain))
+    header = bytearray(plain.read_bytes())
+    plain.unlink()
+    header[112:120] = struct.pack("<ff", slope, intercept)  # scl_slope, scl_inter in the 348-byte header
+    path.write_bytes(gzip.compress(bytes(header)) if path.name.endswith(".gz") else bytes(header))
+    return path

@@ -374,6 +374,21 @@ def test_truncated_and_corrupt_files_fail_their_item_with_a_clear_message(traine
         ["whole.seg.nrrd"]
 
 
+def test_integer_nifti_scaled_by_its_header_is_read_and_still_checked(tmp_path):
+    from conftest import write_scaled_nifti
+
+    from FetalAnnotateLib.segio import VolumeFileError, check_volume_file, read_volume
+
+    stored = np.random.default_rng(0).integers(0, 100, (4, 32, 32)).astype(np.int16)
+    for name in ("scaled.nii", "scaled.nii.gz"):
+        volume = read_volume(write_scaled_nifti(tmp_path / name, stored))
+        np.testing.assert_allclose(volume.array, 1.5 * stored + 3.0)
+    data = (tmp_path / "scaled.nii").read_bytes()
+    (tmp_path / "cut.nii").write_bytes(data[:-100])
+    with pytest.raises(VolumeFileError, match="truncated"):
+        check_volume_file(tmp_path / "cut.nii")
+
+
 def test_nothing_to_do_and_a_file_named_output_are_errors(trained, tmp_path):
     from FetalAnnotateLib import FetalAnnotateError
     from FetalAnnotateLib.batch import apply_classifier_to_files
@@ -602,6 +617,19 @@ def test_an_output_that_appears_or_changes_while_its_volume_is_segmented_is_kept
         assert output.read_bytes() == b"the user's file, or another run's output"
         apply_classifier_to_files(path, tmp_path / "case.nrrd", tmp_path / "other")
         output.write_bytes((tmp_path / "other" / "case.seg.nrrd").read_bytes())
+
+    # A second run of the same batch that finished this volume first: its output is the result.
+    output.unlink()
+    finished = (tmp_path / "other" / "case.seg.nrrd").read_bytes()
+
+    def finish_there_while_predicting(fraction, message):
+        if "predicting" in message and not output.exists():
+            output.write_bytes(finished)
+        return False
+
+    item = apply_classifier_to_files(path, tmp_path / "case.nrrd", tmp_path / "out",
+                                     progress=finish_there_while_predicting).items[0]
+    assert item.status == "existing" and item.error is None and output.read_bytes() == finished
 
 
 def test_a_damaged_existing_output_fails_its_item_only_and_is_kept(trained, tmp_path):

@@ -93,6 +93,21 @@ def test_truncated_or_corrupt_volume_files_are_refused_before_training(tmp_path,
     assert not (tmp_path / "run").exists()
 
 
+def test_integer_nifti_scaled_by_its_header_is_not_called_truncated(tmp_path):
+    import numpy as np
+    from conftest import write_scaled_nifti
+
+    from FetalInpaintLib.errors import InvalidVolumeError
+    from FetalInpaintLib.train import check_volume_file
+
+    stored = np.random.default_rng(0).integers(0, 100, (4, 32, 32)).astype(np.uint8)
+    for name in ("scaled.nii", "scaled.nii.gz"):
+        check_volume_file(write_scaled_nifti(tmp_path / name, stored))
+    (tmp_path / "cut.nii").write_bytes((tmp_path / "scaled.nii").read_bytes()[:-100])
+    with pytest.raises(InvalidVolumeError, match="truncated"):
+        check_volume_file(tmp_path / "cut.nii")
+
+
 def test_a_2d_image_is_a_volume_of_one_slice(tmp_path):
     import numpy as np
 

@@ -176,6 +176,8 @@ def test_stop_requested_at_the_end_of_an_epoch_ends_training_there(tmp_path):
     assert len(calls) == 1 and result.interrupted and result.epochs_completed == 1
     resumed = train(tiny_volumes(2), config, tmp_path, resume=True)
     assert [h["epoch"] for h in resumed.history] == [0, 1, 2, 3]
+    finished = train(tiny_volumes(2), config, tmp_path / "last", progress=lambda info: info["epoch"] == 3)
+    assert not finished.interrupted and finished.epochs_completed == 4  # asked only once it is done
 
 
 def test_early_stop_after_patience(tmp_path):

@@ -546,6 +546,10 @@ def _segment_volume(saved, source, output, extra_path, digest, found, progress=N
         labels = (np.argmax(probabilities, axis=0) + 1).astype(np.uint8)
         del probabilities
         if _file_state(output) != found:
+            # Another run of this batch may have written it meanwhile: then it is this volume's result.
+            written = _existing_item(source, output, saved.class_names, digest, overwrite=False)
+            if written is not None and written.status == "existing":
+                return written
             raise FetalAnnotateError(f"{output} was written or changed by another program or run while this volume "
                                      "was segmented; it is kept: run the same command again to check it")
         write_segmentation(output, labels, saved.class_names, spacing=volume.spacing, origin=volume.origin,

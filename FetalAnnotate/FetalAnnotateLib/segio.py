@@ -148,8 +148,11 @@ def check_volume_file(path):
         reader.ReadImageInformation()
     except RuntimeError as error:
         raise VolumeFileError(f"cannot read {path} as a volume: {error}") from error
-    voxel_bytes = int(np.prod(reader.GetSize(), dtype=np.int64)) * reader.GetNumberOfComponents() * \
-        sitk.Image([1, 1], reader.GetPixelID(), reader.GetNumberOfComponents()).GetSizeOfPixelComponent()
+    component_bytes = sitk.Image([1, 1], reader.GetPixelID(), reader.GetNumberOfComponents()).GetSizeOfPixelComponent()
+    if name.endswith((".nii", ".nii.gz")) and reader.HasMetaDataKey("bitpix"):
+        # The stored size: ITK reads integers scaled by scl_slope / scl_inter (e.g. dcm2niix's Philips scans) as float.
+        component_bytes = min(component_bytes, max(1, int(reader.GetMetaData("bitpix")) // 8))
+    voxel_bytes = int(np.prod(reader.GetSize(), dtype=np.int64)) * reader.GetNumberOfComponents() * component_bytes
     with open(path, "rb") as stream:
         head = stream.read(1 << 16)  # NRRD and MetaImage headers are a few lines of text
         if name.endswith((".nii", ".nii.gz")):

@@ -60,6 +60,8 @@ def check_volume_file(path):
     reader.SetFileName(str(path))
     reader.ReadImageInformation()
     component_bytes = sitk.Image([1, 1], reader.GetPixelID(), reader.GetNumberOfComponents()).GetSizeOfPixelComponent()
+    # The stored size: ITK reads integers scaled by scl_slope / scl_inter (e.g. dcm2niix's Philips scans) as float.
+    component_bytes = min(component_bytes, max(1, int(reader.GetMetaData("bitpix")) // 8))
     expected = int(float(reader.GetMetaData("vox_offset"))) + \
         math.prod(reader.GetSize()) * reader.GetNumberOfComponents() * component_bytes
     if name.endswith(".gz"):

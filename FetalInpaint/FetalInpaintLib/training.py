@@ -436,7 +436,8 @@ def _train(volumes, config, output_dir, progress, should_stop, resume, device, d
             plot_loss_curve(history, output_dir / "loss_curve.png")
         epoch_report = {"epoch": epoch, "step": step, "loss": train_loss, "val_loss": val_loss, "patches_per_s": speed,
                         "eta_s": (total_steps - step) * train_time / max(run_steps, 1)}
-        if stop_requested(epoch_report if rank == 0 else None):  # the epoch's state is saved: resume starts the next
+        # The epoch's state is saved: a resume starts the next one. After the last, the training is done anyway.
+        if stop_requested(epoch_report if rank == 0 else None) and epoch + 1 < config.epochs and step < total_steps:
             interrupted = True
             break
         if config.patience and bad_epochs >= config.patience:
