@@ -793,11 +793,58 @@ def test_memory_outside_zero_one_is_refused(memory):
         session.memory = memory
 
 
-@pytest.mark.parametrize("reach", [-1.0, float("nan")])
-def test_negative_stroke_reach_is_refused(reach):
+@pytest.mark.parametrize("reach", [-1.0, float("nan"), float("inf")])
+def test_negative_or_infinite_stroke_reach_is_refused(reach):
     image, _ = two_tissue_phantom(shape=(4, 24, 24))
-    with pytest.raises(FetalAnnotateError, match="stroke_reach_mm"):
+    with pytest.raises(FetalAnnotateError, match="stroke_reach_mm must be finite and at least 0"):
         AnnotationSession(image, stroke_reach_mm=reach)
+
+
+def test_stroke_reach_beyond_the_image_is_the_whole_image_at_once():
+    image, inside = two_tissue_phantom(shape=(6, 32, 32))
+    strokes = phantom_strokes(inside, plane=3)
+    spacing = (2.0, 1.0, 1.0)
+    across = AnnotationSession(image, spacing, stroke_reach_mm=64.0).update(strokes)  # 2 x the image's extent
+    start = time.perf_counter()
+    beyond = AnnotationSession(image, spacing, stroke_reach_mm=1e9).update(strokes)
+    assert time.perf_counter() - start < 10  # the filter of 2e9 voxels per axis ran for hours
+    np.testing.assert_array_equal(beyond.labels, across.labels)
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("pseudo_weight", -1.0, "pseudo_weight must be finite and at least 0 .*a painted voxel weighs 1"),
+        ("pseudo_weight", float("nan"), "pseudo_weight"),
+        ("fold_mm", -1.0, "fold_mm must be finite and positive"),
+        ("fold_mm", 0.0, "fold_mm must be finite and positive"),
+        ("geodesic_contrast", float("nan"), "geodesic_contrast must be finite and at least 0 \\(0: plain grid"),
+        ("geodesic_contrast", -10.0, "geodesic_contrast"),
+        ("geodesic_sigma_mm", -1.0, "geodesic_sigma_mm must be finite and at least 0 \\(0: no smoothing"),
+        ("smoothness", -1.0, "smoothness must be finite and at least 0"),
+        ("smoothness", float("inf"), "smoothness"),
+        ("enclosure_margin_mm", -5.0, "enclosure_margin_mm must be finite and at least 0 \\(None: outline mode off"),
+        ("enclosure_margin_mm", float("nan"), "enclosure_margin_mm"),
+    ],
+)
+def test_numeric_options_out_of_range_are_refused(option, value, message):
+    image, _ = two_tissue_phantom(shape=(4, 24, 24))
+    with pytest.raises(FetalAnnotateError, match=message):
+        AnnotationSession(image, **{option: value})
+    if option in ("smoothness", "enclosure_margin_mm"):  # may be changed between updates
+        session = AnnotationSession(image)
+        with pytest.raises(FetalAnnotateError, match=message):
+            setattr(session, option, value)
+
+
+def test_numeric_options_at_their_bounds_are_accepted():
+    image, _ = two_tissue_phantom(shape=(4, 24, 24))
+    session = AnnotationSession(image, pseudo_weight=0, geodesic_contrast=0, geodesic_sigma_mm=0, smoothness=0,
+                                enclosure_margin_mm=0)
+    assert (session.pseudo_weight, session.smoothness, session.enclosure_margin_mm) == (0.0, 0.0, 0.0)
+    session.enclosure_margin_mm = None
+    session.smoothness = 2
+    assert session.enclosure_margin_mm is None and session.smoothness == 2.0
 
 
 @pytest.mark.parametrize("reach", [0.0, -5.0])
@@ -1226,8 +1273,34 @@ def test_extra_features_are_used():
     assert classifier.predict_proba(image, extra_features=extra).shape == (2,) + image.shape
     with pytest.raises(FetalAnnotateError, match="extra"):
         classifier.predict_proba(image)
+    with pytest.raises(ImageError, match="trained with 2 extra feature channels, got 1"):
+        classifier.predict_proba(image, extra_features=extra[:1])
     with pytest.raises(ImageError):
         AnnotationSession(image, extra_features=extra[:, :3])
+
+
+@pytest.mark.parametrize(
+    "make_extra, message",
+    [
+        (lambda extra: 3.0, r"shape \(\) must be \(channels, \*image.shape\) = \(channels, 4, 16, 16\)"),
+        (lambda extra: np.moveaxis(extra, 0, -1), r"shape \(4, 16, 16, 2\) .*put the channel axis first"),
+        (lambda extra: extra[0], r"shape \(4, 16, 16\) .*a leading axis of length 1"),
+        (lambda extra: extra[:, :, :8], r"shape \(2, 4, 8, 16\) must be .* = \(channels, 4, 16, 16\)"),
+        (lambda extra: extra + 1j * extra, "complex"),
+        (lambda extra: extra.astype(object), "not numbers"),
+        (lambda extra: np.where(extra > 0.9, np.nan, extra), "NaN"),
+    ],
+)
+def test_bad_extra_features_are_refused_alike_by_session_and_classifier(make_extra, message):
+    image, inside = two_tissue_phantom(shape=(4, 16, 16))
+    extra = np.random.default_rng(0).random((2,) + image.shape)
+    bad = make_extra(extra)
+    with pytest.raises(ImageError, match=message):
+        AnnotationSession(image, extra_features=bad)
+    session = AnnotationSession(image, extra_features=extra, forest={"n_estimators": 4})
+    session.update(phantom_strokes(inside, plane=2))
+    with pytest.raises(ImageError, match=message):
+        session.pixel_classifier().predict_proba(image, extra_features=bad)
 
 
 def test_pixel_classifier_applies_to_another_volume():
@@ -1261,6 +1334,14 @@ def test_progress_can_cancel():
     with pytest.raises(OperationCancelled):
         AnnotationSession(image, progress=progress)
     assert all(0.0 <= f <= 1.0 for f, _ in messages)
+
+
+def test_progress_returning_a_numpy_true_cancels_and_other_answers_continue():
+    image, _ = two_tissue_phantom(shape=(4, 24, 24))
+    with pytest.raises(OperationCancelled):
+        AnnotationSession(image, progress=lambda fraction, message: np.float64(fraction) > 0.5)
+    for answer in (np.False_, False, None, 1, "yes"):  # only True asks to stop
+        AnnotationSession(image, progress=lambda fraction, message: answer)
 
 
 def test_a_cancelled_update_stops_between_distance_maps_and_leaves_the_last_round():
@@ -1426,6 +1507,20 @@ def test_extreme_finite_values_are_normalised_safely():
         AnnotationSession(image, extra_features=huge[np.newaxis])
 
 
+def test_large_offset_of_a_wide_type_keeps_the_contrast():
+    image, inside = two_tissue_phantom(shape=(8, 40, 40))
+    strokes = phantom_strokes(inside)
+    unit = (image.astype(np.float64) - image.min()) / (image.max() - image.min())
+    expected = normalize_intensity(unit)
+    # A float32 cast before the offset is taken off rounded 1e8 + [0, 1] to steps of 8: a constant image.
+    np.testing.assert_allclose(normalize_intensity(1e8 + unit), expected, atol=1e-6)
+    wide = np.uint64(2**63) + np.round(unit * 1e9).astype(np.uint64)  # float64 steps of 2048 / 1e9
+    np.testing.assert_allclose(normalize_intensity(wide), expected, atol=1e-5)
+    plain = AnnotationSession(unit).update(strokes).labels
+    for offset in (1e8 + unit, wide):
+        assert dice(AnnotationSession(offset).update(strokes).labels == 2, plain == 2) > 0.97
+
+
 def test_bool_image_is_segmented_as_zeros_and_ones():
     image, inside = two_tissue_phantom(shape=(6, 32, 32))
     mask = image > 120
@@ -1458,6 +1553,40 @@ def test_bad_strokes_raise_stroke_error(strokes, message):
     session = AnnotationSession(image)
     with pytest.raises(StrokeError, match=message):
         session.update(strokes)
+
+
+@pytest.mark.parametrize("byte_swapped", [">u2", ">i4", ">f8"])
+def test_byte_swapped_strokes_give_the_native_result(byte_swapped):
+    image, inside = two_tissue_phantom(shape=(6, 32, 32))
+    strokes = phantom_strokes(inside, plane=3)
+    corrected = strokes.copy()
+    corrected[1, 16, 12:20] = 2
+    # Grown pseudo-labels: the compiled growth refused big-endian labels (a numba TypingError).
+    native = AnnotationSession(image, pseudo_label_source="intensity")
+    swapped = AnnotationSession(image, pseudo_label_source="intensity")
+    for painted in (strokes, corrected):
+        expected = native.update(painted)
+        result = swapped.update(painted.astype(byte_swapped))
+        np.testing.assert_array_equal(result.labels, expected.labels)
+        np.testing.assert_array_equal(result.probabilities, expected.probabilities)
+
+
+def test_float16_strokes_are_read_without_warnings():
+    image, inside = two_tissue_phantom(shape=(6, 32, 32))
+    strokes = phantom_strokes(inside)
+    expected = AnnotationSession(image).update(strokes).labels
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the bound 2**31 - 1 overflowed a float16 cast
+        labels = AnnotationSession(image).update(strokes.astype(np.float16)).labels
+    np.testing.assert_array_equal(labels, expected)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_float_strokes_are_named(value):
+    image, inside = two_tissue_phantom(shape=(6, 32, 32))
+    strokes = np.where(phantom_strokes(inside) == 1, value, phantom_strokes(inside))
+    with pytest.raises(StrokeError, match="NaN or infinite values, which are not class labels"):
+        AnnotationSession(image).update(strokes)
 
 
 def test_errors_are_value_errors_and_predict_needs_training():

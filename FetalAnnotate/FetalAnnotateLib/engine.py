@@ -39,7 +39,9 @@ from .validation import (
     FetalAnnotateError,
     ImageError,
     StrokeError,
+    check_extra_features,
     check_image,
+    check_option,
     check_spacing,
     check_strokes,
     report_progress,
@@ -279,13 +281,17 @@ class PixelClassifier:
         progress : callable or None
             ``progress(fraction, message)``; returning True cancels.
         extra_features : ndarray (C, *image.shape), optional
-            Required when the classifier was trained with extra channels.
+            Required when the classifier was trained with extra channels (as many, the same
+            kind as in training); checked by
+            :func:`~FetalAnnotateLib.validation.check_extra_features`.
         """
         volume = check_image(image)
         spacing3d = check_spacing(spacing, np.ndim(image))
-        features = compute_features(volume, spacing3d, self.feature_settings, _scaled(progress, 0.0, 0.5))
+        extra = None if extra_features is None else check_extra_features(extra_features, np.shape(image))
         n_extra = int(self.feature_settings.get("n_extra_features", 0))
-        features = _with_extra_features(features, extra_features, n_extra, np.shape(image))
+        _check_extra_count(extra, n_extra)
+        features = compute_features(volume, spacing3d, self.feature_settings, _scaled(progress, 0.0, 0.5))
+        features = _with_extra_features(features, extra)
         flat = features.reshape(-1, features.shape[-1])
         probabilities = predict_blockwise(
             self.forest, flat.shape[0], lambda a, b: flat[a:b], progress=_scaled(progress, 0.5, 1.0)
@@ -309,7 +315,8 @@ class AnnotationSession:
     preset : str
         Image feature preset, a key of :data:`FEATURE_PRESETS`.
     extra_features : ndarray of shape (C, *image.shape), optional
-        Additional feature channels (e.g. autoencoder features).
+        Additional feature channels (e.g. autoencoder features): finite real numbers, the
+        channel axis first (:func:`~FetalAnnotateLib.validation.check_extra_features`).
     forest : dict, optional
         :class:`~sklearn.ensemble.RandomForestClassifier` keyword arguments overriding
         :data:`DEFAULT_FOREST`.
@@ -321,10 +328,11 @@ class AnnotationSession:
     spatial_context : bool
         Add the geodesic distance to each stroke class as features and keep only label
         components connected to their strokes. False gives a forest on image features alone.
-    geodesic_contrast : float
-        Path mm per unit of normalised intensity step in the geodesic distance.
-    geodesic_sigma_mm : float
-        In-plane Gaussian smoothing (mm) of the intensity the geodesic distance reads.
+    geodesic_contrast : float >= 0
+        Path mm per unit of normalised intensity step in the geodesic distance (0: plain
+        grid distances).
+    geodesic_sigma_mm : float >= 0
+        In-plane Gaussian smoothing (mm) of the intensity the geodesic distance reads (0: none).
     geodesic_voxels : int
         Larger volumes get their geodesic distances on a grid subsampled along the filtered
         axes to about this many voxels (distance maps are smooth; this bounds s/round).
@@ -337,7 +345,7 @@ class AnnotationSession:
         Volume size from which coarse-to-fine prediction is used.
     coarse_voxels : int
         About how many voxels the coarse pass predicts (sets the cell size, 2 to 4).
-    fold_mm : float
+    fold_mm : float > 0
         Block size of the checkerboard folds that give painted voxels realistic distances
         to their own class's strokes for training (see ``_context_features``).
     memory : float in [0, 1)
@@ -394,7 +402,7 @@ class AnnotationSession:
         ten volumes, round 0: 0.485 to 0.540), distances with two, where the object's
         neighbours often look like it (stacks, round 0: 0.784, against 0.735 with grown
         labels). Other values raise :class:`FetalAnnotateError`.
-    pseudo_weight : float
+    pseudo_weight : float >= 0
         Sample weight of a pseudo-labelled voxel (a painted voxel weighs 1).
     pseudo_image_confidence : float
         The forest with stroke distances learns the pseudo-label candidates as the forest on
@@ -404,7 +412,7 @@ class AnnotationSession:
         farther than ``memory_reach_mm`` from the added strokes are labelled by the image forest
         of the first update of those strokes and the nearer ones by the distances
         (:meth:`_kept_image_forest`). Default :data:`PSEUDO_IMAGE_CONFIDENCE`.
-    smoothness : float
+    smoothness : float >= 0
         Weight of the boundary term of the graph-cut refinement of the labels
         (:func:`~FetalAnnotateLib.graphcut.graph_cut_labels`): label boundaries are kept short
         except along intensity edges of the image the geodesic distances read. 0 labels each
@@ -415,9 +423,9 @@ class AnnotationSession:
         strokes or come within this distance (mm, along each axis) of one; the others go to
         their next most probable class (:func:`stroke_consistent_labels`). A thick brush
         painted across a boundary leaves a thin layer of another class between a stroke and
-        the region the forest gives its class; 0 keeps only components that touch a stroke.
-        Default :data:`STROKE_REACH_MM`; negative raises :class:`FetalAnnotateError`.
-    enclosure_margin_mm : float or None
+        the region the forest gives its class; 0 keeps only components that touch a stroke,
+        a reach beyond the image keeps every component. Default :data:`STROKE_REACH_MM`.
+    enclosure_margin_mm : float >= 0 or None
         *Outline mode* (off by default; :data:`OUTLINE_MARGIN_MM` is the benchmarked value): where, within one
         slice, the strokes of a class form a closed outline around strokes of exactly one
         other class, unpainted voxels inside that outline and farther than this from it are
@@ -425,6 +433,7 @@ class AnnotationSession:
         :func:`enclosed_pseudo_labels`). An outline is dropped when most of what it would teach
         looks like, and lies geodesically nearer, the outline's own class (a loop drawn far
         around the target), and stays dropped while strokes are only added (:meth:`_tight_outlines`).
+        May be changed between updates.
     single_slice_cross_cost : float >= 1
         Outline mode on a thick-slice stack: while a class that a closed outline encloses is
         painted on a single slice, each step across slices in its stroke distances costs this
@@ -433,6 +442,13 @@ class AnnotationSession:
         the other slices (the fetal trunk below the head) is otherwise as near to its strokes
         as to the outline's. Default :data:`SINGLE_SLICE_CROSS_COST`; below 1 raises
         :class:`FetalAnnotateError`.
+
+    Numeric options outside their range (``memory``, ``memory_reach_mm``,
+    ``pseudo_label_reach_mm`` and ``single_slice_cross_cost`` as given above; ``fold_mm`` not
+    positive; ``geodesic_contrast``, ``geodesic_sigma_mm``, ``pseudo_weight``, ``smoothness``,
+    ``stroke_reach_mm`` or ``enclosure_margin_mm`` negative, NaN or infinite) raise
+    :class:`FetalAnnotateError`, also when ``memory``, ``smoothness`` or
+    ``enclosure_margin_mm`` are set later.
     """
 
     def __init__(
@@ -477,7 +493,8 @@ class AnnotationSession:
         self.spatial_context = bool(spatial_context)
         self.max_training_voxels = int(max_training_voxels)
         self.coarse_to_fine = bool(coarse_to_fine)
-        self.fold_mm = float(fold_mm)
+        self.fold_mm = check_option("fold_mm", fold_mm, "the block size in mm of the checkerboard folds",
+                                    positive=True)
         self.memory = memory
         if memory_reach_mm is not None and not float(memory_reach_mm) > 0:
             raise FetalAnnotateError(f"memory_reach_mm must be positive (None: the same memory everywhere), got {memory_reach_mm}")
@@ -494,14 +511,13 @@ class AnnotationSession:
                 f"got {pseudo_label_source!r}"
             )
         self.pseudo_label_source = pseudo_label_source
-        self.pseudo_weight = float(pseudo_weight)
+        self.pseudo_weight = check_option("pseudo_weight", pseudo_weight,
+                                          "the sample weight of a pseudo-labelled voxel; a painted voxel weighs 1")
         self.pseudo_image_confidence = float(pseudo_image_confidence)
-        self.smoothness = float(smoothness)
-        if not float(stroke_reach_mm) >= 0:
-            raise FetalAnnotateError(
-                f"stroke_reach_mm must be at least 0 (0: components must touch a stroke), got {stroke_reach_mm}")
-        self.stroke_reach_mm = float(stroke_reach_mm)
-        self.enclosure_margin_mm = None if enclosure_margin_mm is None else float(enclosure_margin_mm)
+        self.smoothness = smoothness
+        self.stroke_reach_mm = check_option("stroke_reach_mm", stroke_reach_mm,
+                                            "0: components must touch a stroke")
+        self.enclosure_margin_mm = enclosure_margin_mm
         if not float(single_slice_cross_cost) >= 1.0:
             raise FetalAnnotateError(
                 f"single_slice_cross_cost must be at least 1 (1: plain distances), got {single_slice_cross_cost}"
@@ -511,12 +527,15 @@ class AnnotationSession:
         self.coarse_voxels = int(coarse_voxels)
         self.progress = progress
         self._forest_params = {**DEFAULT_FOREST, **(forest or {}), "random_state": random_state}
+        geodesic_contrast = check_option("geodesic_contrast", geodesic_contrast, "0: plain grid distances")
+        geodesic_sigma_mm = check_option("geodesic_sigma_mm", geodesic_sigma_mm, "0: no smoothing")
+        extra = None if extra_features is None else check_extra_features(extra_features, self._input_shape)
+        self._n_extra = 0 if extra is None else len(extra)
         # One normalised image for the features and the geodesic image.
         normalized = normalize_intensity(volume, self.feature_settings["normalize_percentiles"], self.spacing)
         features = compute_features(volume, self.spacing, self.feature_settings, _scaled(progress, 0.0, 0.8),
                                     normalized=normalized)
-        self._n_extra = 0 if extra_features is None else int(np.shape(extra_features)[0])
-        self._features = _with_extra_features(features, extra_features, self._n_extra, self._input_shape)
+        self._features = _with_extra_features(features, extra)
         report_progress(progress, 0.9, "geodesic step costs")
         # Read by the geodesic distances and by the graph-cut refinement (``smoothness`` may be
         # changed between updates).
@@ -587,6 +606,25 @@ class AnnotationSession:
         if not 0.0 <= value < 1.0:
             raise FetalAnnotateError(f"memory must be in [0, 1) (0: every round starts afresh), got {value}")
         self._memory = value
+
+    @property
+    def smoothness(self):
+        """Weight of the boundary term of the graph-cut refinement of the labels (0: none)."""
+        return self._smoothness
+
+    @smoothness.setter
+    def smoothness(self, value):
+        self._smoothness = check_option("smoothness", value, "0: each voxel labelled by its own probabilities")
+
+    @property
+    def enclosure_margin_mm(self):
+        """Margin (mm) of outline mode, or None when it is off."""
+        return self._enclosure_margin_mm
+
+    @enclosure_margin_mm.setter
+    def enclosure_margin_mm(self, value):
+        self._enclosure_margin_mm = None if value is None else check_option(
+            "enclosure_margin_mm", value, "None: outline mode off")
 
     @property
     def memory_weights(self):
@@ -1823,7 +1861,9 @@ def _joined_near(mask, seeds, reach):
     near_box = _grown_box(seeds, mask.shape, reach)
     near = np.zeros(tuple(b.stop - b.start for b in near_box), np.uint8)
     near[tuple(c - b.start for c, b in zip(seeds, near_box))] = 1
-    near = ndi.maximum_filter(near, size=tuple(2 * r + 1 for r in reach))
+    # A reach of the box's length along an axis covers it from any seed: a longer filter gives the
+    # same mask, slowly (stroke_reach_mm=1e6 took 25 s, 1e9 hours).
+    near = ndi.maximum_filter(near, size=tuple(2 * min(r, n) + 1 for r, n in zip(reach, near.shape)))
     joined = mask.copy()
     joined[near_box] |= near.view(bool)
     return joined
@@ -2019,27 +2059,27 @@ def _median_planes(image, start, stop, reach, network, out):
                 out[plane, row, column] = median[column]
 
 
-def _with_extra_features(features, extra_features, n_extra, image_shape):
-    """Append caller-supplied channels (C, *image_shape) to voxel-major features."""
+def _check_extra_count(extra, n_extra):
+    """Raise when a classifier trained on ``n_extra`` extra channels gets another number of them
+    (``extra``: checked channels, or None)."""
+    given = 0 if extra is None else len(extra)
+    if given == n_extra:
+        return
     if n_extra == 0:
-        if extra_features is not None and np.shape(extra_features)[0] != 0:
-            raise FetalAnnotateError("this classifier was trained without extra features; pass none")
-        return features
-    if extra_features is None:
+        raise FetalAnnotateError("this classifier was trained without extra features; pass none")
+    if extra is None:
         raise FetalAnnotateError(f"this classifier needs {n_extra} extra feature channels; pass extra_features")
-    extra = np.asarray(extra_features)
-    if extra.shape != (n_extra,) + tuple(image_shape):
-        raise ImageError(
-            f"extra_features of shape {extra.shape} must be (channels, *image.shape) = "
-            f"({n_extra}, {', '.join(map(str, image_shape))})"
-        )
-    with np.errstate(over="ignore"):  # reported below
-        extra = np.moveaxis(extra.reshape((n_extra,) + features.shape[:-1]), 0, -1).astype(np.float32)
-    if not np.isfinite(extra).all():
-        raise ImageError(
-            "extra_features contain NaN, infinite or float32-overflowing (|x| > 3.4e38) values; "
-            "replace or rescale them first"
-        )
+    raise ImageError(
+        f"this classifier was trained with {n_extra} extra feature channels, got {given}; pass the "
+        "channels it was trained with"
+    )
+
+
+def _with_extra_features(features, extra):
+    """Voxel-major features with the checked extra channels (C, *image shape; float32) appended."""
+    if extra is None or len(extra) == 0:
+        return features
+    extra = np.moveaxis(extra.reshape((len(extra),) + features.shape[:-1]), 0, -1)
     return np.concatenate([features, extra], axis=-1)
 
 

@@ -92,6 +92,12 @@ OUTLIER_RANGES = 10.0
 #: normalisation runs in float64 so that nothing overflows in the float32 cast.
 _FLOAT32_SAFE = 1e30
 
+#: A float32 cast keeps 24 bits of each value: where the largest magnitude exceeds the robust
+#: range this many times, fewer than 2**16 steps of that range would survive it. Such a volume
+#: of a wider type (1e8 + [0, 1] in float64, 2**63 + [0, 1e6] in uint64) is offset and scaled
+#: in float64 before the cast, else its contrast is rounded away.
+_FLOAT32_OFFSET_RATIO = 2.0**8
+
 
 def padding_value(volume, sample):
     """The constant value that fills ``volume`` outside its field of view, or None.
@@ -151,8 +157,11 @@ def normalize_intensity(volume, percentiles=(0.5, 99.5), spacing=(1.0, 1.0, 1.0)
         field = volume if padding is None else volume[volume != padding]
         low, high = float(field.min()), float(field.max())
     extremes = (abs(float(volume.min())), abs(float(volume.max())), abs(float(low)), abs(float(high)))
-    small_range = float(high) - float(low) < 1.0 / _FLOAT32_SAFE
-    work = np.float64 if max(extremes) >= _FLOAT32_SAFE or small_range else np.float32
+    robust_range = float(high) - float(low)
+    small_range = robust_range < 1.0 / _FLOAT32_SAFE
+    large_offset = (not np.can_cast(volume.dtype, np.float32)
+                    and max(extremes) > _FLOAT32_OFFSET_RATIO * robust_range)
+    work = np.float64 if max(extremes) >= _FLOAT32_SAFE or small_range or large_offset else np.float32
     out = volume.astype(work, copy=True)
     out -= work(low)
     out *= work(1.0 / (high - low))

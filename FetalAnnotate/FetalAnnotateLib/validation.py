@@ -40,14 +40,87 @@ def report_progress(progress, fraction, message):
     Parameters
     ----------
     progress : callable or None
-        ``progress(fraction, message) -> bool | None``; returning True requests cancellation.
+        ``progress(fraction, message) -> bool | None``; returning True (Python's or numpy's,
+        e.g. a comparison of arrays) requests cancellation, anything else continues.
     fraction : float
         Completed fraction in [0, 1].
     message : str
         What is being done.
     """
-    if progress is not None and progress(float(min(max(fraction, 0.0), 1.0)), message) is True:
+    if progress is None:
+        return
+    answer = progress(float(min(max(fraction, 0.0), 1.0)), message)
+    if answer is True or (isinstance(answer, np.bool_) and answer):
         raise OperationCancelled(f"cancelled by the user during: {message}")
+
+
+def check_option(name, value, meaning, positive=False):
+    """Return a numeric session option as a float, or raise :class:`FetalAnnotateError`.
+
+    Parameters
+    ----------
+    name : str
+        The option's keyword, named in the message.
+    value : float
+        Must be finite and at least 0 (above 0 with ``positive``).
+    meaning : str
+        What the option or its smallest value means, quoted in the message.
+    positive : bool
+        Refuse 0 too.
+    """
+    number = float(value)
+    if not (number > 0 if positive else number >= 0) or not np.isfinite(number):
+        bound = "positive" if positive else "at least 0"
+        raise FetalAnnotateError(f"{name} must be finite and {bound} ({meaning}), got {value}")
+    return number
+
+
+def check_extra_features(extra_features, image_shape):
+    """Validate caller-supplied feature channels and return them as float32.
+
+    Parameters
+    ----------
+    extra_features : array_like, shape (C, *image_shape)
+        Real numbers (bool and integers too), C channels of the image's shape; C may be 0.
+    image_shape : tuple of int
+        The image's shape as given by the caller ((z, y, x) or (y, x)).
+
+    Returns
+    -------
+    extra : ndarray of float32, shape (C, *image_shape)
+        ``extra_features`` itself when it is a native float32 array, else a converted copy.
+    """
+    extra = np.asarray(extra_features)
+    image_shape = tuple(image_shape)
+    expected = f"(channels, {', '.join(map(str, image_shape))})"
+    if extra.dtype.kind == "c":
+        raise ImageError(
+            f"extra_features of dtype {extra.dtype} are complex; pass real-valued channels (a complex "
+            "feature as its real and imaginary parts, or its magnitude, in channels of their own)"
+        )
+    if extra.dtype.kind not in "biuf":
+        raise ImageError(
+            f"extra_features of dtype {extra.dtype} are not numbers; pass real-valued channels "
+            "(e.g. numpy.asarray(extra, numpy.float32))"
+        )
+    if extra.ndim != len(image_shape) + 1 or extra.shape[1:] != image_shape:
+        if extra.shape == image_shape:
+            how_to_fix = "a single channel needs a leading axis of length 1 (extra[numpy.newaxis])"
+        elif extra.shape[:-1] == image_shape:
+            how_to_fix = "put the channel axis first (numpy.moveaxis(extra, -1, 0))"
+        else:
+            how_to_fix = "pass one channel axis first, then the image's axes"
+        raise ImageError(
+            f"extra_features of shape {extra.shape} must be (channels, *image.shape) = {expected}; {how_to_fix}"
+        )
+    with np.errstate(over="ignore"):  # reported below
+        extra = extra.astype(np.float32, copy=False)
+    if not np.isfinite(extra).all():
+        raise ImageError(
+            "extra_features contain NaN, infinite or float32-overflowing (|x| > 3.4e38) values; "
+            "replace or rescale them first"
+        )
+    return extra
 
 
 def check_image(image):
@@ -139,16 +212,20 @@ def check_strokes(strokes, shape):
     Returns
     -------
     strokes3d : ndarray, shape (z, y, x)
-        A view of ``strokes``.
+        A view of ``strokes``; a copy when they are float (int64 labels) or of the
+        non-native byte order (the compiled loops read native arrays only).
     classes : tuple of int
         Sorted class values present.
     """
     labels = np.asarray(strokes)
+    labels = labels.astype(labels.dtype.newbyteorder("="), copy=False)
     if labels.dtype.kind not in "biu":
         if not _whole_class_values(labels):
             found = f"dtype {labels.dtype}"
-            if labels.dtype.kind == "f":
-                found += f" with values from {np.nanmin(labels):g} to {np.nanmax(labels):g}"
+            if labels.dtype.kind == "f" and not np.isfinite(labels).all():
+                found += " with NaN or infinite values, which are not class labels (unpainted voxels are 0)"
+            elif labels.dtype.kind == "f":
+                found += f" with values from {labels.min():g} to {labels.max():g}"
             raise StrokeError(
                 f"strokes must be integer class labels (0 = unpainted, k > 0 = class k, at most "
                 f"{_MAX_FLOAT_CLASS_VALUE}), got {found}; paint the strokes in a labelmap or "
@@ -188,5 +265,6 @@ def _whole_class_values(labels):
     if labels.dtype.kind != "f":
         return False
     with np.errstate(invalid="ignore"):  # NaN fails every comparison
-        in_range = np.all((labels >= 0) & (labels <= _MAX_FLOAT_CLASS_VALUE))
+        # Against a float64 bound: a float16 array would cast the bound to its own type (inf).
+        in_range = np.all((labels >= 0) & (labels <= np.float64(_MAX_FLOAT_CLASS_VALUE)))
     return bool(in_range and np.all(np.mod(labels, 1) == 0))
