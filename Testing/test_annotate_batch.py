@@ -884,7 +884,7 @@ def test_feature_volume_reader_and_atomic_path(tmp_path):
 
     with pytest.raises(RuntimeError):
         with atomic_path(tmp_path / "report.csv") as temporary:
-            assert Path(temporary).name.startswith(f".report.csv.{os.getpid()}@{socket.gethostname()}.")
+            assert Path(temporary).name.startswith(f".report.csv.{os.getpid()}@{socket.gethostname()[:32]}.")
             assert temporary.endswith(".partial.csv")
             open(temporary, "w").write("half")
             raise RuntimeError("interrupted")

@@ -825,6 +825,14 @@ def test_stroke_reach_beyond_the_image_is_the_whole_image_at_once():
         ("smoothness", float("inf"), "smoothness"),
         ("enclosure_margin_mm", -5.0, "enclosure_margin_mm must be finite and at least 0 \\(None: outline mode off"),
         ("enclosure_margin_mm", float("nan"), "enclosure_margin_mm"),
+        ("memory_reach_mm", float("inf"), "memory_reach_mm must be finite and positive"),
+        ("pseudo_label_reach_mm", float("nan"), "pseudo_label_reach_mm must be finite and positive"),
+        ("pseudo_labels", -1, "pseudo_labels must be finite and at least 0"),
+        ("pseudo_margin_mm", -1.0, "pseudo_margin_mm must be finite and at least 0"),
+        ("pseudo_image_confidence", float("nan"), "pseudo_image_confidence must be finite and at least 0"),
+        ("max_training_voxels", 0, "max_training_voxels must be finite and positive"),
+        ("coarse_voxels", 0, "coarse_voxels must be finite and positive"),
+        ("coarse_to_fine_voxels", -1, "coarse_to_fine_voxels must be finite and at least 0"),
     ],
 )
 def test_numeric_options_out_of_range_are_refused(option, value, message):

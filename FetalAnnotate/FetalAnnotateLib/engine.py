@@ -443,10 +443,13 @@ class AnnotationSession:
         as to the outline's. Default :data:`SINGLE_SLICE_CROSS_COST`; below 1 raises
         :class:`FetalAnnotateError`.
 
-    Numeric options outside their range (``memory``, ``memory_reach_mm``,
-    ``pseudo_label_reach_mm`` and ``single_slice_cross_cost`` as given above; ``fold_mm`` not
-    positive; ``geodesic_contrast``, ``geodesic_sigma_mm``, ``pseudo_weight``, ``smoothness``,
-    ``stroke_reach_mm`` or ``enclosure_margin_mm`` negative, NaN or infinite) raise
+    Numeric options outside their range (``memory`` and ``single_slice_cross_cost`` as given
+    above; ``fold_mm``, ``memory_reach_mm``,
+    ``pseudo_label_reach_mm``, ``max_training_voxels`` or ``coarse_voxels`` not positive;
+    ``geodesic_contrast``, ``geodesic_sigma_mm``, ``pseudo_weight``, ``pseudo_labels``,
+    ``pseudo_margin_mm``, ``pseudo_image_confidence``, ``coarse_to_fine_voxels``,
+    ``smoothness``, ``stroke_reach_mm`` or
+    ``enclosure_margin_mm`` negative; any of them NaN or infinite) raise
     :class:`FetalAnnotateError`, also when ``memory``, ``smoothness`` or
     ``enclosure_margin_mm`` are set later.
     """
@@ -491,20 +494,18 @@ class AnnotationSession:
         self.shape = volume.shape
         self.random_state = random_state
         self.spatial_context = bool(spatial_context)
-        self.max_training_voxels = int(max_training_voxels)
+        self.max_training_voxels = int(check_option("max_training_voxels", max_training_voxels,
+                                                    "painted voxels per class trained on", positive=True))
         self.coarse_to_fine = bool(coarse_to_fine)
         self.fold_mm = check_option("fold_mm", fold_mm, "the block size in mm of the checkerboard folds",
                                     positive=True)
         self.memory = memory
-        if memory_reach_mm is not None and not float(memory_reach_mm) > 0:
-            raise FetalAnnotateError(f"memory_reach_mm must be positive (None: the same memory everywhere), got {memory_reach_mm}")
-        self.memory_reach_mm = None if memory_reach_mm is None else float(memory_reach_mm)
-        if pseudo_label_reach_mm is not None and not float(pseudo_label_reach_mm) > 0:
-            raise FetalAnnotateError("pseudo_label_reach_mm must be positive (None: pseudo-labels afresh every "
-                                     f"update), got {pseudo_label_reach_mm}")
-        self.pseudo_label_reach_mm = None if pseudo_label_reach_mm is None else float(pseudo_label_reach_mm)
-        self.pseudo_labels = int(pseudo_labels)
-        self.pseudo_margin_mm = float(pseudo_margin_mm)
+        self.memory_reach_mm = None if memory_reach_mm is None else check_option(
+            "memory_reach_mm", memory_reach_mm, "None: the same memory everywhere", positive=True)
+        self.pseudo_label_reach_mm = None if pseudo_label_reach_mm is None else check_option(
+            "pseudo_label_reach_mm", pseudo_label_reach_mm, "None: pseudo-labels afresh every update", positive=True)
+        self.pseudo_labels = int(check_option("pseudo_labels", pseudo_labels, "0: none"))
+        self.pseudo_margin_mm = check_option("pseudo_margin_mm", pseudo_margin_mm, "0: the nearer class always")
         if pseudo_label_source not in PSEUDO_LABEL_SOURCES:
             raise FetalAnnotateError(
                 f"pseudo_label_source must be one of {', '.join(map(repr, PSEUDO_LABEL_SOURCES))}, "
@@ -513,7 +514,8 @@ class AnnotationSession:
         self.pseudo_label_source = pseudo_label_source
         self.pseudo_weight = check_option("pseudo_weight", pseudo_weight,
                                           "the sample weight of a pseudo-labelled voxel; a painted voxel weighs 1")
-        self.pseudo_image_confidence = float(pseudo_image_confidence)
+        self.pseudo_image_confidence = check_option("pseudo_image_confidence", pseudo_image_confidence,
+                                                    "above 1: the geodesic labels only")
         self.smoothness = smoothness
         self.stroke_reach_mm = check_option("stroke_reach_mm", stroke_reach_mm,
                                             "0: components must touch a stroke")
@@ -523,8 +525,10 @@ class AnnotationSession:
                 f"single_slice_cross_cost must be at least 1 (1: plain distances), got {single_slice_cross_cost}"
             )
         self.single_slice_cross_cost = float(single_slice_cross_cost)
-        self.coarse_to_fine_voxels = int(coarse_to_fine_voxels)
-        self.coarse_voxels = int(coarse_voxels)
+        self.coarse_to_fine_voxels = int(check_option("coarse_to_fine_voxels", coarse_to_fine_voxels,
+                                                      "volumes above it are predicted coarse to fine"))
+        self.coarse_voxels = int(check_option("coarse_voxels", coarse_voxels, "voxels of the coarse grid",
+                                              positive=True))
         self.progress = progress
         self._forest_params = {**DEFAULT_FOREST, **(forest or {}), "random_state": random_state}
         geodesic_contrast = check_option("geodesic_contrast", geodesic_contrast, "0: plain grid distances")

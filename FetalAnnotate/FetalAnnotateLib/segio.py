@@ -448,7 +448,7 @@ def atomic_path(path):
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}@{socket.gethostname()}.",
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}@{_writer_host()}.",
                                          suffix=_partial_suffix(path))
     os.close(handle)
     umask = os.umask(0o022)
@@ -500,9 +500,15 @@ def leftover_partial_files(path, max_age=LEFTOVER_AGE_S):
             continue
         pid, host = writer.groups()
         # On Windows os.kill(pid, 0) would end the process.
-        if old or (host == socket.gethostname() and sys.platform != "win32" and not _process_runs(int(pid))):
+        if old or (host == _writer_host() and sys.platform != "win32" and not _process_runs(int(pid))):
             leftovers.append(candidate)
     return leftovers
+
+
+def _writer_host():
+    """This computer's name as temporary names carry it: at most 32 characters, so that a long
+    container host name does not push a long volume name past the 255-character name limit."""
+    return socket.gethostname()[:32]
 
 
 def _partial_suffix(path):
