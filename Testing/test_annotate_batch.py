@@ -374,6 +374,24 @@ def test_truncated_and_corrupt_files_fail_their_item_with_a_clear_message(traine
         ["whole.seg.nrrd"]
 
 
+def test_the_grid_read_from_a_header_is_the_grid_of_the_read_volume(tmp_path):
+    import SimpleITK as sitk
+
+    from FetalAnnotateLib.segio import read_volume, read_volume_grid
+
+    write_image(tmp_path / "oblique.nii.gz", np.zeros((3, 5, 7), np.int16), (4.0, 0.5, 0.25))
+    flat = sitk.GetImageFromArray(np.zeros((5, 7), np.uint8))
+    flat.SetSpacing((0.5, 0.25))
+    flat.SetOrigin((3.0, 4.0))
+    flat.SetDirection((0.0, 1.0, 1.0, 0.0))
+    sitk.WriteImage(flat, str(tmp_path / "frame.nrrd"))
+    for name in ("oblique.nii.gz", "frame.nrrd"):
+        volume = read_volume(tmp_path / name)
+        shape, spacing, origin, direction = read_volume_grid(tmp_path / name)
+        assert shape == volume.array.shape and spacing == volume.spacing and origin == volume.origin
+        np.testing.assert_array_equal(direction, volume.direction)
+
+
 def test_integer_nifti_scaled_by_its_header_is_read_and_still_checked(tmp_path):
     from conftest import write_scaled_nifti
 

@@ -35,8 +35,8 @@ import numpy as np
 
 from .classifier_io import load_classifier
 from .segio import (VOLUME_SUFFIXES, atomic_path, check_volume_file, is_dicom_folder, leftover_partial_files,
-                    not_an_image_volume, read_feature_volume, read_segmentation, read_volume, volume_name,
-                    write_segmentation)
+                    not_an_image_volume, read_feature_volume, read_segmentation, read_volume, read_volume_grid,
+                    volume_name, write_segmentation)
 from .validation import FetalAnnotateError, OperationCancelled, report_progress
 
 #: Stem of the report files written into the output folder (``.csv`` and ``.json``).
@@ -611,7 +611,7 @@ def _existing_item(source, output, class_names, digest, overwrite):
         difference = f"holds segments {names}, not this classifier's {list(class_names)}"
     else:
         try:
-            difference = _grid_difference(reader, read_volume(source))
+            difference = _grid_difference(reader, *read_volume_grid(source))
         except FetalAnnotateError as error:
             return failed(str(error))
     if difference is not None and unedited:
@@ -624,14 +624,15 @@ def _existing_item(source, output, class_names, digest, overwrite):
                      voxel_ml=float(np.prod(reader.GetSpacing())) / 1000.0)
 
 
-def _grid_difference(reader, volume):
-    """How the voxel grid of an output (its header ``reader``) differs from its volume's, or None."""
-    shape, spacing = tuple(reader.GetSize())[::-1], tuple(reader.GetSpacing())[::-1]
-    if shape != volume.array.shape or not np.allclose(spacing, volume.spacing, rtol=1e-4):
-        return (f"was written for {shape} voxels of {spacing} mm, but the volume has {volume.array.shape} of "
-                f"{volume.spacing} mm")
-    if not np.allclose(reader.GetOrigin(), volume.origin, rtol=1e-4, atol=1e-3) or \
-            not np.allclose(reader.GetDirection(), volume.direction.ravel(), atol=1e-4):
+def _grid_difference(reader, shape, spacing, origin, direction):
+    """How the voxel grid of an output (its header ``reader``) differs from its volume's
+    (:func:`~FetalAnnotateLib.segio.read_volume_grid`), or None."""
+    written_shape, written_spacing = tuple(reader.GetSize())[::-1], tuple(reader.GetSpacing())[::-1]
+    if written_shape != tuple(shape) or not np.allclose(written_spacing, spacing, rtol=1e-4):
+        return (f"was written for {written_shape} voxels of {written_spacing} mm, but the volume has {tuple(shape)} "
+                f"of {tuple(spacing)} mm")
+    if not np.allclose(reader.GetOrigin(), origin, rtol=1e-4, atol=1e-3) or \
+            not np.allclose(reader.GetDirection(), np.ravel(direction), atol=1e-4):
         return "was written for a volume at another position or orientation"
     return None
 

@@ -322,6 +322,51 @@ def read_volume(path):
     )
 
 
+def read_volume_grid(path):
+    """The voxel grid :func:`read_volume` gives a volume, from a file's header alone.
+
+    A DICOM series folder is read whole. The voxels are not checked (:func:`check_volume_file`).
+
+    Parameters
+    ----------
+    path : str or Path
+
+    Returns
+    -------
+    shape : tuple of int
+        (z, y, x); a 2D image is one slice.
+    spacing : tuple of float
+        (z, y, x) mm.
+    origin : tuple of float
+        LPS (x, y, z) mm.
+    direction : ndarray, shape (3, 3)
+
+    Raises
+    ------
+    VolumeFileError
+        If the header cannot be read.
+    """
+    import SimpleITK as sitk
+
+    path = Path(path)
+    if path.is_dir():
+        volume = read_volume(path)
+        return volume.array.shape, volume.spacing, volume.origin, volume.direction
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise VolumeFileError(f"cannot read {path} as a volume: {error}") from error
+    size, spacing, origin = list(reader.GetSize()), list(reader.GetSpacing()), list(reader.GetOrigin())
+    direction = np.asarray(reader.GetDirection(), float).reshape(len(size), len(size))
+    if len(size) == 2:  # as sitk.JoinSeries stacks it in read_volume
+        size, spacing, origin = size + [1], spacing + [1.0], origin + [0.0]
+        direction = np.block([[direction, np.zeros((2, 1))], [np.zeros((1, 2)), np.ones((1, 1))]])
+    return (tuple(int(n) for n in size[::-1]), tuple(float(s) for s in spacing[::-1]),
+            tuple(float(o) for o in origin), direction)
+
+
 def read_feature_volume(path):
     """Read a feature volume (a scalar or a vector image, one channel per component).
 
