@@ -142,12 +142,9 @@ def check_volume_file(path):
 
     path = Path(path)
     name = path.name.lower()
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as error:
-        raise VolumeFileError(f"cannot read {path} as a volume: {error}") from error
+    reader = _header_reader(path)
+    if reader is None:
+        raise VolumeFileError(f"cannot read {path} as a volume: SimpleITK cannot read its header")
     component_bytes = sitk.Image([1, 1], reader.GetPixelID(), reader.GetNumberOfComponents()).GetSizeOfPixelComponent()
     if name.endswith((".nii", ".nii.gz")) and reader.HasMetaDataKey("bitpix"):
         # The stored size: ITK reads integers scaled by scl_slope / scl_inter (e.g. dcm2niix's Philips scans) as float.
@@ -346,18 +343,13 @@ def read_volume_grid(path):
     VolumeFileError
         If the header cannot be read.
     """
-    import SimpleITK as sitk
-
     path = Path(path)
     if path.is_dir():
         volume = read_volume(path)
         return volume.array.shape, volume.spacing, volume.origin, volume.direction
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as error:
-        raise VolumeFileError(f"cannot read {path} as a volume: {error}") from error
+    reader = _header_reader(path)
+    if reader is None:
+        raise VolumeFileError(f"cannot read {path} as a volume: SimpleITK cannot read its header")
     size, spacing, origin = list(reader.GetSize()), list(reader.GetSpacing()), list(reader.GetOrigin())
     direction = np.asarray(reader.GetDirection(), float).reshape(len(size), len(size))
     if len(size) == 2:  # as sitk.JoinSeries stacks it in read_volume
