@@ -599,7 +599,7 @@ def _existing_item(source, output, class_names, digest, overwrite):
     except (FetalAnnotateError, RuntimeError, ValueError, OSError) as error:
         return kept(f"cannot be read ({error})")
     recorded = reader.GetMetaData(LABELS_MARK) if reader.HasMetaDataKey(LABELS_MARK) else None
-    unedited = recorded == _labels_digest(labels, names)
+    unedited = recorded is not None and recorded == _labels_digest(labels, names)
     if recorded is not None and not unedited:
         return kept("was changed since the batch wrote it (its segment names or voxels differ)")
     doubt = "may have been corrected since (an earlier version of FetalAnnotate wrote it without recording its voxels)"

@@ -25,11 +25,8 @@ import sys
 import zlib
 from pathlib import Path
 
-from .config import CORRUPTOR_NAMES, PREFILL_NAMES, TrainConfig
+from .config import CORRUPTOR_NAMES, EARLIER_TRAINING_FILE_NAMES, PREFILL_NAMES, TrainConfig
 from .errors import FetalInpaintError, InvalidVolumeError
-
-#: The files that show an earlier training in an output folder: its model, resume point and history.
-EARLIER_TRAINING_FILE_NAMES = ("model.pt", "resume.pt", "history.json")
 
 
 def check_volume_file(path):

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from . import __version__
-from .config import TrainConfig  # noqa: F401  (re-exported: the settings of train())
+from .config import OUTPUT_FILE_NAMES, TrainConfig  # noqa: F401  (TrainConfig re-exported: the settings of train())
 from .control import TrainingLock, clear_stop_request, stop_requested
 from .corruptors import corrupt_batch
 from .data import PatchDataset, check_volume, split_by_volume, volume_patches
@@ -34,7 +34,6 @@ from .errors import ArchitectureMismatchError, CheckpointError, FetalInpaintErro
 from .model import build_model
 
 CHECKPOINT_FORMAT = 1
-OUTPUT_FILE_NAMES = ("model.pt", "model.json", "resume.pt", "history.json", "loss_curve.png")
 SLICE_AXIS_RULE = "the axis of length 1 of a single image; else largest spacing (acquisition axis); isotropic volumes: array axis 0"
 
 

@@ -47,7 +47,7 @@ from FetalInpaintLib.control import (
     request_stop,
 )
 from FetalInpaintLib.errors import CheckpointError, FetalInpaintError, InvalidVolumeError, TrainingLockedError
-from FetalInpaintLib.train import EARLIER_TRAINING_FILE_NAMES
+from FetalInpaintLib.config import EARLIER_TRAINING_FILE_NAMES, OUTPUT_FILE_NAMES
 
 MODULE_NAME = "FetalInpaint"
 
@@ -62,8 +62,7 @@ MODEL_FILE_NAME = "model.pt"
 RESUME_FILE_NAME = "resume.pt"
 HISTORY_FILE_NAME = "history.json"
 # What a training leaves behind; a new training in the same folder replaces all of it.
-RUN_FILE_NAMES = (MODEL_FILE_NAME, "model.json", RESUME_FILE_NAME, HISTORY_FILE_NAME, "loss_curve.png",
-                  PROGRESS_FILE_NAME, LOG_FILE_NAME)
+RUN_FILE_NAMES = OUTPUT_FILE_NAMES + (PROGRESS_FILE_NAME, LOG_FILE_NAME)
 
 # Reference role and attributes that tie exported feature volumes to their source volume and model.
 SOURCE_VOLUME_ROLE = "FetalInpaintSourceVolume"
