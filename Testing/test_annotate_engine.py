@@ -1509,6 +1509,11 @@ def test_extreme_finite_values_are_normalised_safely():
     huge = image.astype(np.float64) * 1e300
     labels = AnnotationSession(huge).update(strokes).labels
     assert dice(labels == 2, plain == 2) > 0.99
+    # A subnormal range (the reciprocal of 1e-310 overflows float64).
+    unit = (image.astype(np.float64) - image.min()) / (image.max() - image.min())
+    np.testing.assert_allclose(normalize_intensity(unit * 1e-310), normalize_intensity(unit), atol=1e-6)
+    labels = AnnotationSession(unit * 1e-310).update(strokes).labels
+    assert dice(labels == 2, plain == 2) > 0.97
     with pytest.raises(ImageError, match="infinite"):
         AnnotationSession(np.where(np.arange(image.size).reshape(image.shape) == 7, np.inf, image))
     with pytest.raises(ImageError, match="float32-overflowing"):

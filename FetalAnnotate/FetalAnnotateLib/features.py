@@ -164,7 +164,11 @@ def normalize_intensity(volume, percentiles=(0.5, 99.5), spacing=(1.0, 1.0, 1.0)
     work = np.float64 if max(extremes) >= _FLOAT32_SAFE or small_range or large_offset else np.float32
     out = volume.astype(work, copy=True)
     out -= work(low)
-    out *= work(1.0 / (high - low))
+    scale = 1.0 / robust_range
+    if np.isfinite(scale):
+        out *= work(scale)
+    else:  # a subnormal range, whose reciprocal overflows
+        out /= work(robust_range)
     np.clip(out, -OUTLIER_RANGES, 1.0 + OUTLIER_RANGES, out=out)
     out = out.astype(np.float32, copy=False)
     if padding is not None:
