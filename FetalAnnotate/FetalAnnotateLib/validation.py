@@ -244,7 +244,8 @@ def check_strokes(strokes, shape):
             f"strokes must be >= 0 (0 = unpainted, k > 0 = class k), got {labels.min()}; "
             "paint every class with a positive label value"
         )
-    classes = tuple(int(c) for c in np.unique(labels) if c != 0)
+    # Unique values of the painted voxels only: np.unique sorts (or hashes) every voxel.
+    classes = tuple(int(c) for c in np.unique(labels[labels != 0]))
     if len(classes) > MAX_CLASSES:
         raise StrokeError(
             f"strokes have {len(classes)} classes, more than the {MAX_CLASSES} one session "
