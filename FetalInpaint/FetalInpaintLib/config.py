@@ -7,13 +7,13 @@ from .errors import FetalInpaintError
 
 DEFAULT_PERCENTILES = (0.5, 99.5)
 # Names of FetalInpaintLib.corruptors.CORRUPTORS and FetalInpaintLib.model.PREFILLS (tests keep them equal).
+CORRUPTOR_NAMES = ("holes", "shapes", "toss")
+PREFILL_NAMES = ("push-pull", "biharmonic")
+
 #: What a training writes into its output folder (:func:`FetalInpaintLib.training.train`).
 OUTPUT_FILE_NAMES = ("model.pt", "model.json", "resume.pt", "history.json", "loss_curve.png")
 #: The files that show an earlier training in an output folder: its model, resume point and history.
 EARLIER_TRAINING_FILE_NAMES = ("model.pt", "resume.pt", "history.json")
-
-CORRUPTOR_NAMES = ("holes", "shapes", "toss")
-PREFILL_NAMES = ("push-pull", "biharmonic")
 
 
 @dataclass
