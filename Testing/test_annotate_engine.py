@@ -862,7 +862,7 @@ def test_memory_reach_that_is_not_positive_is_refused(reach):
         AnnotationSession(image, memory_reach_mm=reach)
 
 
-def test_single_plane_pseudo_labels_far_from_added_strokes_keep_the_last_updates():
+def test_pseudo_labels_far_from_added_strokes_keep_the_last_updates():
     # A smooth ramp, foreground painted at its left end and background at its right: the
     # distances give the middle to the nearer end. A foreground stroke added at x = 150 moves
     # that boundary from 200 to about 270; beyond 100 mm of it the last update's labels stay.
@@ -889,7 +889,7 @@ def test_single_plane_pseudo_labels_far_from_added_strokes_keep_the_last_updates
     band = far & (x > 255) & (x < 280)
     assert np.all(first[band] == 1) and np.all(afresh[band] != 1) and np.all(kept[band] == 1)
     # Repeating an update keeps them all and gives the same result; erasing a stroke starts
-    # afresh; a volume always labels afresh.
+    # afresh; a volume keeps them as a single plane does.
     repeated = session.update(more)
     assert session._kept_pseudo[2].all()
     np.testing.assert_array_equal(session._pseudo[1], kept)
@@ -903,8 +903,12 @@ def test_single_plane_pseudo_labels_far_from_added_strokes_keep_the_last_updates
     np.testing.assert_array_equal(session._pseudo[1], reference._pseudo[1])
     volume = AnnotationSession(np.stack([image] * 3))
     volume.update(np.stack([strokes] * 3))
+    index, first = volume._pseudo
     volume.update(np.stack([more] * 3))
-    assert volume._kept_pseudo is None
+    _, labels, far = volume._kept_pseudo
+    x = index % image.shape[1]
+    assert np.all(far[(x < 40) | (x > 265)]) and not np.any(far[(x > 60) & (x < 240)])
+    np.testing.assert_array_equal(volume._pseudo[1][far], first[far])
 
 
 def test_a_far_component_step_8_dropped_is_taught_the_class_shown_while_strokes_only_add():
@@ -1245,10 +1249,12 @@ def test_a_kept_outline_drawn_as_a_correction_starts_the_session_afresh():
     def fresh(second):
         return AnnotationSession(image, (2.0, 1.0, 1.0), enclosure_margin_mm=4.0).update(second).probabilities
 
-    # The ring restates where the object lies: no round memory, no kept forest or pseudo-labels.
+    # The ring restates where the object lies: no round memory, no kept forest. The candidates
+    # far from it would keep their labels; on this small phantom none lies beyond the reach.
     fits = []
     session, probabilities = corrected(ring, fits)
     assert session._enclosed[0].size > 0 and session._prior is None and session._far_image_forest is None
+    assert session._kept_pseudo is not None and not session._kept_pseudo[2].any()
     np.testing.assert_array_equal(probabilities, fresh(ring))
     # The image forest fitted to judge the ring is the one the fresh start fits again: fitted once.
     assert fits.count(True) == 1

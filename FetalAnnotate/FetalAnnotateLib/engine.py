@@ -103,10 +103,10 @@ MEMORY = 0.7
 #: (``AnnotationSession(memory_reach_mm=...)``), chosen on the robot-user benchmark (docs/engine.md).
 MEMORY_REACH_MM = 20.0
 
-#: On a single-plane image, pseudo-label candidates farther than this (geodesic mm) from every
-#: stroke added since the last update keep that update's pseudo-labels; on any image, those
-#: farther than this from every stroke where the last update's connected-component step showed
-#: another class than the forest's are taught the class shown
+#: Pseudo-label candidates farther than this (geodesic mm) from every stroke added since the
+#: last update keep that update's pseudo-labels, and those farther than this from every stroke
+#: where the last update's connected-component step showed another class than the forest's
+#: are taught the class shown
 #: (``AnnotationSession(pseudo_label_reach_mm=...)``; docs/engine.md).
 PSEUDO_LABEL_REACH_MM = 100.0
 
@@ -371,19 +371,19 @@ class AnnotationSession:
         ``memory``); None gives every voxel the weight ``memory``. Default
         :data:`MEMORY_REACH_MM`; not positive raises :class:`FetalAnnotateError`.
     pseudo_label_reach_mm : float or None
-        What a single-plane image, never blended (see ``memory``), keeps instead: while an
-        update only adds strokes to those of the previous whole-image update, the pseudo-label
-        candidates farther than this geodesic distance (mm) from every added stroke keep the
-        geodesic label (or none) that update gave them. Far from every stroke a correction
+        While an update only adds strokes to those of the previous whole-image update, the
+        pseudo-label candidates farther than this geodesic distance (mm) from every added
+        stroke keep the geodesic label (or none) that update gave them, also when an outline
+        drawn as a correction starts the update afresh. Far from every stroke a correction
         changes large distances by little, and that alone taught or untaught whole regions
         (ultrasound heads: a foreground correction made the image between four background
         dabs head, Dice 0.58 to 0.34; another left the outside of a head untaught and the
-        forest made it head, 0.89 to 0.41). Volumes label every candidate afresh (there it
-        moved collapses from one drawing style to another; docs/engine.md). On any image, while
-        strokes only add, the candidates labelled by the distances that lie farther than this
-        from every stroke, where the last update's connected-component step showed another
-        class than the forest's, are taught the class shown (:meth:`_shown_to_teach`). None
-        labels them afresh on single planes too and teaches no class shown. Default
+        forest made it head, 0.89 to 0.41; a stack: a foreground stroke on the brain's end slice
+        made maternal tissue 250 mm away brain, 0.84 to 0.30). While strokes only add, the
+        candidates labelled by the distances that lie farther than this from every stroke,
+        where the last update's connected-component step showed another class than the
+        forest's, are taught the class shown (:meth:`_shown_to_teach`). None labels them
+        afresh and teaches no class shown. Default
         :data:`PSEUDO_LABEL_REACH_MM`; not positive raises :class:`FetalAnnotateError`.
     pseudo_labels : int
         Random voxels added to the training set, labelled by the geodesic distances (when
@@ -816,13 +816,12 @@ class AnnotationSession:
         """The last whole-image update's pseudo-label candidates, their geodesic labels, and
         which of them this update keeps (``pseudo_label_reach_mm``); None when it keeps none.
 
-        Only on a single-plane image whose strokes only add to that update's (``added_voxels``,
-        from :meth:`_added_since_last_round`): the candidates farther than the reach from every
-        added stroke, or all of them when nothing was added. Returns that and
+        Only while the strokes only add to that update's (``added_voxels``, from
+        :meth:`_added_since_last_round`): the candidates farther than the reach from every added
+        stroke, or all of them when nothing was added. Returns that and
         ``added_distances`` (:meth:`_distances_from_added`), computed here if it was not.
         """
-        if (self.pseudo_label_reach_mm is None or added_voxels is None or min(self.shape) != 1
-                or self._last_round.pseudo is None):
+        if self.pseudo_label_reach_mm is None or added_voxels is None or self._last_round.pseudo is None:
             return None, added_distances
         index, labels = self._last_round.pseudo
         if not added_voxels.any():
@@ -1022,12 +1021,14 @@ class AnnotationSession:
         learns the voxels inside the outlines that :meth:`_tight_outlines` keeps.
 
         When a ``correction`` (strokes that add to the last update's) draws an outline that
-        :meth:`_tight_outlines` keeps, the update starts afresh, as a session given all the
-        strokes would: no kept image forest or pseudo-labels, and True is returned so that the
-        round memory is not blended in either. The outline restates where its inner class lies,
-        which the earlier rounds did not know: a ring drawn as a correction round a stack's
-        brain painted with four background dabs gave Dice 0.76-0.84, the same strokes in a new
-        session gave 0.84-0.88.
+        :meth:`_tight_outlines` keeps, the update starts afresh: no kept image forest, and True
+        is returned so that the round memory is not blended in either. The outline restates
+        where its inner class lies, which the earlier rounds did not know: a ring drawn as a
+        correction round a stack's brain painted with four background dabs gave Dice 0.76-0.84,
+        the same strokes in a new session gave 0.84-0.88. The candidates far from the added
+        strokes still keep their labels (:meth:`_kept_pseudo_labels`): given a stack's
+        correction strokes all at once, the distances labelled maternal tissue far from them
+        as brain (Dice 0.85 to 0.22).
         """
         self._distances, self._enclosed, self._far_image_forest, self._confused = None, None, None, None
         self._image_forest = None  # an earlier update's, on other strokes: never taken again (_fit_image_forest)
@@ -1054,7 +1055,7 @@ class AnnotationSession:
             judged_before = 0 if judged_before is None else judged_before
             restart = correction and bool(np.any((self._judged_outlines > 0) & (judged_before <= 0)))
             if restart:
-                self._far_image_forest, self._confused, self._kept_pseudo, self._shown = None, None, None, None
+                self._far_image_forest, self._confused, self._shown = None, None, None
             enclosure_changed = not np.array_equal(np.unique(self._enclosed[1]), enclosed_classes)
             if enclosure_changed:
                 # The step costs of a class depend on whether it is enclosed (_class_costs).
