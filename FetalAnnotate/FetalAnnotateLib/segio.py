@@ -142,9 +142,7 @@ def check_volume_file(path):
 
     path = Path(path)
     name = path.name.lower()
-    reader = _header_reader(path)
-    if reader is None:
-        raise VolumeFileError(f"cannot read {path} as a volume: SimpleITK cannot read its header")
+    reader = _volume_header_reader(path)
     component_bytes = sitk.Image([1, 1], reader.GetPixelID(), reader.GetNumberOfComponents()).GetSizeOfPixelComponent()
     if name.endswith((".nii", ".nii.gz")) and reader.HasMetaDataKey("bitpix"):
         # The stored size: ITK reads integers scaled by scl_slope / scl_inter (e.g. dcm2niix's Philips scans) as float.
@@ -347,9 +345,7 @@ def read_volume_grid(path):
     if path.is_dir():
         volume = read_volume(path)
         return volume.array.shape, volume.spacing, volume.origin, volume.direction
-    reader = _header_reader(path)
-    if reader is None:
-        raise VolumeFileError(f"cannot read {path} as a volume: SimpleITK cannot read its header")
+    reader = _volume_header_reader(path)
     size, spacing, origin = list(reader.GetSize()), list(reader.GetSpacing()), list(reader.GetOrigin())
     direction = np.asarray(reader.GetDirection(), float).reshape(len(size), len(size))
     if len(size) == 2:  # as sitk.JoinSeries stacks it in read_volume
@@ -582,6 +578,14 @@ def _header_reader(path):
         reader.ReadImageInformation()
     except RuntimeError:
         return None
+    return reader
+
+
+def _volume_header_reader(path):
+    """:func:`_header_reader` of a volume file; raises :class:`VolumeFileError` when it cannot be read."""
+    reader = _header_reader(path)
+    if reader is None:
+        raise VolumeFileError(f"cannot read {path} as a volume: SimpleITK cannot read its header")
     return reader
 
 
