@@ -24,6 +24,7 @@ from FetalAnnotateLib import (
 )
 from FetalAnnotateLib.engine import (
     DEFAULT_FOREST,
+    KEPT_ROUNDS,
     _memory_owner,
     blend_probabilities,
     enclosed_pseudo_labels,
@@ -695,6 +696,35 @@ def test_corrections_reuse_released_probabilities_only_when_nothing_refers_to_th
         np.testing.assert_array_equal(kept_result.probabilities if kept == "results" else kept_result, copy_before)
 
 
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_undoing_a_correction_returns_to_the_round_before(n_classes):
+    # Erasing the strokes added since the round before the last (an undone correction) gives
+    # that round's result again and goes on from it; redoing them gives the correction's
+    # again. Erasing a stroke of an older round starts afresh.
+    image, inside = two_tissue_phantom()
+    strokes = phantom_strokes(inside)
+    if n_classes == 3:
+        strokes[6, 4:8, 4:12] = 3
+    session = AnnotationSession(image, (2.0, 1.0, 1.0))
+    first = session.update(strokes)
+    corrected_strokes = strokes.copy()
+    corrected_strokes[9, 30:34, 4:20] = 2
+    corrected = session.update(corrected_strokes)
+    undone = session.update(strokes)
+    np.testing.assert_array_equal(undone.labels, first.labels)
+    np.testing.assert_allclose(undone.probabilities, first.probabilities, atol=1e-6)
+    np.testing.assert_array_equal(session.update(corrected_strokes).labels, corrected.labels)
+    session.update(strokes)
+    other = strokes.copy()
+    other[2, 20:28, 20:26] = 1
+    session.update(other)  # a correction of the first round, blended with it
+    assert session._last_round.strokes is session._rounds[1].strokes
+    assert session._prior is session._rounds[1].probabilities and len(session._rounds) == KEPT_ROUNDS
+    other[6, 2, 2:10] = 0  # part of a first-round stroke
+    session.update(other)
+    assert session._last_round is None and session._prior is None
+
+
 def test_two_class_corrections_label_far_voxels_with_the_image_forest_of_the_first_update():
     # While strokes only add, the image forest of the first update of those strokes labels the
     # voxels farther than memory_reach_mm from the added strokes and no forest labels the
@@ -1175,7 +1205,7 @@ def test_enclosed_pseudo_labels_judge_each_outline_once():
     assert again[0].size > 0.9 * first[0].size
 
 
-def test_outline_mode_keeps_a_rejected_loop_rejected_until_strokes_are_erased():
+def test_outline_mode_keeps_a_rejected_loop_rejected_until_its_rounds_strokes_are_erased():
     image, inside = two_tissue_phantom(shape=(1, 96, 96))
     strokes = np.zeros(inside.shape, np.uint8)
     strokes[0, 48, 40:56] = 2
@@ -1192,9 +1222,13 @@ def test_outline_mode_keeps_a_rejected_loop_rejected_until_strokes_are_erased():
     assert fresh._enclosed[0].size > 0
     session.update(more)
     assert session._enclosed[0].size == 0
-    # Erasing a stroke starts afresh, as the round memory does.
+    # Erasing some of the added strokes returns to the first round, which rejected the loop.
     erased = more.copy()
     erased[0, 10, 10:86] = 0
+    session.update(erased)
+    assert session._enclosed[0].size == 0
+    # Erasing a stroke of the first round starts afresh, as the round memory does.
+    erased[0, 48, 40:44] = 0
     session.update(erased)
     assert session._enclosed[0].size > 0
 

@@ -102,6 +102,19 @@ def test_binary_correction_stroke_lands_in_the_largest_error_blob(disc_target):
     np.testing.assert_array_equal(painted_slices(strokes), [4])
 
 
+def test_a_slipped_correction_stroke_paints_the_same_voxels_with_the_other_class(disc_target):
+    prediction = disc_target.copy()
+    prediction[4][disk_mask((80, 80), (40, 40), 6)] = False
+    right = np.zeros(disc_target.shape, np.uint8)
+    slipped = np.zeros(disc_target.shape, np.uint8)
+
+    robot_user.add_correction_stroke(right, disc_target, prediction, axis=0)
+    robot_user.add_correction_stroke(slipped, disc_target, prediction, axis=0, wrong_class=True)
+
+    np.testing.assert_array_equal(slipped > 0, right > 0)
+    assert set(np.unique(slipped[slipped > 0])) == {robot_user.BACKGROUND}
+
+
 def test_ring_is_closed_around_the_target_and_arcs_are_not(disc_target):
     plane = disc_target[4]
     ring = robot_user.initial_strokes(disc_target, 0, "ring")[4] == robot_user.BACKGROUND

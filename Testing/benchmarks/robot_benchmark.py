@@ -13,8 +13,9 @@ Dice 0.9 has not been reached (rounds-to-0.9). ``--seeds N`` runs every method t
 forest with random states 0..N-1 and reports the mean over them and, per dataset, the spread
 of the dataset means between seeds (GrowCut is deterministic: one run). ``--styles`` draws
 round 0 in other ways a person might (robot_user.BINARY_STYLES: a closed ring, arcs, dabs, a
-thick brush, two slices, dabs then the ring as the first correction, and the arcs-plus-loop
-case that misleads outline mode); each style is reported on its own rows. Not part of CI.
+thick brush, two slices, dabs then the ring as the first correction, the arcs-plus-loop
+case that misleads outline mode, and a slip undone at round 5); each style is reported on its
+own rows, and the undone slip also on a line of its own. Not part of CI.
 """
 
 import argparse
@@ -143,7 +144,7 @@ def run_case(method_name, row, root, rounds, cap, target_dice=0.9, seed=0, thick
     image, target, spacing, axis = load_case(row, root, thicken)
     method, setup_s = timed_setup(method_name, image, spacing, axis, seed)
     strokes = robot_user.initial_strokes(target, axis, style)
-    dices, round_s = [], []
+    dices, round_s, undo = [], [], None
     for index in range(cap + 1):
         start = time.perf_counter()
         prediction = method.predict(strokes)
@@ -152,6 +153,8 @@ def run_case(method_name, row, root, rounds, cap, target_dice=0.9, seed=0, thick
         reached = max(dices) >= target_dice
         if index == cap or (index >= rounds and reached):
             break
+        if style == robot_user.UNDO_STYLE and index == robot_user.UNDO_ROUND - 1:
+            undo, prediction = slip_and_undo(method, strokes, target, prediction, axis)
         if index == 0 and style == robot_user.RING_LATER_STYLE:
             robot_user.add_ring_stroke(strokes, target, axis)
         elif not robot_user.add_correction_stroke(strokes, target, prediction, axis):
@@ -166,7 +169,20 @@ def run_case(method_name, row, root, rounds, cap, target_dice=0.9, seed=0, thick
         "dice": dices,
         "round_s": round_s,
         "rounds_to_target": hits[0] if hits else None,
+        "undo": undo,
     }
+
+
+def slip_and_undo(method, strokes, target, prediction, axis):
+    """The ``undo`` style's slip: paint the next correction with the wrong class, update, erase
+    it again and update. Returns the Dice before, after the slip and after the undo, and the
+    prediction after the undo (the one the next stroke corrects)."""
+    slipped = strokes.copy()
+    robot_user.add_correction_stroke(slipped, target, prediction, axis, wrong_class=True)
+    slip_dice = robot_user.dice(method.predict(slipped), target)
+    undone = method.predict(strokes)
+    return {"before": robot_user.dice(prediction, target), "slip": slip_dice,
+            "undone": robot_user.dice(undone, target)}, undone
 
 
 def synthetic_volume(shape=(80, 512, 512), spacing=(3.0, 0.7, 0.7), seed=0):
@@ -342,6 +358,13 @@ def main(argv=None):
               f"{s['worst_drop']:6.3f} "
               f"{s['rounds_to_0.9']:6.1f} ({s['reached_0.9']:2d}) {s['setup_s']:8.2f} {s['median_round_s']:8.2f} {result['peak_rss_mb']:11.0f} "
               f"{s['seeds']:5d} {s['sd_r0']:6.3f} {s['sd_r1_r10']:8.3f}")
+    for job, result in results.items():
+        undone = [c["undo"] for c in result["cases"] if c.get("undo")]
+        if undone:
+            method, dataset, _ = job.split("@", 2)
+            print(f"{dataset:26s} {method:15s} slip at round {robot_user.UNDO_ROUND}, Dice before / after the slip / "
+                  "after undoing it: " + " / ".join(f"{np.mean([u[key] for u in undone]):.3f}"
+                                                    for key in ("before", "slip", "undone")))
     if "synthetic" in results:
         case = results["synthetic"]["cases"][0]
         print(f"synthetic 512x512x80 engine: setup {case['setup_s']:.2f} s, median {np.median(case['round_s']):.2f} s/round, "

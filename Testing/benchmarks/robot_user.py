@@ -42,7 +42,13 @@ STYLES = ("robot", "ring", "arcs", "dabs", "thick", "two-slices", RING_LATER_STY
 #: Binary only, the failure case of outline mode: background arcs around the target plus a
 #: closed loop through the far background around the whole body (near the image border).
 LOOPS_STYLE = "loops"
-BINARY_STYLES = STYLES + (LOOPS_STYLE,)
+#: Binary only: round 0 as ``robot``; at round :data:`UNDO_ROUND` the robot first paints its
+#: correction stroke with the wrong class (a slip), sees that update, erases the slip (as the
+#: Segment Editor's Undo does), sees that update, and then paints the right stroke
+#: (:func:`add_correction_stroke` with ``wrong_class``).
+UNDO_STYLE = "undo"
+UNDO_ROUND = 5
+BINARY_STYLES = STYLES + (LOOPS_STYLE, UNDO_STYLE)
 
 
 def acquisition_axis(spacing, anisotropy_ratio=1.5):
@@ -121,12 +127,12 @@ def loop_around_body(shape, inset_fraction=1 / 12, width=2):
 def background_strokes(target, style):
     """Background strokes drawn around a 2D ``target`` in the given round-0 ``style``.
 
-    ``robot`` (and ``thick``, ``two-slices``): the ring 4-6 voxels out plus the skeleton of the
+    ``robot`` (and ``thick``, ``two-slices``, ``undo``): the ring 4-6 voxels out plus the skeleton of the
     background farther than 15 voxels; ``ring``, ``arcs``, ``dabs``, ``loops``: see
     :data:`STYLES` and :data:`LOOPS_STYLE`.
     """
     ring = ring_around(target)
-    if style in ("robot", "thick", "two-slices"):
+    if style in ("robot", "thick", "two-slices", UNDO_STYLE):
         far = ndi.binary_erosion(~ndi.binary_dilation(target, iterations=15), iterations=5)
         return ring | (skeletonize(far) if far.any() else far)
     if style == "ring":
@@ -307,7 +313,7 @@ def largest_error_blob(truth, prediction, axis):
     return where, blob[where]
 
 
-def add_correction_stroke(strokes, target, prediction, axis):
+def add_correction_stroke(strokes, target, prediction, axis, wrong_class=False):
     """Paint one correction stroke on the largest error blob, in place.
 
     Parameters
@@ -317,6 +323,8 @@ def add_correction_stroke(strokes, target, prediction, axis):
     target, prediction : ndarray of bool, shape (z, y, x)
     axis : int
         Acquisition axis.
+    wrong_class : bool, default False
+        Paint the stroke with the other class (a slip of the user; see :data:`UNDO_STYLE`).
 
     Returns
     -------
@@ -327,7 +335,7 @@ def add_correction_stroke(strokes, target, prediction, axis):
     if blob is None:
         return False
     where, region = blob
-    is_miss = bool(target[where][region].mean() > 0.5)
+    is_miss = bool(target[where][region].mean() > 0.5) != wrong_class
     plane = strokes[where].copy()
     plane[skeleton_stroke(region)] = FOREGROUND if is_miss else BACKGROUND
     strokes[where] = plane
