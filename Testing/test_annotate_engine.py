@@ -26,6 +26,7 @@ from FetalAnnotateLib.engine import (
     DEFAULT_FOREST,
     KEPT_ROUNDS,
     _memory_owner,
+    binned_columns,
     blend_probabilities,
     enclosed_pseudo_labels,
     median_filtered,
@@ -554,6 +555,27 @@ def test_a_loose_outline_teaches_its_inner_class_only_where_the_growth_agrees():
             index, labels = session._enclosed
             assert index.size and np.all(session._grown[1].reshape(-1)[index] == labels)
     assert dices[OUTLINE_MARGIN_MM] > dices[None] - 0.01
+
+
+def test_binned_columns_keep_the_order_and_replace_values_by_their_bin_means():
+    rng = np.random.default_rng(0)
+    table = np.stack([rng.normal(size=3000), rng.integers(0, 7, 3000), rng.exponential(size=3000)], axis=1)
+    table = table.astype(np.float32)
+    before = table.copy()
+
+    binned = binned_columns(table, levels=16)
+
+    np.testing.assert_array_equal(table, before)
+    assert binned.shape == table.shape and binned.dtype == table.dtype
+    np.testing.assert_array_equal(binned[:, 1], table[:, 1])  # 7 values: left as they are
+    for column in (0, 2):
+        values, bins = np.unique(binned[:, column], return_inverse=True)
+        assert values.size == 16
+        order = np.argsort(table[:, column], kind="stable")
+        assert np.all(np.diff(binned[order, column]) >= 0)  # the bins keep the values' order
+        means = np.bincount(bins.ravel(), weights=table[:, column]) / np.bincount(bins.ravel())
+        np.testing.assert_allclose(values, means, rtol=1e-6)
+        assert 150 <= np.bincount(bins.ravel()).min() <= np.bincount(bins.ravel()).max() <= 225
 
 
 def test_relabelled_where_sure_leaves_confused_classes_alone():

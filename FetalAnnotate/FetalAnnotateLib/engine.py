@@ -110,6 +110,10 @@ MEMORY_REACH_MM = 20.0
 #: (``AnnotationSession(pseudo_label_reach_mm=...)``; docs/engine.md).
 PSEUDO_LABEL_REACH_MM = 100.0
 
+#: Quantile bins per feature of the forests' training rows (:func:`binned_columns`): a
+#: forest fits 22-32 % faster, with the same Dice (docs/engine.md).
+TRAINING_LEVELS = 255
+
 #: Whole-image updates an :class:`AnnotationSession` keeps: erasing the strokes added since
 #: the one before the last (an undone correction) returns to that update instead of starting
 #: afresh (docs/engine.md).
@@ -1297,7 +1301,8 @@ class AnnotationSession:
             labels.append(label.astype(flat.dtype))
             weights.append(np.full(label.size, self.pseudo_weight, np.float32))
         forest = RandomForestClassifier(**self._forest_params)
-        forest.fit(np.concatenate(tables), np.concatenate(labels), sample_weight=np.concatenate(weights))
+        forest.fit(binned_columns(np.concatenate(tables)), np.concatenate(labels),
+                   sample_weight=np.concatenate(weights))
         return forest
 
     def _pseudo_label_candidates(self):
@@ -1758,6 +1763,40 @@ def _uncontradicted_holes(keep, holes, plane, shape, outline_value, inside, cont
         if judged is not None:
             judged[index] = 1 if kept else -1
     return accepted
+
+
+def binned_columns(table, levels=TRAINING_LEVELS):
+    """``table`` with each column's values replaced by the mean of their quantile bin.
+
+    Each column with more than ``levels`` distinct values is cut at its quantiles into
+    ``levels`` bins (as histogram-based gradient boosting bins its features). A tree then
+    sorts and scans far fewer distinct values per split, while its thresholds stay in the
+    features' units, so the forest predicts unbinned rows.
+
+    Parameters
+    ----------
+    table : ndarray, shape (n_rows, n_columns)
+        Training rows. Not modified.
+    levels : int, default TRAINING_LEVELS
+        Bins per column, at least 2.
+
+    Returns
+    -------
+    ndarray
+        A new array of the same shape and dtype.
+    """
+    binned = np.array(table, copy=True)
+    ordered = np.sort(binned, axis=0)
+    distinct = 1 + np.count_nonzero(np.diff(ordered, axis=0), axis=0)
+    positions = (np.arange(1, levels) * len(binned)) // levels
+    for index in np.flatnonzero(distinct > levels):
+        column = binned[:, index]
+        edges = np.unique(ordered[positions, index])
+        bins = np.searchsorted(edges, column, side="right")
+        sums = np.bincount(bins, weights=column, minlength=edges.size + 1)
+        counts = np.bincount(bins, minlength=edges.size + 1)
+        column[:] = (sums / np.maximum(counts, 1))[bins]
+    return binned
 
 
 def _nonzero_index(labels):
