@@ -1318,6 +1318,16 @@ def test_a_kept_outline_drawn_as_a_correction_starts_the_session_afresh():
     session, probabilities = corrected(stroke)
     assert session._prior is not None and session._far_image_forest is not None
     assert not np.array_equal(probabilities, fresh(stroke))
+    # A foreground loop round a background dab teaches fewer voxels than the background strokes:
+    # the memory gives way only around what it teaches.
+    loop = strokes.copy()
+    loop[middle, 1, 1:13] = loop[middle, 12, 1:13] = loop[middle, 1:13, 1] = loop[middle, 1:13, 12] = 2
+    session, probabilities = corrected(loop)
+    taught = session._enclosed[0][session._enclosed[1] == 1]
+    assert 0 < taught.size < np.count_nonzero(loop == 1)
+    assert session._prior is not None and session._far_image_forest is None
+    weights = session.memory_weights.reshape(-1)
+    assert np.all(weights[taught] == 0) and weights.max() > 0.5 * session.memory
 
 
 def test_two_dimensional_image_is_one_slice():
