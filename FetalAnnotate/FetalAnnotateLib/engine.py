@@ -767,9 +767,9 @@ class AnnotationSession:
         where that class lies, which the earlier rounds did not know: the update starts afresh,
         without the round memory. A smaller one corrects a detail (a foreground loop that a
         correction closes round a background stroke): the memory gives way only around the
-        voxels it teaches, as around added strokes. Started afresh, such a loop of 105 voxels
-        round a stack's background stroke turned 24 k voxels of maternal tissue into brain
-        (Dice 0.850 to 0.663; docs/engine.md). Without ``memory_reach_mm`` the memory cannot give
+        voxels it teaches, as around added strokes. Started afresh, such a loop teaching 105
+        voxels round a stack's background stroke added 24 k false-positive voxels (Dice 0.850
+        to 0.663; docs/engine.md). Without ``memory_reach_mm`` the memory cannot give
         way locally, and the update starts afresh.
         """
         before = 0 if judged_before is None else judged_before
