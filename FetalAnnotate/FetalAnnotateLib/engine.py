@@ -701,8 +701,7 @@ class AnnotationSession:
     def _update(self, strokes, strokes3d, classes, region):
         progress = self.progress
         report_progress(progress, 0.0, "stroke context")
-        self._last_round = self._round_built_on(strokes3d, classes)
-        added_voxels = None if self._last_round is None else strokes3d != self._last_round.strokes
+        self._last_round, added_voxels = self._round_built_on(strokes3d, classes)
         if added_voxels is None:
             self._judged_outlines = None
         prior, added = self._round_prior(added_voxels)
@@ -783,7 +782,8 @@ class AnnotationSession:
 
     def _round_built_on(self, strokes, classes):
         """The newest kept whole-image update whose strokes ``strokes`` only add to (same classes,
-        no painted voxel erased; voxels painted over with another class count as added), or None.
+        no painted voxel erased; voxels painted over with another class count as added) and the
+        voxels painted since (bool, image shape); (None, None) when there is none.
 
         Erasing the strokes added since the update before the last (an undone correction)
         returns to that update: the session takes back the outlines it had judged and the
@@ -794,11 +794,14 @@ class AnnotationSession:
         docs/engine.md).
         """
         for rank, kept in enumerate(self._rounds):
-            if kept.classes == classes and not np.any((strokes != kept.strokes) & (strokes == 0)):
+            if kept.classes != classes:
+                continue
+            changed = strokes != kept.strokes
+            if not np.any(changed & (strokes == 0)):
                 if rank:
                     self._judged_outlines, self._grown = kept.judged_outlines, kept.grown
-                return kept
-        return None
+                return kept, changed
+        return None, None
 
     def _keep_round(self, newest):
         """Keep ``newest`` and the latest :data:`KEPT_ROUNDS` - 1 other updates, and mark the
