@@ -733,10 +733,10 @@ class AnnotationSession:
         # stacks the maps into one new array, whose memory is faulted in (0.02-0.07 -> 0.02 s).
         nearest_added = (functools.reduce(np.minimum, [d for _, d in added_distances.values()])
                          if added_distances and self.memory_reach_mm is not None else None)
-        judged_before = self._judged_outlines
-        if self._fit_forests(classes, added_distances, _scaled(progress, 0.0, 0.3), kept_image_forest, nearest_added,
-                             correction=added_voxels is not None):
-            prior, added, nearest_added = self._memory_after_new_outline(prior, added, nearest_added, judged_before)
+        restated = self._fit_forests(classes, added_distances, _scaled(progress, 0.0, 0.3), kept_image_forest,
+                                     nearest_added, correction=added_voxels is not None)
+        if restated is not None:
+            prior, added, nearest_added = self._memory_after_new_outline(prior, added, nearest_added, restated)
         self._output_dtype = np.asarray(strokes).dtype
         self._prior = prior
         self._memory_fade = None if prior is None else self._fade_from(nearest_added)
@@ -757,10 +757,10 @@ class AnnotationSession:
                                         self._judged_outlines, self._grown))
         return result
 
-    def _memory_after_new_outline(self, prior, added, nearest_added, judged_before):
+    def _memory_after_new_outline(self, prior, added, nearest_added, restated):
         """The round prior, the added voxels and the distance the memory fades in from, after a
-        correction drew an outline that outline mode keeps (:meth:`_fit_forests`;
-        ``judged_before``: the judged outlines before this update).
+        correction drew an outline that outline mode keeps (``restated``: the flat indices of
+        the voxels it teaches, from :meth:`_fit_forests`).
 
         An outline that teaches more voxels than all the strokes of its inner class restates
         where that class lies, which the earlier rounds did not know: the update starts afresh,
@@ -771,8 +771,6 @@ class AnnotationSession:
         to 0.663; docs/engine.md). Without ``memory_reach_mm`` the memory cannot give
         way locally, and the update starts afresh.
         """
-        before = 0 if judged_before is None else judged_before
-        restated = np.flatnonzero((self._judged_outlines > 0) & (before <= 0))
         index, labels = self._enclosed
         inner = np.unique(labels[np.isin(index, restated)])
         painted = int(np.count_nonzero(np.isin(self._strokes, inner)))
@@ -1087,8 +1085,9 @@ class AnnotationSession:
         learns the voxels inside the outlines that :meth:`_tight_outlines` keeps.
 
         When a ``correction`` (strokes that add to the last update's) draws an outline that
-        :meth:`_tight_outlines` keeps, the update starts afresh: no kept image forest, and True
-        is returned; :meth:`_memory_after_new_outline` then drops the round memory, or, for an
+        :meth:`_tight_outlines` keeps, the update starts afresh: no kept image forest, and the
+        flat indices of the voxels the outline teaches are returned (None otherwise);
+        :meth:`_memory_after_new_outline` then drops the round memory, or, for an
         outline that teaches fewer voxels than its inner class's strokes, keeps it away from
         what the outline teaches. The outline restates
         where its inner class lies, which the earlier rounds did not know: a ring drawn as a
@@ -1114,21 +1113,23 @@ class AnnotationSession:
         candidates, geodesic = self._fit_image_forest()
         if not self.spatial_context:
             self._forest = self._image_forest
-            return False
-        restart = False
+            return None
+        restated = None
         if self._enclosed is not None and self._enclosed[0].size:
             enclosed_classes = np.unique(self._enclosed[1])
             judged_before = self._judged_outlines
             self._enclosed = self._tight_outlines()
-            judged_before = 0 if judged_before is None else judged_before
-            restart = correction and bool(np.any((self._judged_outlines > 0) & (judged_before <= 0)))
-            if restart:
-                self._far_image_forest, self._confused, self._shown = None, None, None
+            if correction:
+                judged_before = 0 if judged_before is None else judged_before
+                newly_kept = np.flatnonzero((self._judged_outlines > 0) & (judged_before <= 0))
+                if newly_kept.size:
+                    restated = newly_kept
+                    self._far_image_forest, self._confused, self._shown = None, None, None
             enclosure_changed = not np.array_equal(np.unique(self._enclosed[1]), enclosed_classes)
             if enclosure_changed:
                 # The step costs of a class depend on whether it is enclosed (_class_costs).
                 self._distances = self._class_distances(self._strokes, classes, added_distances)[2]
-            if enclosure_changed or restart:
+            if enclosure_changed or restated is not None:
                 candidates, geodesic = self._fit_image_forest()
         self._distances, training = self._context_features(self._strokes, classes, added_distances)
         labels = geodesic
@@ -1147,7 +1148,7 @@ class AnnotationSession:
             keep = _random_subset(index.size, self.pseudo_labels, np.random.default_rng(self.random_state))
             pseudo.append((index[keep], label[keep]))
         self._forest = self._fit(training, pseudo)
-        return restart
+        return restated
 
     def _fit_image_forest(self):
         """Fit the image forest on the strokes and the clear geodesic pseudo-labels, unless a kept
