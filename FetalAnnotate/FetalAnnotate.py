@@ -105,8 +105,8 @@ class FetalAnnotateParameterNode:
     featurePreset - image features (FetalAnnotateLib.FEATURE_PRESETS).
     numberOfTrees, maxDepth, minSamplesLeaf - random forest settings.
     smoothness - weight of the graph-cut boundary term that smooths the result along image edges (0: none).
-    memory - share of the previous round's probabilities in a round that only adds strokes, away from
-        the new strokes (it fades in over FetalAnnotateLib.MEMORY_REACH_MM around them; 0: none; a
+    memory - share of the previous round's probabilities in a round with the same classes, away from
+        the strokes painted or erased since (it fades in over FetalAnnotateLib.MEMORY_REACH_MM around them; 0: none; a
         single-plane image is never blended).
     extraFeatureVolumes - feature maps on the source volume's grid added as extra feature channels
         (scalar volumes: one channel, vector volumes: one per component), e.g. exported by FetalInpaint.

@@ -722,7 +722,8 @@ def test_corrections_reuse_released_probabilities_only_when_nothing_refers_to_th
 def test_undoing_a_correction_returns_to_the_round_before(n_classes):
     # Erasing the strokes added since the round before the last (an undone correction) gives
     # that round's result again and goes on from it; redoing them gives the correction's
-    # again. Erasing a stroke of an older round starts afresh.
+    # again. Erasing a stroke of an older round builds on the last round, the memory giving way
+    # around the erased voxels.
     image, inside = two_tissue_phantom()
     strokes = phantom_strokes(inside)
     if n_classes == 3:
@@ -743,15 +744,66 @@ def test_undoing_a_correction_returns_to_the_round_before(n_classes):
     assert session._last_round.strokes is session._rounds[1].strokes
     assert session._prior is session._rounds[1].probabilities and len(session._rounds) == KEPT_ROUNDS
     other[6, 2, 2:10] = 0  # part of a first-round stroke
-    session.update(other)
-    assert session._last_round is None and session._prior is None
+    last = session._rounds[0]
+    erased = session.update(other)
+    assert session._last_round is last and session._prior is last.probabilities
+    weights = session.memory_weights
+    assert weights[6, 2, 2:10].max() == 0 and weights.max() > 0.5
+    fresh = AnnotationSession(image, (2.0, 1.0, 1.0)).update(other)
+    assert not np.allclose(erased.probabilities, fresh.probabilities, atol=1e-3)
+    np.testing.assert_array_equal(session.update(other).probabilities, erased.probabilities)  # repeated
+
+
+@pytest.mark.parametrize("outline_mode", [False, True])
+def test_a_resumed_session_builds_on_the_earlier_sessions_update(outline_mode):
+    # A new session given an earlier session's strokes and probabilities (a scene opened again)
+    # gives them back when it updates the same strokes, and later strokes build on it as on its
+    # own update. In outline mode the earlier ring is not read as drawn in a correction (which
+    # would start afresh).
+    image, inside = two_tissue_phantom()
+    strokes = phantom_strokes(inside)
+    margin = 4.0 if outline_mode else None
+    if outline_mode:
+        strokes[6][ndi.binary_dilation(inside[6], iterations=5) & ~ndi.binary_dilation(inside[6], iterations=4)] = 1
+    earlier = AnnotationSession(image, (2.0, 1.0, 1.0), enclosure_margin_mm=margin)
+    earlier.update(strokes)
+    strokes[9, 30:34, 4:20] = 2
+    last = earlier.update(strokes)
+    given = np.array(last.probabilities)
+    session = AnnotationSession(image, (2.0, 1.0, 1.0), enclosure_margin_mm=margin)
+    session.resume(strokes, given)
+    given[:] = 0  # copied
+    resumed = session.update(strokes)
+    np.testing.assert_allclose(resumed.probabilities, last.probabilities, atol=1e-4)
+    np.testing.assert_array_equal(resumed.labels, last.labels)
+    np.testing.assert_array_equal(session.update(strokes).probabilities, resumed.probabilities)  # repeated
+    strokes[6, 22:26, 20:28] = 1
+    session.update(strokes)
+    weights = session.memory_weights
+    assert weights[6, 22:26, 20:28].max() == 0 and weights.max() > 0.5
+
+
+def test_resume_refuses_probabilities_that_do_not_fit_the_strokes():
+    image, inside = two_tissue_phantom()
+    strokes = phantom_strokes(inside)
+    session = AnnotationSession(image, (2.0, 1.0, 1.0))
+    maps = np.full((2,) + image.shape, 0.5, np.float32)
+    with pytest.raises(FetalAnnotateError, match="shape"):
+        session.resume(strokes, maps[:1])
+    with pytest.raises(FetalAnnotateError, match=r"\[0, 1\]"):
+        session.resume(strokes, maps * 3)
+    maps[0, 0, 0, 0] = np.nan
+    with pytest.raises(FetalAnnotateError, match="finite"):
+        session.resume(strokes, maps)
+    with pytest.raises(StrokeError):
+        session.resume(np.zeros_like(strokes), maps)
 
 
 def test_two_class_corrections_label_far_voxels_with_the_image_forest_of_the_first_update():
     # While strokes only add, the image forest of the first update of those strokes labels the
     # voxels farther than memory_reach_mm from the added strokes and no forest labels the
     # nearer ones (their distances do); the pixel classifier is fitted when asked, as a fresh
-    # session fits it. Erasing a stroke starts afresh, and more classes keep none.
+    # session fits it. Erasing an older stroke keeps it, and more classes keep none.
     image, inside = two_tissue_phantom()
     spacing = (2.0, 1.0, 1.0)
     strokes = phantom_strokes(inside)
@@ -778,8 +830,11 @@ def test_two_class_corrections_label_far_voxels_with_the_image_forest_of_the_fir
     session.update(strokes)  # a later correction: still the first update's far away
     assert session._far_image_forest[0] is first
     strokes[9, 4:8, 4:12] = 0
-    session.update(strokes)  # erasing a stroke starts afresh
-    assert session._far_image_forest is None
+    session.update(strokes)  # erasing an older stroke: still the first update's, away from the erased voxels
+    far_forest, nearest = session._far_image_forest
+    erased = np.zeros(image.shape, bool)
+    erased[9, 4:8, 4:12] = True
+    assert far_forest is first and session._costs.values_at_index(nearest, np.flatnonzero(erased)).max() == 0
     three = phantom_strokes(inside)
     three[6, 4:8, 4:12] = 3
     session = AnnotationSession(image, spacing)
@@ -940,8 +995,9 @@ def test_pseudo_labels_far_from_added_strokes_keep_the_last_updates():
     # The band the correction's distances alone would have relabelled, beyond its reach.
     band = far & (x > 255) & (x < 280)
     assert np.all(first[band] == 1) and np.all(afresh[band] != 1) and np.all(kept[band] == 1)
-    # Repeating an update keeps them all and gives the same result; erasing a stroke starts
-    # afresh; a volume keeps them as a single plane does.
+    # Repeating an update keeps them all and gives the same result; erasing an older stroke
+    # keeps those beyond the reach of the erased voxels too; a volume keeps them as a single
+    # plane does.
     repeated = session.update(more)
     assert session._kept_pseudo[2].all()
     np.testing.assert_array_equal(session._pseudo[1], kept)
@@ -951,8 +1007,10 @@ def test_pseudo_labels_far_from_added_strokes_keep_the_last_updates():
     session.update(erased)
     reference = AnnotationSession(image)
     reference.update(erased)
-    assert session._kept_pseudo is None
-    np.testing.assert_array_equal(session._pseudo[1], reference._pseudo[1])
+    far = session._kept_pseudo[2]
+    assert np.all(far[x > 120]) and not np.any(far[x < 100])
+    np.testing.assert_array_equal(session._pseudo[1][far], kept[far])
+    np.testing.assert_array_equal(session._pseudo[1][~far], reference._pseudo[1][~far])
     volume = AnnotationSession(np.stack([image] * 3))
     volume.update(np.stack([strokes] * 3))
     index, first = volume._pseudo
@@ -994,12 +1052,14 @@ def test_a_far_component_step_8_dropped_is_taught_the_class_shown_while_strokes_
     taught = labels != session._pseudo[1]
     assert np.all(nearest[taught] > 100.0) and np.any(near.reshape(-1)[index] & (nearest <= 100.0))
     assert corrected.probabilities[1][right].mean() < afresh.probabilities[1][right].mean()
-    # Repeating an update teaches the same voxels; erasing a stroke, or no reach, teaches none.
+    # Repeating an update teaches the same voxels, so does erasing an older stroke (the update
+    # builds on the last); no reach teaches none.
     np.testing.assert_array_equal(session.update(more).probabilities, corrected.probabilities)
     erased = more.copy()
     erased[:, 4:20, 1:3] = 0
     session.update(erased)
-    assert session._shown is None
+    index, labels = session._pseudo_label_candidates()
+    assert np.all(labels[right.reshape(-1)[index]] == 1)
     no_reach = AnnotationSession(image, pseudo_margin_mm=1000.0, pseudo_label_reach_mm=None)
     no_reach.update(strokes)
     no_reach.update(more)
@@ -1023,7 +1083,7 @@ def session_after_a_correction():
     return image, strokes, session
 
 
-def test_erasing_a_stroke_starts_afresh():
+def test_erasing_the_only_correction_gives_a_new_sessions_result():
     image, strokes, session = session_after_a_correction()
     strokes[2, 20:28, 20:26] = 0  # undo the correction
     fresh = AnnotationSession(image, (2.0, 1.0, 1.0), memory=0.5).update(strokes)
@@ -1032,7 +1092,7 @@ def test_erasing_a_stroke_starts_afresh():
 
 def test_repainting_a_stroke_keeps_the_memory_away_from_it():
     # Repainting voxels with another class is a correction: the memory fades in from the
-    # repainted voxels as from added ones, instead of starting afresh as erasing does.
+    # repainted voxels as from added ones.
     image, strokes, session = session_after_a_correction()
     strokes[2, 20:28, 20:23] = 2  # part of the correction painted over with the other class
     repainted = session.update(strokes)
@@ -1227,7 +1287,7 @@ def test_enclosed_pseudo_labels_judge_each_outline_once():
     assert again[0].size > 0.9 * first[0].size
 
 
-def test_outline_mode_keeps_a_rejected_loop_rejected_until_its_rounds_strokes_are_erased():
+def test_outline_mode_keeps_a_rejected_loop_rejected_while_the_session_builds_on_its_round():
     image, inside = two_tissue_phantom(shape=(1, 96, 96))
     strokes = np.zeros(inside.shape, np.uint8)
     strokes[0, 48, 40:56] = 2
@@ -1249,10 +1309,14 @@ def test_outline_mode_keeps_a_rejected_loop_rejected_until_its_rounds_strokes_ar
     erased[0, 10, 10:86] = 0
     session.update(erased)
     assert session._enclosed[0].size == 0
-    # Erasing a stroke of the first round starts afresh, as the round memory does.
+    # Erasing a stroke of the first round builds on the last round, as the round memory does,
+    # and keeps its judgement; a new session judges the loop again.
     erased[0, 48, 40:44] = 0
     session.update(erased)
-    assert session._enclosed[0].size > 0
+    assert session._enclosed[0].size == 0
+    fresh = AnnotationSession(image, (2.0, 1.0, 1.0), enclosure_margin_mm=4.0)
+    fresh.update(erased)
+    assert fresh._enclosed[0].size > 0
 
 
 def test_outline_mode_judges_a_loop_drawn_as_a_correction_with_the_strokes_of_its_round():

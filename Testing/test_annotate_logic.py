@@ -1016,3 +1016,53 @@ def test_rethreshold_after_the_volume_was_cropped_asks_to_train_again(phantom_sc
     with pytest.raises(FetalAnnotateError, match="changed since training.*train again"):
         logic.rethreshold(volume, segmentation, {"fetus": 0.5})
     assert segment_names(segmentation) == names
+
+
+def test_a_new_session_takes_up_the_written_result_of_the_same_strokes(phantom_scene, tmp_path):
+    """A session built anew for a volume (a scene opened again) builds on the probability volumes
+    trained on the same strokes, whatever the segments' order; not on those of other strokes, nor
+    on a saved classifier's, nor when the settings changed."""
+    import slicer
+
+    import FetalAnnotateLogic
+    from FetalAnnotateLogic.logic import STROKES_ATTRIBUTE
+
+    volume, segmentation, _, _, strokes = phantom_scene
+    logic = FetalAnnotateLogic.FetalAnnotateLogic()
+    names = ["background", "fetus", "placenta"]
+    logic.segment(volume, segmentation)
+    assert logic.session(volume).memory_weights is None  # the first round: nothing to build on
+    scene = volume.GetScene()  # the digest is saved with the scene
+    scene.SetSaveToXMLString(1)
+    scene.Commit()
+    saved = slicer.vtkMRMLScene()
+    saved.SetLoadFromXMLString(1)
+    saved.SetSceneXMLString(scene.GetSceneXMLString())
+    saved.Import()
+    digests = {node.GetName(): node.GetAttribute(STROKES_ATTRIBUTE)
+               for node in logic.probabilityVolumeNodes(volume).values()}
+    assert len(set(digests.values())) == 1 and None not in digests.values()
+    assert {name: saved.GetFirstNodeByName(name).GetAttribute(STROKES_ATTRIBUTE) for name in digests} == digests
+
+    logic.releaseSession(volume)  # the probability volumes stay, the session goes
+    reordered = np.zeros_like(strokes)
+    for old, new in ((1, 3), (2, 1), (3, 2)):
+        reordered[strokes == old] = new
+    logic.train(volume, reordered, ["fetus", "placenta", "background"])  # the effect's own order
+    np.testing.assert_array_equal(logic.session(volume).memory_weights, 1.0)  # the written result, whole
+
+    more = strokes.copy()
+    more[5, 2:6, 2:10] = 1
+    logic.releaseSession(volume)
+    logic.train(volume, more, names)
+    assert logic.session(volume).memory_weights is None  # written for other strokes
+
+    logic.segment(volume, segmentation)
+    logic.train(volume, strokes, names, preset="paper-table1")  # other settings: a new session, afresh
+    assert logic.session(volume, preset="paper-table1").memory_weights is None
+
+    logic.applyClassifier(logic.saveClassifier(volume, tmp_path / "saved.skops"), volume)
+    assert all(node.GetAttribute(STROKES_ATTRIBUTE) is None for node in logic.probabilityVolumeNodes(volume).values())
+    logic.releaseSession(volume)
+    logic.train(volume, strokes, names)
+    assert logic.session(volume).memory_weights is None

@@ -115,6 +115,25 @@ def test_a_slipped_correction_stroke_paints_the_same_voxels_with_the_other_class
     assert set(np.unique(slipped[slipped > 0])) == {robot_user.BACKGROUND}
 
 
+def test_an_erased_slip_leaves_the_strokes_painted_over_it(three_classes):
+    # The erase style's slip paints the class shown on the largest error blob; erasing it
+    # later removes only the voxels that still hold the slipped class.
+    prediction = three_classes.copy()
+    prediction[3][three_classes[3] == 3] = 2
+    strokes = np.zeros_like(three_classes)
+    slip = robot_user.slip_stroke(strokes, lambda s: robot_user.add_class_correction_stroke(
+        s, three_classes, prediction, axis=0, wrong_class=True))
+    painted = slip > 0
+    assert painted.any() and (strokes == slip).all()
+    np.testing.assert_array_equal(slip[painted], prediction[painted])
+    assert (slip[painted] != three_classes[painted]).all()
+    corrected = np.argwhere(painted)[0]
+    strokes[tuple(corrected)] = three_classes[tuple(corrected)]  # a later stroke over the slip
+    robot_user.erase_slip(strokes, slip)
+    assert np.count_nonzero(strokes) == 1 and strokes[tuple(corrected)] == three_classes[tuple(corrected)]
+    assert robot_user.slip_stroke(strokes, lambda s: False) is None
+
+
 def test_ring_is_closed_around_the_target_and_arcs_are_not(disc_target):
     plane = disc_target[4]
     ring = robot_user.initial_strokes(disc_target, 0, "ring")[4] == robot_user.BACKGROUND

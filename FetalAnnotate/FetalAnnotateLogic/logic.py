@@ -33,6 +33,7 @@ Errors are ``FetalAnnotateLib.FetalAnnotateError`` subclasses with a message tha
 """
 
 import hashlib
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,6 +53,9 @@ FINGERPRINT_TAG = "FetalAnnotate.ResultFingerprint"
 #: Attributes and reference role that tie a probability volume to its class and source volume.
 CLASS_NAME_ATTRIBUTE = "FetalAnnotate.ClassName"
 CLASS_INDEX_ATTRIBUTE = "FetalAnnotate.ClassIndex"
+#: A digest of the strokes a probability volume was trained on (saved with the scene), so that a
+#: new session can take up that result when the strokes are the same (a scene opened again).
+STROKES_ATTRIBUTE = "FetalAnnotate.StrokesFingerprint"
 SOURCE_VOLUME_ROLE = "FetalAnnotateSourceVolume"
 # RAS (Slicer) <-> LPS (ITK files) flips the first two axes.
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
@@ -112,10 +116,13 @@ class SegmentResult:
 class _VolumeSession:
     """An AnnotationSession with what it was built from, so it is rebuilt only when those change."""
 
-    def __init__(self, session, key):
+    def __init__(self, session, key, resumable):
         self.session = session
         self.key = key
         self.classNames = None
+        # Whether the first round may take up the probability volumes in the scene: not when the
+        # session replaced one with other settings, whose result it would hold on to.
+        self.resumable = resumable
 
 
 class SessionCache:
@@ -405,8 +412,8 @@ class FetalAnnotateLogic:
             Weight of the graph-cut boundary term (``AnnotationSession(smoothness=...)``; 0: none);
             ``FetalAnnotateLib.SMOOTHNESS`` when omitted. A setting of each call, not cached.
         memory : float, optional
-            Share of the previous round's probabilities in a round that only adds strokes (or
-            paints over some with another class), away from the new strokes
+            Share of the previous round's probabilities in a round with the same classes, away
+            from the strokes painted, painted over or erased since
             (``AnnotationSession(memory=...)``: it fades in over
             ``FetalAnnotateLib.MEMORY_REACH_MM`` of geodesic distance from them; 0: each round
             starts afresh; a single-slice volume is never blended); ``FetalAnnotateLib.MEMORY``
@@ -415,12 +422,13 @@ class FetalAnnotateLogic:
         key = self._sessionKey(volumeNode, preset, forestSettings, extraFeatureNodes)
         cached = self.sessionCache.get(volumeNode.GetID())
         if cached is None or cached.key != key:
+            resumable = cached is None
             self.sessionCache.release(volumeNode.GetID())  # free the old features before computing new ones
             session = _lib().AnnotationSession(_volumeVoxels(volumeNode),
                                                _volumeSpacing(volumeNode), preset=preset,
                                                extra_features=self.extraFeatureArray(volumeNode, extraFeatureNodes),
                                                forest=forestSettings, progress=progress)
-            cached = _VolumeSession(session, key)
+            cached = _VolumeSession(session, key, resumable)
             self.sessionCache.put(volumeNode.GetID(), cached)
         cached.session.progress = progress
         cached.session.enclosure_margin_mm = _lib().OUTLINE_MARGIN_MM if outlineMode else None
@@ -525,7 +533,8 @@ class FetalAnnotateLogic:
         result, classNames = self.train(volumeNode, strokes, classNames, progress=progress, preset=preset,
                                         forestSettings=forestSettings, extraFeatureNodes=extraFeatureNodes,
                                         outlineMode=outlineMode, smoothness=smoothness, memory=memory)
-        probabilityNodes = self.writeProbabilityVolumes(volumeNode, result.probabilities, classNames)
+        probabilityNodes = self.writeProbabilityVolumes(volumeNode, result.probabilities, classNames,
+                                                        strokes=strokes, classes=result.classes)
         outputSegmentationNode = outputSegmentationNode or segmentationNode
         masks = classMasks(result.probabilities, strokes, result.classes, classNames, thresholds, result.labels)
         editable = self.editableArea(volumeNode, segmentationNode, masking, segmentIds)
@@ -568,6 +577,9 @@ class FetalAnnotateLogic:
                                _scaled(progress, 0.0, 0.6) if computeFeatures else None, extraFeatureNodes,
                                outlineMode, smoothness, memory)
         session.progress = _scaled(progress, 0.6, 1.0) if computeFeatures else progress
+        cached = self.sessionCache.get(volumeNode.GetID())
+        if cached.classNames is None and cached.resumable:
+            self._takeUpWrittenResult(volumeNode, session, strokes, classNames)
         result = session.update(strokes)
         cached = self.sessionCache.get(volumeNode.GetID())
         if cached is None or cached.session is not session:  # the progress callback let the user close the scene
@@ -576,6 +588,26 @@ class FetalAnnotateLogic:
         classNames = [classNames[value - 1] for value in result.classes]
         cached.classNames = tuple(classNames)
         return result, classNames
+
+    def _takeUpWrittenResult(self, volumeNode, session, strokes, classNames):
+        """Let a new session build on the probability volumes in the scene when they were trained
+        on these strokes (``AnnotationSession.resume``): a scene opened again goes on from its last
+        result instead of starting afresh, which does worse than the session that drew the
+        strokes (docs/engine.md). Returns whether it did."""
+        classes = [value for value in range(1, len(classNames) + 1) if np.any(strokes == value)]
+        painted = [classNames[value - 1] for value in classes]
+        nodes = self.probabilityVolumeNodes(volumeNode)
+        fingerprint = _strokesFingerprint(strokes, classes, painted)
+        if (sorted(nodes) != sorted(painted)
+                or any(node.GetAttribute(STROKES_ATTRIBUTE) != fingerprint or not _sameGrid(volumeNode, node)
+                       for node in nodes.values())):
+            return False
+        try:
+            session.resume(strokes, np.stack([slicer.util.arrayFromVolume(nodes[name]) for name in painted]))
+        except _lib().FetalAnnotateError as error:  # edited by hand since: start afresh
+            logging.info(f"FetalAnnotate: not taking up the probability volumes of {volumeNode.GetName()!r}: {error}")
+            return False
+        return True
 
     def rethreshold(self, volumeNode, segmentationNode, thresholds=None, *, outputSegmentationNode=None, masking=None):
         """Update the ``"(auto)"`` segments from the stored probability volumes, without retraining.
@@ -808,7 +840,7 @@ class FetalAnnotateLogic:
                                   direction=_RAS_TO_LPS @ (matrix[:3, :3] / spacing))
 
     # ------------------------------------------------------------------ writing back
-    def writeProbabilityVolumes(self, volumeNode, probabilities, classNames):
+    def writeProbabilityVolumes(self, volumeNode, probabilities, classNames, strokes=None, classes=None):
         """Create or update one probability volume per class, named ``"<class> probability"``.
 
         Each has the source volume's geometry (origin, spacing, IJK-to-RAS directions) and parent
@@ -819,11 +851,17 @@ class FetalAnnotateLogic:
         volumeNode : vtkMRMLScalarVolumeNode
         probabilities : ndarray, shape (n_classes, z, y, x)
         classNames : sequence of str
+        strokes, classes : ndarray of int and sequence of int, optional
+            The strokes the probabilities were trained on and their class values, in the order of
+            ``classNames``: a digest of them is kept with the volumes, so that a new session (a
+            scene opened again) takes up this result when the strokes are the same. Omitted
+            (probabilities from a saved classifier), no session takes it up.
 
         Returns
         -------
         list of vtkMRMLScalarVolumeNode
         """
+        fingerprint = None if strokes is None else _strokesFingerprint(strokes, classes, classNames)
         existing = self.probabilityVolumeNodes(volumeNode)
         for name, node in existing.items():
             if name not in classNames:  # a class was removed: its map would be stale
@@ -838,6 +876,10 @@ class FetalAnnotateLogic:
                 node.SetAttribute(CLASS_NAME_ATTRIBUTE, name)
                 node.SetNodeReferenceID(SOURCE_VOLUME_ROLE, volumeNode.GetID())
             node.SetAttribute(CLASS_INDEX_ATTRIBUTE, str(index))
+            if fingerprint is None:
+                node.RemoveAttribute(STROKES_ATTRIBUTE)
+            else:
+                node.SetAttribute(STROKES_ATTRIBUTE, fingerprint)
             node.SetIJKToRASMatrix(ijkToRAS)
             node.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
             slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(probabilities[index], np.float32))
@@ -1066,6 +1108,18 @@ def _fingerprint(voxels):
     """Digest of a boolean array on a volume's grid (with the grid's shape)."""
     digest = hashlib.sha256(np.asarray(voxels.shape, np.int64).tobytes())
     digest.update(np.packbits(voxels).tobytes())
+    return digest.hexdigest()
+
+
+def _strokesFingerprint(strokes, classes, classNames):
+    """Digest of stroke labels on a volume's grid by class name (``classNames[k]`` is the name of
+    value ``classes[k]``): which class each voxel holds, whatever the segments' order."""
+    ranks = np.zeros(strokes.shape, np.uint8)
+    for value, name in zip(classes, classNames):
+        ranks[strokes == value] = sorted(classNames).index(name) + 1
+    digest = hashlib.sha256("\n".join(sorted(classNames)).encode())
+    digest.update(np.asarray(ranks.shape, np.int64).tobytes())
+    digest.update(ranks.tobytes())
     return digest.hexdigest()
 
 

@@ -302,7 +302,8 @@ the <i>Editable area</i> and <i>Editable intensity range</i>. It never changes o
                 if sliceCompositeNode.GetForegroundVolumeID() in [node.GetID() for node in shown.values()]:
                     sliceCompositeNode.SetForegroundVolumeID(None)
             return
-        nodes = self.logic.writeProbabilityVolumes(volumeNode, probabilities, classNames)
+        nodes = self.logic.writeProbabilityVolumes(volumeNode, probabilities, classNames,
+                                                   strokes=self.lastRound.strokes, classes=self.lastRound.classes)
         thresholdClass = self.thresholdClass()
         node = nodes[classNames.index(thresholdClass)] if thresholdClass in classNames else nodes[-1]
         slicer.util.setSliceViewerLayers(foreground=node, foregroundOpacity=0.5)

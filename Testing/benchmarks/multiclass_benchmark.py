@@ -64,8 +64,8 @@ def run_case(method_name, row, root, cap, seed=0, style="robot"):
     axis = robot_user.acquisition_axis(spacing)
     classes = sorted(class_names)
     method, setup_s = robot_benchmark.timed_setup(method_name, image, spacing, axis, seed)
-    strokes = robot_user.initial_class_strokes(truth, axis, style)
-    class_dice, round_s = [], []
+    strokes = robot_user.initial_class_strokes(truth, axis, style if style in robot_user.STYLES else "robot")
+    class_dice, round_s, event, slip = [], [], None, None
     for index in range(cap + 1):
         start = time.perf_counter()
         labels = method.predict_labels(strokes)
@@ -73,8 +73,26 @@ def run_case(method_name, row, root, cap, seed=0, style="robot"):
         class_dice.append(robot_user.class_dices(truth, labels, classes))
         if index == cap:
             break
+        if style == robot_user.ERASE_STYLE and index == robot_user.UNDO_ROUND - 1 and slip is not None:
+            robot_user.erase_slip(strokes, slip)
+            before, labels = labels, method.predict_labels(strokes)
+            event = {"before": float(np.mean(robot_user.class_dices(truth, before, classes))),
+                     "erased": float(np.mean(robot_user.class_dices(truth, labels, classes)))}
+        if style == robot_user.REOPEN_STYLE and index == robot_user.UNDO_ROUND - 1:
+            reopened = robot_benchmark.make_method(method_name, image, spacing, axis, seed)
+            fresh, labels = robot_benchmark.reopen(method, reopened, strokes)
+            event = {"before": float(np.mean(class_dice[-1])),
+                     "fresh": float(np.mean(robot_user.class_dices(truth, fresh, classes))),
+                     "reopened": float(np.mean(robot_user.class_dices(truth, labels, classes)))}
+            method = reopened
         if index == 0 and style == robot_user.RING_LATER_STYLE:
             robot_user.add_class_ring_stroke(strokes, truth, axis)
+        elif style == robot_user.ERASE_STYLE and index == robot_user.SLIP_ROUND - 1:
+            slip = robot_user.slip_stroke(strokes, lambda s: robot_user.add_class_correction_stroke(
+                s, truth, labels, axis, wrong_class=True))
+            if slip is None:
+                class_dice += [class_dice[-1]] * (cap - index)
+                break
         elif not robot_user.add_class_correction_stroke(strokes, truth, labels, axis):
             class_dice += [class_dice[-1]] * (cap - index)  # perfect: later rounds keep it
             break
@@ -89,6 +107,7 @@ def run_case(method_name, row, root, cap, seed=0, style="robot"):
         "dice": mean_dice,
         "round_s": round_s,
         "rounds_to_target": next((i for i, d in enumerate(mean_dice) if d >= 0.9), None),
+        "event": event,
     }
 
 
@@ -127,7 +146,7 @@ def main(argv=None):
     parser.add_argument("--methods", default=",".join(ALL_METHODS))
     parser.add_argument("--seeds", type=int, default=1, help="random states 0..N-1 of the forest methods")
     parser.add_argument("--styles", default="robot",
-                        help="comma-separated ways of drawing round 0: " + ", ".join(robot_user.STYLES)
+                        help="comma-separated ways of drawing round 0: " + ", ".join(robot_user.CLASS_STYLES)
                              + " (default: %(default)s)")
     parser.add_argument("--json", default="", help="write all per-case results here")
     parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
@@ -135,7 +154,7 @@ def main(argv=None):
     if args.worker:
         return worker(args)
 
-    styles = robot_benchmark.parse_styles(args.styles, robot_user.STYLES)
+    styles = robot_benchmark.parse_styles(args.styles, robot_user.CLASS_STYLES)
     datasets = [args.dataset] if args.dataset else [ATLAS, PHANTOM]
     jobs = [f"{m}@{d}@{s}" for d in datasets for s in styles for m in args.methods.split(",")]
     results = robot_benchmark.run_jobs(__file__, jobs, [args.manifest, "--limit", str(args.limit),
@@ -153,6 +172,11 @@ def main(argv=None):
               f"{s['median_round_s']:8.2f} {result['peak_rss_mb']:11.0f}")
     if args.cap < 10:
         print(f"(--cap {args.cap}: r1-10 and drop over rounds 1-{args.cap}, the last repeated)")
+    for job, result in results.items():
+        method, dataset, _ = job.split("@", 2)
+        line = robot_benchmark.event_line(f"{dataset:20s} {method:15s}", result["cases"], "class-mean Dice")
+        if line:
+            print(line)
     print("\nper-class Dice, round 0 / mean of rounds 1-10:")
     for job, result in results.items():
         method, dataset, style = job.split("@", 2)

@@ -14,8 +14,9 @@ forest with random states 0..N-1 and reports the mean over them and, per dataset
 of the dataset means between seeds (GrowCut is deterministic: one run). ``--styles`` draws
 round 0 in other ways a person might (robot_user.BINARY_STYLES: a closed ring, arcs, dabs, a
 thick brush, two slices, dabs then the ring as the first correction, the arcs-plus-loop
-case that misleads outline mode, and a slip undone at round 5); each style is reported on its
-own rows, and the undone slip also on a line of its own. Not part of CI.
+case that misleads outline mode, a slip undone at round 5, a slip of round 2 erased at round 5,
+and the session opened again at round 5); each style is reported on its own rows, and the undo,
+the erasing or the opening also on a line of its own. Not part of CI.
 """
 
 import argparse
@@ -49,12 +50,18 @@ class EngineMethod:
         from FetalAnnotateLib import AnnotationSession
 
         self.session = AnnotationSession(image, spacing, **session_options)
+        self.last_result = None
 
     def predict(self, strokes):
         return self.predict_labels(strokes) == robot_user.FOREGROUND
 
     def predict_labels(self, strokes):
-        return self.session.update(strokes).labels
+        self.last_result = self.session.update(strokes)
+        return self.last_result.labels
+
+    def take_up(self, other, strokes):
+        """Take up ``other``'s last update of ``strokes`` (a scene opened again)."""
+        self.session.resume(strokes, other.last_result.probabilities)
 
 
 def make_method(name, image, spacing, axis, seed=0):
@@ -144,7 +151,7 @@ def run_case(method_name, row, root, rounds, cap, target_dice=0.9, seed=0, thick
     image, target, spacing, axis = load_case(row, root, thicken)
     method, setup_s = timed_setup(method_name, image, spacing, axis, seed)
     strokes = robot_user.initial_strokes(target, axis, style)
-    dices, round_s, undo = [], [], None
+    dices, round_s, event, slip = [], [], None, None
     for index in range(cap + 1):
         start = time.perf_counter()
         prediction = method.predict(strokes)
@@ -154,9 +161,23 @@ def run_case(method_name, row, root, rounds, cap, target_dice=0.9, seed=0, thick
         if index == cap or (index >= rounds and reached):
             break
         if style == robot_user.UNDO_STYLE and index == robot_user.UNDO_ROUND - 1:
-            undo, prediction = slip_and_undo(method, strokes, target, prediction, axis)
+            event, prediction = slip_and_undo(method, strokes, target, prediction, axis)
+        if style == robot_user.ERASE_STYLE and index == robot_user.UNDO_ROUND - 1 and slip is not None:
+            event, prediction = erase_slip(method, strokes, slip, target, prediction)
+        if style == robot_user.REOPEN_STYLE and index == robot_user.UNDO_ROUND - 1:
+            reopened = make_method(method_name, image, spacing, axis, seed)
+            fresh, taken_up = reopen(method, reopened, strokes)
+            event = {"before": dices[-1], "fresh": robot_user.dice(fresh == robot_user.FOREGROUND, target),
+                    "reopened": robot_user.dice(taken_up == robot_user.FOREGROUND, target)}
+            method, prediction = reopened, taken_up == robot_user.FOREGROUND
         if index == 0 and style == robot_user.RING_LATER_STYLE:
             robot_user.add_ring_stroke(strokes, target, axis)
+        elif style == robot_user.ERASE_STYLE and index == robot_user.SLIP_ROUND - 1:
+            slip = robot_user.slip_stroke(strokes, lambda s: robot_user.add_correction_stroke(
+                s, target, prediction, axis, wrong_class=True))
+            if slip is None:
+                dices += [dices[-1]] * (max(rounds, 0) - index)
+                break
         elif not robot_user.add_correction_stroke(strokes, target, prediction, axis):
             dices += [dices[-1]] * (max(rounds, 0) - index)  # perfect: later rounds keep it
             break
@@ -169,7 +190,7 @@ def run_case(method_name, row, root, rounds, cap, target_dice=0.9, seed=0, thick
         "dice": dices,
         "round_s": round_s,
         "rounds_to_target": hits[0] if hits else None,
-        "undo": undo,
+        "event": event,
     }
 
 
@@ -183,6 +204,48 @@ def slip_and_undo(method, strokes, target, prediction, axis):
     undone = method.predict(strokes)
     return {"before": robot_user.dice(prediction, target), "slip": slip_dice,
             "undone": robot_user.dice(undone, target)}, undone
+
+
+def erase_slip(method, strokes, slip, target, prediction):
+    """The ``erase`` style's erasing of the slipped stroke (``slip``, from
+    ``robot_user.slip_stroke``; in place), and the update after it. Returns the Dice before and
+    after, and the prediction after (the one the next stroke corrects)."""
+    robot_user.erase_slip(strokes, slip)
+    erased = method.predict(strokes)
+    return {"before": robot_user.dice(prediction, target), "erased": robot_user.dice(erased, target)}, erased
+
+
+def reopen(method, reopened, strokes):
+    """The ``reopen`` style: ``reopened``, a new instance of ``method``'s method, updates the
+    strokes as a new session, then (an engine) takes up ``method``'s last update and updates
+    again. Returns the label maps of the new session and taken up (the same for a baseline)."""
+    fresh = reopened.predict_labels(strokes)
+    if not isinstance(method, EngineMethod):
+        return fresh, fresh
+    reopened.take_up(method, strokes)
+    return fresh, reopened.predict_labels(strokes)
+
+
+#: What the ``undo``, ``erase`` and ``reopen`` styles record, and their printed lines.
+EVENT_LINES = {
+    ("before", "slip", "undone"): f"slip at round {robot_user.UNDO_ROUND}, {{score}} before / after the slip / "
+                                  "after undoing it",
+    ("before", "erased"): f"slip of round {robot_user.SLIP_ROUND} erased at round {robot_user.UNDO_ROUND}, "
+                          "{score} before / after erasing it",
+    ("before", "fresh", "reopened"): f"opened again at round {robot_user.UNDO_ROUND}, {{score}} before / "
+                                     "in a new session / taken up",
+}
+
+
+def event_line(prefix, cases, score="Dice"):
+    """The line of the ``undo``, ``erase`` or ``reopen`` style (means over ``cases`` of what
+    they recorded), or None for other styles."""
+    recorded = [case["event"] for case in cases if case.get("event")]
+    if not recorded:
+        return None
+    keys = next(keys for keys in EVENT_LINES if set(keys) == set(recorded[0]))
+    means = " / ".join(f"{np.mean([r[key] for r in recorded]):.3f}" for key in keys)
+    return f"{prefix} {EVENT_LINES[keys].format(score=score)}: {means}"
 
 
 def synthetic_volume(shape=(80, 512, 512), spacing=(3.0, 0.7, 0.7), seed=0):
@@ -359,12 +422,10 @@ def main(argv=None):
               f"{s['rounds_to_0.9']:6.1f} ({s['reached_0.9']:2d}) {s['setup_s']:8.2f} {s['median_round_s']:8.2f} {result['peak_rss_mb']:11.0f} "
               f"{s['seeds']:5d} {s['sd_r0']:6.3f} {s['sd_r1_r10']:8.3f}")
     for job, result in results.items():
-        undone = [c["undo"] for c in result["cases"] if c.get("undo")]
-        if undone:
-            method, dataset, _ = job.split("@", 2)
-            print(f"{dataset:26s} {method:15s} slip at round {robot_user.UNDO_ROUND}, Dice before / after the slip / "
-                  "after undoing it: " + " / ".join(f"{np.mean([u[key] for u in undone]):.3f}"
-                                                    for key in ("before", "slip", "undone")))
+        method, dataset, _ = job.split("@", 2)
+        line = event_line(f"{dataset:26s} {method:15s}", result["cases"])
+        if line:
+            print(line)
     if "synthetic" in results:
         case = results["synthetic"]["cases"][0]
         print(f"synthetic 512x512x80 engine: setup {case['setup_s']:.2f} s, median {np.median(case['round_s']):.2f} s/round, "

@@ -48,7 +48,19 @@ LOOPS_STYLE = "loops"
 #: (:func:`add_correction_stroke` with ``wrong_class``).
 UNDO_STYLE = "undo"
 UNDO_ROUND = 5
-BINARY_STYLES = STYLES + (LOOPS_STYLE, UNDO_STYLE)
+#: Round 0 as ``robot``; at round :data:`SLIP_ROUND` the robot paints its correction with the
+#: wrong class (the other one; with several classes, the class shown) and goes on as if it had not
+#: seen it; at round :data:`UNDO_ROUND` it first erases what is left of that stroke (its voxels
+#: still painted with the wrong class: an older stroke, not the last; :func:`erase_slip`), sees
+#: that update, and then paints its correction.
+ERASE_STYLE = "erase"
+SLIP_ROUND = 2
+#: Round 0 as ``robot``; at round :data:`UNDO_ROUND`, before its correction, the robot closes the
+#: session and opens it again (a scene saved and loaded): a new session takes up the last strokes
+#: and probabilities (``AnnotationSession.resume``) and updates; the rounds after go on in it.
+REOPEN_STYLE = "reopen"
+BINARY_STYLES = STYLES + (LOOPS_STYLE, UNDO_STYLE, ERASE_STYLE, REOPEN_STYLE)
+CLASS_STYLES = STYLES + (ERASE_STYLE, REOPEN_STYLE)
 
 
 def acquisition_axis(spacing, anisotropy_ratio=1.5):
@@ -127,12 +139,12 @@ def loop_around_body(shape, inset_fraction=1 / 12, width=2):
 def background_strokes(target, style):
     """Background strokes drawn around a 2D ``target`` in the given round-0 ``style``.
 
-    ``robot`` (and ``thick``, ``two-slices``, ``undo``): the ring 4-6 voxels out plus the skeleton of the
+    ``robot`` (and ``thick``, ``two-slices``, ``undo``, ``erase``, ``reopen``): the ring 4-6 voxels out plus the skeleton of the
     background farther than 15 voxels; ``ring``, ``arcs``, ``dabs``, ``loops``: see
     :data:`STYLES` and :data:`LOOPS_STYLE`.
     """
     ring = ring_around(target)
-    if style in ("robot", "thick", "two-slices", UNDO_STYLE):
+    if style in ("robot", "thick", "two-slices", UNDO_STYLE, ERASE_STYLE, REOPEN_STYLE):
         far = ndi.binary_erosion(~ndi.binary_dilation(target, iterations=15), iterations=5)
         return ring | (skeletonize(far) if far.any() else far)
     if style == "ring":
@@ -342,8 +354,10 @@ def add_correction_stroke(strokes, target, prediction, axis, wrong_class=False):
     return True
 
 
-def add_class_correction_stroke(strokes, truth, prediction, axis):
+def add_class_correction_stroke(strokes, truth, prediction, axis, wrong_class=False):
     """Multi-class correction: the skeleton of the largest error blob, each pixel its true class (in place).
+
+    ``wrong_class`` paints each pixel with the class shown instead (a slip; see :data:`ERASE_STYLE`).
 
     Returns
     -------
@@ -356,9 +370,23 @@ def add_class_correction_stroke(strokes, truth, prediction, axis):
     where, region = blob
     stroke = skeleton_stroke(region)
     plane = strokes[where].copy()
-    plane[stroke] = truth[where][stroke]
+    plane[stroke] = (prediction if wrong_class else truth)[where][stroke]
     strokes[where] = plane
     return True
+
+
+def slip_stroke(strokes, add_stroke):
+    """Paint a slipped correction with ``add_stroke(strokes)`` (in place) and return it: the
+    slipped class at the voxels it painted, 0 elsewhere; None when nothing was painted."""
+    before = strokes.copy()
+    if not add_stroke(strokes):
+        return None
+    return np.where(strokes != before, strokes, 0).astype(strokes.dtype)
+
+
+def erase_slip(strokes, slip):
+    """Erase, in place, the voxels of ``slip`` (from :func:`slip_stroke`) that still hold its class."""
+    strokes[(slip != 0) & (strokes == slip)] = 0
 
 
 def class_dices(truth, prediction, classes):
