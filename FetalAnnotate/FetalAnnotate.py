@@ -474,7 +474,7 @@ class FetalAnnotateTest(ScriptedLoadableModuleTest):
     def runTest(self):
         ensureDependencies()  # asks the user (never in testing mode); setUp skips what still cannot run
         for test in (self.test_PresetNamesMatchEngine, self.test_RemovedFeatureVolumeIsLeftOut,
-                     self.test_LogicOnPhantom, self.test_EffectOnPhantom):
+                     self.test_LogicOnPhantom, self.test_EffectOnPhantom, self.test_ReloadedSceneGoesOnFromItsResult):
             self.setUp()
             test()
 
@@ -532,6 +532,35 @@ class FetalAnnotateTest(ScriptedLoadableModuleTest):
             after = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentId, volume)
             self.assertTrue((after == before).all(), "a painted segment was modified")
         self.delayDisplay("Logic test passed")
+
+    def test_ReloadedSceneGoesOnFromItsResult(self):
+        """A scene saved and loaded again: the first round on the same strokes gives the saved result back."""
+        import os
+        import tempfile
+
+        import numpy as np
+
+        self.delayDisplay("FetalAnnotate: a scene saved and loaded again")
+        _phantom, volume, segmentation, _ids = self.makePhantomScene()
+        first = FetalAnnotateLogic().segment(volume, segmentation)
+        saved = {name: slicer.util.arrayFromVolume(node).copy()
+                 for name, node in zip(first.classNames, first.probabilityVolumeNodes)}
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "reloaded.mrb")
+            self.assertTrue(slicer.util.saveScene(path), "the scene was not saved")
+            slicer.mrmlScene.Clear()  # frees the sessions, as closing the scene does
+            slicer.util.loadScene(path)
+        volume = slicer.util.getFirstNodeByClassByName("vtkMRMLScalarVolumeNode", "FetalAnnotate phantom")
+        segmentation = slicer.util.getFirstNodeByClassByName("vtkMRMLSegmentationNode", "Strokes")
+        self.assertIsNotNone(volume)
+        self.assertIsNotNone(segmentation)
+
+        again = FetalAnnotateLogic().segment(volume, segmentation)
+
+        self.assertEqual(again.classNames, first.classNames)
+        for name, node in zip(again.classNames, again.probabilityVolumeNodes):
+            np.testing.assert_allclose(slicer.util.arrayFromVolume(node), saved[name], atol=1e-3)
+        self.delayDisplay("Reload test passed")
 
     def test_EffectOnPhantom(self):
         from FetalAnnotateLib.metrics import dice
