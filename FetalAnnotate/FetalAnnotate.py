@@ -383,6 +383,9 @@ class FetalAnnotateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 'Segmented {classes}: see the "(auto)" segments in {segmentation}. Add strokes where wrong and '
                 "train again.").format(classes=", ".join(result.classNames),
                                        segmentation=result.outputSegmentationNode.GetName())
+            if result.tookUpWrittenResult:
+                self.ui.statusLabel.text = (_("Went on from the result saved with the scene (same strokes). ")
+                                            + self.ui.statusLabel.text)
 
     def onThresholdClassChanged(self, index):
         text = self.ui.thresholdClassComboBox.currentText

@@ -752,6 +752,12 @@ def test_undoing_a_correction_returns_to_the_round_before(n_classes):
     fresh = AnnotationSession(image, (2.0, 1.0, 1.0)).update(other)
     assert not np.allclose(erased.probabilities, fresh.probabilities, atol=1e-3)
     np.testing.assert_array_equal(session.update(other).probabilities, erased.probabilities)  # repeated
+    anew = np.zeros_like(other)  # every stroke erased and others painted: a new start
+    anew[5, 20:24, 10:30], anew[5, 40:44, 10:30] = 2, 1
+    if n_classes == 3:
+        anew[5, 30:33, 2:8] = 3
+    session.update(anew)
+    assert session._last_round is None and session.memory_weights is None
 
 
 @pytest.mark.parametrize("outline_mode", [False, True])

@@ -1030,7 +1030,7 @@ def test_a_new_session_takes_up_the_written_result_of_the_same_strokes(phantom_s
     volume, segmentation, _, _, strokes = phantom_scene
     logic = FetalAnnotateLogic.FetalAnnotateLogic()
     names = ["background", "fetus", "placenta"]
-    logic.segment(volume, segmentation)
+    assert not logic.segment(volume, segmentation).tookUpWrittenResult
     assert logic.session(volume).memory_weights is None  # the first round: nothing to build on
     scene = volume.GetScene()  # the digest is saved with the scene
     scene.SetSaveToXMLString(1)
@@ -1057,7 +1057,9 @@ def test_a_new_session_takes_up_the_written_result_of_the_same_strokes(phantom_s
     logic.train(volume, more, names)
     assert logic.session(volume).memory_weights is None  # written for other strokes
 
-    logic.segment(volume, segmentation)
+    assert not logic.segment(volume, segmentation).tookUpWrittenResult  # that session's second round
+    logic.releaseSession(volume)
+    assert logic.segment(volume, segmentation).tookUpWrittenResult
     logic.train(volume, strokes, names, preset="paper-table1")  # other settings: a new session, afresh
     assert logic.session(volume, preset="paper-table1").memory_weights is None
 

@@ -105,12 +105,16 @@ class SegmentResult:
         One probability volume per class, in class order.
     outputSegmentationNode : vtkMRMLSegmentationNode
         Where the result segments are.
+    tookUpWrittenResult : bool
+        Whether the round went on from the probability volumes in the scene (a scene opened
+        again; :meth:`FetalAnnotateLogic.session`) instead of starting afresh.
     """
 
     classNames: tuple
     resultSegmentIds: tuple
     probabilityVolumeNodes: tuple
     outputSegmentationNode: object
+    tookUpWrittenResult: bool = False
 
 
 class _VolumeSession:
@@ -123,6 +127,7 @@ class _VolumeSession:
         # Whether the first round may take up the probability volumes in the scene: not when the
         # session replaced one with other settings, whose result it would hold on to.
         self.resumable = resumable
+        self.tookUpWrittenResult = False  # the last round did
 
 
 class SessionCache:
@@ -533,6 +538,7 @@ class FetalAnnotateLogic:
         result, classNames = self.train(volumeNode, strokes, classNames, progress=progress, preset=preset,
                                         forestSettings=forestSettings, extraFeatureNodes=extraFeatureNodes,
                                         outlineMode=outlineMode, smoothness=smoothness, memory=memory)
+        tookUp = self.sessionCache.get(volumeNode.GetID()).tookUpWrittenResult
         probabilityNodes = self.writeProbabilityVolumes(volumeNode, result.probabilities, classNames,
                                                         strokes=strokes, classes=result.classes)
         outputSegmentationNode = outputSegmentationNode or segmentationNode
@@ -540,7 +546,8 @@ class FetalAnnotateLogic:
         editable = self.editableArea(volumeNode, segmentationNode, masking, segmentIds)
         resultIds = self.writeResultSegments(volumeNode, segmentationNode, outputSegmentationNode, classNames, masks,
                                               editable)
-        return SegmentResult(tuple(classNames), tuple(resultIds), tuple(probabilityNodes), outputSegmentationNode)
+        return SegmentResult(tuple(classNames), tuple(resultIds), tuple(probabilityNodes), outputSegmentationNode,
+                             tookUp)
 
     def train(self, volumeNode, strokes, classNames, *, progress=None, preset="default", forestSettings=None,
               extraFeatureNodes=None, outlineMode=False, smoothness=None, memory=None):
@@ -578,8 +585,8 @@ class FetalAnnotateLogic:
                                outlineMode, smoothness, memory)
         session.progress = _scaled(progress, 0.6, 1.0) if computeFeatures else progress
         cached = self.sessionCache.get(volumeNode.GetID())
-        if cached.classNames is None and cached.resumable:
-            self._takeUpWrittenResult(volumeNode, session, strokes, classNames)
+        cached.tookUpWrittenResult = (cached.classNames is None and cached.resumable
+                                      and self._takeUpWrittenResult(volumeNode, session, strokes, classNames))
         result = session.update(strokes)
         cached = self.sessionCache.get(volumeNode.GetID())
         if cached is None or cached.session is not session:  # the progress callback let the user close the scene
