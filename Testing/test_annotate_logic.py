@@ -1063,6 +1063,10 @@ def test_a_new_session_takes_up_the_written_result_of_the_same_strokes(phantom_s
     logic.train(volume, strokes, names, preset="paper-table1")  # other settings: a new session, afresh
     assert logic.session(volume, preset="paper-table1").memory_weights is None
 
+    logic.releaseSession(volume)
+    next(iter(logic.probabilityVolumeNodes(volume).values())).SetAndObserveImageData(None)  # its file was lost
+    assert not logic.segment(volume, segmentation).tookUpWrittenResult
+
     logic.applyClassifier(logic.saveClassifier(volume, tmp_path / "saved.skops"), volume)
     assert all(node.GetAttribute(STROKES_ATTRIBUTE) is None for node in logic.probabilityVolumeNodes(volume).values())
     logic.releaseSession(volume)
