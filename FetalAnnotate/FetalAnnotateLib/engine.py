@@ -661,8 +661,8 @@ class AnnotationSession:
         """Weight of the previous round per voxel in the last update (float32, image shape), or None.
 
         None when the last update was not blended (the first round, new classes, a single-plane
-        image); the same ``memory`` everywhere when
-        ``memory_reach_mm`` is None.
+        image); the same ``memory`` everywhere when ``memory_reach_mm`` is None, and 1 when the
+        update repeated a resumed one (:meth:`resume`).
         """
         if self._prior is None:
             return None
@@ -716,10 +716,10 @@ class AnnotationSession:
         the same strokes gives ``probabilities`` back (unless ``memory`` is 0, or the image is a
         single plane, which has no round memory; its forests are trained for the updates after
         it), and one of other strokes (same classes) keeps the share ``memory`` of them away
-        from the voxels painted or erased since, as after any update. What the earlier session learnt besides (its image forest, the
-        pseudo-labels it kept, its judgement of the outlines) is not known: the updates on it
-        start those afresh, and outlines are judged as in a new session. What this session kept
-        of its own updates is dropped.
+        from the voxels painted or erased since, as after any update. What the earlier session
+        learnt besides (its image forest, the pseudo-labels it kept, its judgement of the
+        outlines) is not known: the updates on it start those afresh, and outlines are judged as
+        in a new session. What this session kept of its own updates is dropped.
 
         Parameters
         ----------
