@@ -144,8 +144,8 @@ class _LastRound:
     strokes: np.ndarray
     classes: tuple
     probabilities: np.ndarray
-    #: The probabilities ``memory`` blended into that update, and the flat indices of the strokes
-    #: it added (None, None: none).
+    #: The probabilities ``memory`` blended into that update, and the flat indices of the voxels
+    #: painted or erased since the update it built on (None, None: none).
     prior: object
     added: object
     #: Its pseudo-label candidates and their geodesic labels, or None.
