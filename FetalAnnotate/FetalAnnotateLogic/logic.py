@@ -572,7 +572,8 @@ class FetalAnnotateLogic:
             The names of ``result.classes``, in their order.
         """
         classNames = list(classNames)
-        painted = [name for value, name in enumerate(classNames, start=1) if (strokes == value).any()]
+        paintedValues = [value for value in range(1, len(classNames) + 1) if (strokes == value).any()]
+        painted = [classNames[value - 1] for value in paintedValues]
         if len(painted) < 2:
             raise _lib().StrokeError(f"paint at least two class segments (painted: {painted or 'none'}); "
                                      "e.g. one inside the target and one around it")
@@ -586,7 +587,8 @@ class FetalAnnotateLogic:
         session.progress = _scaled(progress, 0.6, 1.0) if computeFeatures else progress
         cached = self.sessionCache.get(volumeNode.GetID())
         cached.tookUpWrittenResult = (cached.classNames is None and cached.resumable
-                                      and self._takeUpWrittenResult(volumeNode, session, strokes, classNames))
+                                      and self._takeUpWrittenResult(volumeNode, session, strokes, paintedValues,
+                                                                    painted))
         result = session.update(strokes)
         cached = self.sessionCache.get(volumeNode.GetID())
         if cached is None or cached.session is not session:  # the progress callback let the user close the scene
@@ -596,13 +598,12 @@ class FetalAnnotateLogic:
         cached.classNames = tuple(classNames)
         return result, classNames
 
-    def _takeUpWrittenResult(self, volumeNode, session, strokes, classNames):
+    def _takeUpWrittenResult(self, volumeNode, session, strokes, classes, painted):
         """Let a new session build on the probability volumes in the scene when they were trained
         on these strokes (``AnnotationSession.resume``): a scene opened again goes on from its last
         result instead of starting afresh, which does worse than the session that drew the
-        strokes (docs/engine.md). Returns whether it did."""
-        classes = [value for value in range(1, len(classNames) + 1) if np.any(strokes == value)]
-        painted = [classNames[value - 1] for value in classes]
+        strokes (docs/engine.md). ``classes``: the painted values of ``strokes``, ``painted``
+        their names. Returns whether it did."""
         nodes = self.probabilityVolumeNodes(volumeNode)
         fingerprint = _strokesFingerprint(strokes, classes, painted)
         if (sorted(nodes) != sorted(painted)
