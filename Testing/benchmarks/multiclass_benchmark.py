@@ -66,6 +66,10 @@ def run_case(method_name, row, root, cap, seed=0, style="robot"):
     method, setup_s = robot_benchmark.timed_setup(method_name, image, spacing, axis, seed)
     strokes = robot_user.initial_class_strokes(truth, axis, style if style in robot_user.STYLES else "robot")
     class_dice, round_s, event, slip = [], [], None, None
+
+    def score(labels):
+        return float(np.mean(robot_user.class_dices(truth, labels, classes)))
+
     for index in range(cap + 1):
         start = time.perf_counter()
         labels = method.predict_labels(strokes)
@@ -74,17 +78,11 @@ def run_case(method_name, row, root, cap, seed=0, style="robot"):
         if index == cap:
             break
         if style == robot_user.ERASE_STYLE and index == robot_user.UNDO_ROUND - 1 and slip is not None:
-            robot_user.erase_slip(strokes, slip)
-            before, labels = labels, method.predict_labels(strokes)
-            event = {"before": float(np.mean(robot_user.class_dices(truth, before, classes))),
-                     "erased": float(np.mean(robot_user.class_dices(truth, labels, classes)))}
+            event, labels = robot_benchmark.erase_slip(method, strokes, slip, score, score(labels))
         if style == robot_user.REOPEN_STYLE and index == robot_user.UNDO_ROUND - 1:
-            reopened = robot_benchmark.make_method(method_name, image, spacing, axis, seed)
-            fresh, labels = robot_benchmark.reopen(method, reopened, strokes)
-            event = {"before": float(np.mean(class_dice[-1])),
-                     "fresh": float(np.mean(robot_user.class_dices(truth, fresh, classes))),
-                     "reopened": float(np.mean(robot_user.class_dices(truth, labels, classes)))}
-            method = reopened
+            method, (event, labels) = robot_benchmark.reopen(
+                method, robot_benchmark.make_method(method_name, image, spacing, axis, seed), strokes, score,
+                score(labels))
         if index == 0 and style == robot_user.RING_LATER_STYLE:
             robot_user.add_class_ring_stroke(strokes, truth, axis)
         elif style == robot_user.ERASE_STYLE and index == robot_user.SLIP_ROUND - 1:

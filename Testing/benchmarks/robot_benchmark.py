@@ -152,6 +152,10 @@ def run_case(method_name, row, root, rounds, cap, target_dice=0.9, seed=0, thick
     method, setup_s = timed_setup(method_name, image, spacing, axis, seed)
     strokes = robot_user.initial_strokes(target, axis, style)
     dices, round_s, event, slip = [], [], None, None
+
+    def score(labels):
+        return robot_user.dice(labels == robot_user.FOREGROUND, target)
+
     for index in range(cap + 1):
         start = time.perf_counter()
         prediction = method.predict(strokes)
@@ -163,13 +167,12 @@ def run_case(method_name, row, root, rounds, cap, target_dice=0.9, seed=0, thick
         if style == robot_user.UNDO_STYLE and index == robot_user.UNDO_ROUND - 1:
             event, prediction = slip_and_undo(method, strokes, target, prediction, axis)
         if style == robot_user.ERASE_STYLE and index == robot_user.UNDO_ROUND - 1 and slip is not None:
-            event, prediction = erase_slip(method, strokes, slip, target, prediction)
+            event, labels = erase_slip(method, strokes, slip, score, dices[-1])
+            prediction = labels == robot_user.FOREGROUND
         if style == robot_user.REOPEN_STYLE and index == robot_user.UNDO_ROUND - 1:
-            reopened = make_method(method_name, image, spacing, axis, seed)
-            fresh, taken_up = reopen(method, reopened, strokes)
-            event = {"before": dices[-1], "fresh": robot_user.dice(fresh == robot_user.FOREGROUND, target),
-                    "reopened": robot_user.dice(taken_up == robot_user.FOREGROUND, target)}
-            method, prediction = reopened, taken_up == robot_user.FOREGROUND
+            method, (event, labels) = reopen(method, make_method(method_name, image, spacing, axis, seed), strokes,
+                                             score, dices[-1])
+            prediction = labels == robot_user.FOREGROUND
         if index == 0 and style == robot_user.RING_LATER_STYLE:
             robot_user.add_ring_stroke(strokes, target, axis)
         elif style == robot_user.ERASE_STYLE and index == robot_user.SLIP_ROUND - 1:
@@ -206,24 +209,27 @@ def slip_and_undo(method, strokes, target, prediction, axis):
             "undone": robot_user.dice(undone, target)}, undone
 
 
-def erase_slip(method, strokes, slip, target, prediction):
+def erase_slip(method, strokes, slip, score, before):
     """The ``erase`` style's erasing of the slipped stroke (``slip``, from
-    ``robot_user.slip_stroke``; in place), and the update after it. Returns the Dice before and
-    after, and the prediction after (the one the next stroke corrects)."""
+    ``robot_user.slip_stroke``; in place), and the update after it. Returns the record of
+    ``score`` (of a label map) ``before`` and after, and the label map after (the one the next
+    stroke corrects)."""
     robot_user.erase_slip(strokes, slip)
-    erased = method.predict(strokes)
-    return {"before": robot_user.dice(prediction, target), "erased": robot_user.dice(erased, target)}, erased
+    labels = method.predict_labels(strokes)
+    return {"before": before, "erased": score(labels)}, labels
 
 
-def reopen(method, reopened, strokes):
+def reopen(method, reopened, strokes, score, before):
     """The ``reopen`` style: ``reopened``, a new instance of ``method``'s method, updates the
     strokes as a new session, then (an engine) takes up ``method``'s last update and updates
-    again. Returns the label maps of the new session and taken up (the same for a baseline)."""
-    fresh = reopened.predict_labels(strokes)
-    if not isinstance(method, EngineMethod):
-        return fresh, fresh
-    reopened.take_up(method, strokes)
-    return fresh, reopened.predict_labels(strokes)
+    again (a baseline keeps the new session's). Returns ``reopened`` and, as
+    :func:`erase_slip`, the record of ``score`` before, in the new session and taken up, and the
+    label map taken up."""
+    fresh = taken_up = reopened.predict_labels(strokes)
+    if isinstance(method, EngineMethod):
+        reopened.take_up(method, strokes)
+        taken_up = reopened.predict_labels(strokes)
+    return reopened, ({"before": before, "fresh": score(fresh), "reopened": score(taken_up)}, taken_up)
 
 
 #: What the ``undo``, ``erase`` and ``reopen`` styles record, and their printed lines.
