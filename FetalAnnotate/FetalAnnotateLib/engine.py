@@ -854,22 +854,24 @@ class AnnotationSession:
         a round-2 slip erased at round 5: Dice 0.85 / 0.87 before, 0.74 / 0.70 afresh, 0.85 /
         0.85 built on, default / outline mode; docs/engine.md).
         """
-        for rank, kept in enumerate(self._rounds):
+        newest = None  # the newest kept update with these classes, and the voxels changed since
+        for kept in self._rounds:
             if kept.classes != classes:
                 continue
             changed = strokes != kept.strokes
             if not np.any(changed & (strokes == 0)):
-                if rank:
-                    self._judged_outlines, self._grown = kept.judged_outlines, kept.grown
-                return kept, changed
-        for kept in self._rounds:
-            if kept.classes == classes:
-                if not np.any((kept.strokes != 0) & (strokes == kept.strokes)):
-                    break  # every stroke of it erased or painted over: a new start
-                if kept is not self._rounds[0]:
-                    self._judged_outlines, self._grown = kept.judged_outlines, kept.grown
-                return kept, strokes != kept.strokes
-        return None, None
+                return self._returned_to(kept), changed
+            newest = newest or (kept, changed)
+        if newest is None or not np.any((newest[0].strokes != 0) & ~newest[1]):
+            return None, None  # none, or every stroke of it erased or painted over: a new start
+        return self._returned_to(newest[0]), newest[1]
+
+    def _returned_to(self, kept):
+        """``kept``, after taking back the outlines it had judged and the pseudo-labels it had
+        grown when it is not the last update (:meth:`_round_built_on`)."""
+        if kept is not self._rounds[0]:
+            self._judged_outlines, self._grown = kept.judged_outlines, kept.grown
+        return kept
 
     def _keep_round(self, newest):
         """Keep ``newest`` and the latest :data:`KEPT_ROUNDS` - 1 other updates, and mark the
