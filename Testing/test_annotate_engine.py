@@ -789,6 +789,32 @@ def test_a_resumed_session_builds_on_the_earlier_sessions_update(outline_mode):
     assert weights[6, 22:26, 20:28].max() == 0 and weights.max() > 0.5
 
 
+def test_a_new_session_on_a_stack_first_updates_the_slices_painted_with_several_classes():
+    # Strokes of a slice painted with both classes and a correction painted alone on another
+    # slice: a new session goes through what the session that drew them did, an update of the
+    # first slice and one that builds on it, with the memory giving way round the correction.
+    image, inside = two_tissue_phantom()
+    first = phantom_strokes(inside)
+    strokes = first.copy()
+    strokes[9, 22:26, 16:30] = 2
+    session = AnnotationSession(image, (2.0, 1.0, 1.0))
+    session.update(first)
+    built_on = session.update(strokes)
+    new = AnnotationSession(image, (2.0, 1.0, 1.0))
+    replayed = new.update(strokes)
+    np.testing.assert_array_equal(replayed.probabilities, built_on.probabilities)
+    np.testing.assert_array_equal(replayed.labels, built_on.labels)
+    assert new.memory_weights[9, 22:26, 16:30].max() == 0 and new.memory_weights.max() > 0.5
+    # One update where no slice holds one class only, on an isotropic volume, and without memory.
+    both = strokes.copy()
+    both[9, 4:8, 4:40] = 1
+    for spacing, memory, painted in (((2.0, 1.0, 1.0), 0.7, both), ((1.0, 1.0, 1.0), 0.7, strokes),
+                                     ((2.0, 1.0, 1.0), 0.0, strokes)):
+        other = AnnotationSession(image, spacing, memory=memory)
+        other.update(painted)
+        assert other.memory_weights is None
+
+
 def test_resume_refuses_probabilities_that_do_not_fit_the_strokes():
     image, inside = two_tissue_phantom()
     strokes = phantom_strokes(inside)

@@ -79,10 +79,10 @@ def run_case(method_name, row, root, cap, seed=0, style="robot"):
             break
         if style == robot_user.ERASE_STYLE and index == robot_user.UNDO_ROUND - 1 and slip is not None:
             event, labels = robot_benchmark.erase_slip(method, strokes, slip, score, score(labels))
-        if style == robot_user.REOPEN_STYLE and index == robot_user.UNDO_ROUND - 1:
+        if style in (robot_user.REOPEN_STYLE, robot_user.RESTART_STYLE) and index == robot_user.UNDO_ROUND - 1:
             method, (event, labels) = robot_benchmark.reopen(
                 method, robot_benchmark.make_method(method_name, image, spacing, axis, seed), strokes, score,
-                score(labels))
+                score(labels), take_up=style == robot_user.REOPEN_STYLE)
         if index == 0 and style == robot_user.RING_LATER_STYLE:
             robot_user.add_class_ring_stroke(strokes, truth, axis)
         elif style == robot_user.ERASE_STYLE and index == robot_user.SLIP_ROUND - 1:

@@ -15,8 +15,9 @@ of the dataset means between seeds (GrowCut is deterministic: one run). ``--styl
 round 0 in other ways a person might (robot_user.BINARY_STYLES: a closed ring, arcs, dabs, a
 thick brush, two slices, dabs then the ring as the first correction, the arcs-plus-loop
 case that misleads outline mode, a slip undone at round 5, a slip of round 2 erased at round 5,
-and the session opened again at round 5); each style is reported on its own rows, and the undo,
-the erasing or the opening also on a line of its own. Not part of CI.
+the session opened again at round 5, and a new session with nothing to take up at round 5);
+each style is reported on its own rows, and the undo, the erasing, the opening or the new
+session also on a line of its own. Not part of CI.
 """
 
 import argparse
@@ -169,9 +170,9 @@ def run_case(method_name, row, root, rounds, cap, target_dice=0.9, seed=0, thick
         if style == robot_user.ERASE_STYLE and index == robot_user.UNDO_ROUND - 1 and slip is not None:
             event, labels = erase_slip(method, strokes, slip, score, dices[-1])
             prediction = labels == robot_user.FOREGROUND
-        if style == robot_user.REOPEN_STYLE and index == robot_user.UNDO_ROUND - 1:
+        if style in (robot_user.REOPEN_STYLE, robot_user.RESTART_STYLE) and index == robot_user.UNDO_ROUND - 1:
             method, (event, labels) = reopen(method, make_method(method_name, image, spacing, axis, seed), strokes,
-                                             score, dices[-1])
+                                             score, dices[-1], take_up=style == robot_user.REOPEN_STYLE)
             prediction = labels == robot_user.FOREGROUND
         if index == 0 and style == robot_user.RING_LATER_STYLE:
             robot_user.add_ring_stroke(strokes, target, axis)
@@ -219,20 +220,22 @@ def erase_slip(method, strokes, slip, score, before):
     return {"before": before, "erased": score(labels)}, labels
 
 
-def reopen(method, reopened, strokes, score, before):
-    """The ``reopen`` style: ``reopened``, a new instance of ``method``'s method, updates the
-    strokes as a new session, then (an engine) takes up ``method``'s last update and updates
-    again (a baseline keeps the new session's). Returns ``reopened`` and, as
-    :func:`erase_slip`, the record of ``score`` before, in the new session and taken up, and the
-    label map taken up."""
+def reopen(method, reopened, strokes, score, before, take_up=True):
+    """The ``reopen`` and ``restart`` styles: ``reopened``, a new instance of ``method``'s
+    method, updates the strokes as a new session; with ``take_up`` it then (an engine) takes up
+    ``method``'s last update and updates again (a baseline keeps the new session's). Returns
+    ``reopened`` and, as :func:`erase_slip`, the record of ``score`` before, in the new session
+    and (``take_up``) taken up, and the last label map."""
     fresh = taken_up = reopened.predict_labels(strokes)
+    if not take_up:
+        return reopened, ({"before": before, "fresh": score(fresh)}, fresh)
     if isinstance(method, EngineMethod):
         reopened.take_up(method, strokes)
         taken_up = reopened.predict_labels(strokes)
     return reopened, ({"before": before, "fresh": score(fresh), "reopened": score(taken_up)}, taken_up)
 
 
-#: What the ``undo``, ``erase`` and ``reopen`` styles record, and their printed lines.
+#: What the ``undo``, ``erase``, ``reopen`` and ``restart`` styles record, and their printed lines.
 EVENT_LINES = {
     ("before", "slip", "undone"): f"slip at round {robot_user.UNDO_ROUND}, {{score}} before / after the slip / "
                                   "after undoing it",
@@ -240,11 +243,12 @@ EVENT_LINES = {
                           "{score} before / after erasing it",
     ("before", "fresh", "reopened"): f"opened again at round {robot_user.UNDO_ROUND}, {{score}} before / "
                                      "in a new session / taken up",
+    ("before", "fresh"): f"a new session at round {robot_user.UNDO_ROUND}, {{score}} before / in it",
 }
 
 
 def event_line(prefix, cases, score="Dice"):
-    """The line of the ``undo``, ``erase`` or ``reopen`` style (means over ``cases`` of what
+    """The line of the ``undo``, ``erase``, ``reopen`` or ``restart`` style (means over ``cases`` of what
     they recorded), or None for other styles."""
     recorded = [case["event"] for case in cases if case.get("event")]
     if not recorded:

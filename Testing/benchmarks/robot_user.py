@@ -59,8 +59,13 @@ SLIP_ROUND = 2
 #: session and opens it again (a scene saved and loaded): a new session takes up the last strokes
 #: and probabilities (``AnnotationSession.resume``) and updates; the rounds after go on in it.
 REOPEN_STYLE = "reopen"
-BINARY_STYLES = STYLES + (LOOPS_STYLE, UNDO_STYLE, ERASE_STYLE, REOPEN_STYLE)
-CLASS_STYLES = STYLES + (ERASE_STYLE, REOPEN_STYLE)
+#: Round 0 as ``robot``; at round :data:`UNDO_ROUND`, before its correction, the robot goes on in
+#: a new session that has nothing to take up (as after changing a setting that builds a new
+#: session): it updates all the strokes afresh, and the rounds after go on in it.
+RESTART_STYLE = "restart"
+SESSION_STYLES = (UNDO_STYLE, ERASE_STYLE, REOPEN_STYLE, RESTART_STYLE)
+BINARY_STYLES = STYLES + (LOOPS_STYLE,) + SESSION_STYLES
+CLASS_STYLES = STYLES + (ERASE_STYLE, REOPEN_STYLE, RESTART_STYLE)
 
 
 def acquisition_axis(spacing, anisotropy_ratio=1.5):
@@ -139,12 +144,12 @@ def loop_around_body(shape, inset_fraction=1 / 12, width=2):
 def background_strokes(target, style):
     """Background strokes drawn around a 2D ``target`` in the given round-0 ``style``.
 
-    ``robot`` (and ``thick``, ``two-slices``, ``undo``, ``erase``, ``reopen``): the ring 4-6 voxels out plus the skeleton of the
+    ``robot`` (and ``thick``, ``two-slices`` and :data:`SESSION_STYLES`): the ring 4-6 voxels out plus the skeleton of the
     background farther than 15 voxels; ``ring``, ``arcs``, ``dabs``, ``loops``: see
     :data:`STYLES` and :data:`LOOPS_STYLE`.
     """
     ring = ring_around(target)
-    if style in ("robot", "thick", "two-slices", UNDO_STYLE, ERASE_STYLE, REOPEN_STYLE):
+    if style in ("robot", "thick", "two-slices") + SESSION_STYLES:
         far = ndi.binary_erosion(~ndi.binary_dilation(target, iterations=15), iterations=5)
         return ring | (skeletonize(far) if far.any() else far)
     if style == "ring":
