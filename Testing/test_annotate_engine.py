@@ -805,6 +805,15 @@ def test_a_new_session_on_a_stack_first_updates_the_slices_painted_with_several_
     np.testing.assert_array_equal(replayed.probabilities, built_on.probabilities)
     np.testing.assert_array_equal(replayed.labels, built_on.labels)
     assert new.memory_weights[9, 22:26, 16:30].max() == 0 and new.memory_weights.max() > 0.5
+    # Progress runs once from 0 to 1 over both updates; a cancel in the second leaves a new session.
+    fractions = []
+    cancelled = AnnotationSession(image, (2.0, 1.0, 1.0))
+    cancelled.progress = lambda fraction, message: fractions.append(fraction) or fraction > 0.6
+    with pytest.raises(OperationCancelled):
+        cancelled.update(strokes)
+    assert fractions == sorted(fractions) and fractions[0] == 0.0 and fractions[-1] > 0.6
+    cancelled.progress = None
+    np.testing.assert_array_equal(cancelled.update(strokes).probabilities, replayed.probabilities)
     # One update where no slice holds one class only, on an isotropic volume, and without memory.
     both = strokes.copy()
     both[9, 4:8, 4:40] = 1

@@ -382,7 +382,10 @@ class AnnotationSession:
         below it into background). Voxels painted over with another class count as added
         strokes (a correction), and so do erased voxels, except that erasing the strokes added
         since the update before the last (an undone correction) returns to that update
-        (:data:`KEPT_ROUNDS`); changing the classes starts afresh. 0 uses each new forest alone. A single-plane
+        (:data:`KEPT_ROUNDS`); changing the classes starts afresh. A new start on a thick-slice
+        stack whose strokes include slices painted with one class only (corrections) first
+        updates the slices painted with several classes and then builds on that update
+        (:meth:`_first_slices`). 0 uses each new forest alone. A single-plane
         image (2D, or a volume one voxel thick) is never blended: the memory guards the slices
         the user is not looking at, and a single plane has none (on the ultrasound heads it
         only delayed corrections). Default
@@ -674,7 +677,9 @@ class AnnotationSession:
         When the classes are those of the previous whole-image update, the probabilities keep
         a share (``memory``) of that update's away from the voxels painted or erased since (see
         the class docstring). Erasing the strokes added since the update before it (an undo)
-        gives that update's result again, and later strokes build on it.
+        gives that update's result again, and later strokes build on it. A new start on a
+        thick-slice stack with slices painted with one class only runs two updates (see
+        ``memory``).
 
         Parameters
         ----------
