@@ -968,6 +968,7 @@ def test_stroke_reach_beyond_the_image_is_the_whole_image_at_once():
         ("fold_mm", 0.0, "fold_mm must be finite and positive"),
         ("geodesic_contrast", float("nan"), "geodesic_contrast must be finite and at least 0 \\(0: plain grid"),
         ("geodesic_contrast", -10.0, "geodesic_contrast"),
+        ("edge_sigma_mm", -0.5, "edge_sigma_mm"),
         ("geodesic_sigma_mm", -1.0, "geodesic_sigma_mm must be finite and at least 0 \\(0: no smoothing"),
         ("smoothness", -1.0, "smoothness must be finite and at least 0"),
         ("smoothness", float("inf"), "smoothness"),

@@ -202,7 +202,11 @@ def test_fixed_voxels_keep_their_label():
     assert (out[:, 25, :15] == 0).all()  # away from the painted line the speckle is gone
 
 
-def test_session_smoothness_removes_speckle_of_a_noisy_image():
+@pytest.mark.parametrize("edge_sigma_mm, largest_share", [(None, 0.8), (1.0, 0.6)])
+def test_session_smoothness_removes_speckle_of_a_noisy_image(edge_sigma_mm, largest_share):
+    # Edges read on a less smoothed image follow more of the noise: at a signal-to-noise of 1
+    # the cut removes a third of the speckle with the default edges, three fifths with edges
+    # smoothed as the distances read them.
     rng = np.random.default_rng(0)
     image, inside = noisy_step_problem(seed=3)[1:]
     image = image + rng.normal(0, 1.0, image.shape).astype(np.float32)  # the forest alone makes speckle
@@ -214,9 +218,10 @@ def test_session_smoothness_removes_speckle_of_a_noisy_image():
         # Geodesic pseudo-labels only: on this image (signal-to-noise 1) the image forest's sure
         # labels put errors beside the step that the cut cannot remove (0.015 after the cut,
         # against 0.005; docs/engine.md, Known limits), which is not what this test measures.
-        session = AnnotationSession(image, SPACING, smoothness=smoothness, pseudo_image_confidence=2.0)
+        options = {} if edge_sigma_mm is None else {"edge_sigma_mm": edge_sigma_mm}
+        session = AnnotationSession(image, SPACING, smoothness=smoothness, pseudo_image_confidence=2.0, **options)
         errors[smoothness] = (session.update(strokes).labels != inside + 1).mean()
-    assert errors[3.0] < 0.6 * errors[0.0]  # measured 0.42
+    assert errors[3.0] < largest_share * errors[0.0]  # measured 0.68 and 0.42
 
 
 def test_a_function_without_a_cache_folder_is_compiled_anyway():

@@ -95,6 +95,11 @@ TRUST_CHECK_TREES = 8
 #: chosen on the robot-user benchmark (docs/engine.md).
 SMOOTHNESS = 3.0
 
+#: In-plane Gaussian smoothing (mm) of the normalised intensity whose edges the graph cut
+#: follows (``AnnotationSession(edge_sigma_mm=...)``): half the 1 mm the stroke distances read,
+#: so a boundary between two tissues is one voxel face, not two (docs/engine.md).
+EDGE_SIGMA_MM = 0.5
+
 #: Share of the previous round's probabilities in each round's, away from the round's new strokes
 #: (``AnnotationSession(memory=...)``), chosen on the robot-user benchmark (docs/engine.md).
 MEMORY = 0.7
@@ -353,6 +358,12 @@ class AnnotationSession:
         grid distances).
     geodesic_sigma_mm : float >= 0
         In-plane Gaussian smoothing (mm) of the intensity the geodesic distance reads (0: none).
+    edge_sigma_mm : float >= 0
+        In-plane Gaussian smoothing (mm) of the intensity whose edges the graph cut follows
+        (see ``smoothness``; 0: none). Smoothed at 1 mm, as the distances read it, a step
+        between two tissues spreads over two voxel faces and the cut may take either: the
+        phantom's fetus took a one-voxel rim of the bright fluid round it. Default
+        :data:`EDGE_SIGMA_MM`.
     geodesic_voxels : int
         Larger volumes get their geodesic distances on a grid subsampled along the filtered
         axes to about this many voxels (distance maps are smooth; this bounds s/round).
@@ -471,7 +482,7 @@ class AnnotationSession:
     Numeric options outside their range (``memory`` and ``single_slice_cross_cost`` as given
     above; ``fold_mm``, ``memory_reach_mm``,
     ``pseudo_label_reach_mm``, ``max_training_voxels`` or ``coarse_voxels`` not positive;
-    ``geodesic_contrast``, ``geodesic_sigma_mm``, ``pseudo_weight``, ``pseudo_labels``,
+    ``geodesic_contrast``, ``geodesic_sigma_mm``, ``edge_sigma_mm``, ``pseudo_weight``, ``pseudo_labels``,
     ``pseudo_margin_mm``, ``pseudo_image_confidence``, ``coarse_to_fine_voxels``,
     ``smoothness``, ``stroke_reach_mm`` or
     ``enclosure_margin_mm`` negative; any of them NaN or infinite) raise
@@ -492,6 +503,7 @@ class AnnotationSession:
         spatial_context=True,
         geodesic_contrast=100.0,
         geodesic_sigma_mm=1.0,
+        edge_sigma_mm=EDGE_SIGMA_MM,
         geodesic_voxels=4_000_000,
         max_training_voxels=20000,
         coarse_to_fine=True,
@@ -558,6 +570,7 @@ class AnnotationSession:
         self._forest_params = {**DEFAULT_FOREST, **(forest or {}), "random_state": random_state}
         geodesic_contrast = check_option("geodesic_contrast", geodesic_contrast, "0: plain grid distances")
         geodesic_sigma_mm = check_option("geodesic_sigma_mm", geodesic_sigma_mm, "0: no smoothing")
+        edge_sigma_mm = check_option("edge_sigma_mm", edge_sigma_mm, "0: no smoothing")
         extra = None if extra_features is None else check_extra_features(extra_features, self._input_shape)
         self._n_extra = 0 if extra is None else len(extra)
         # One normalised image for the features and the geodesic image.
@@ -566,9 +579,10 @@ class AnnotationSession:
                                     normalized=normalized)
         self._features = _with_extra_features(features, extra)
         report_progress(progress, 0.9, "geodesic step costs")
-        # Read by the geodesic distances and by the graph-cut refinement (``smoothness`` may be
-        # changed between updates).
-        self._edge_image = _geodesic_image(normalized, self.spacing, self.feature_settings, geodesic_sigma_mm)
+        geodesic_image = _geodesic_image(normalized, self.spacing, self.feature_settings, geodesic_sigma_mm)
+        # Read by the graph-cut refinement (``smoothness`` may be changed between updates).
+        self._edge_image = (geodesic_image if edge_sigma_mm == geodesic_sigma_mm
+                            else _geodesic_image(normalized, self.spacing, self.feature_settings, edge_sigma_mm))
         # The image the pseudo-labels grow on (_grown_labels), made from the normalised one
         # when first needed; that one is kept until then only.
         self._normalized = normalized
@@ -578,7 +592,7 @@ class AnnotationSession:
         self._contrast = edge_contrast(self._edge_image, self.spacing)
         # Also read by the round memory, so built without spatial context too.
         self._costs = GeodesicCosts(
-            self._edge_image,
+            geodesic_image,
             self.spacing,
             contrast=geodesic_contrast,
             stride=self._reduced_stride(geodesic_voxels),
