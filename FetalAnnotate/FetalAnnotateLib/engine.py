@@ -451,7 +451,7 @@ class AnnotationSession:
     smoothness : float >= 0
         Weight of the boundary term of the graph-cut refinement of the labels
         (:func:`~FetalAnnotateLib.graphcut.graph_cut_labels`): label boundaries are kept short
-        except along intensity edges of the image the geodesic distances read. 0 labels each
+        except along intensity edges (of the image smoothed at ``edge_sigma_mm``). 0 labels each
         voxel by its own probabilities. Default :data:`SMOOTHNESS`; may be changed between
         updates.
     stroke_reach_mm : float >= 0
