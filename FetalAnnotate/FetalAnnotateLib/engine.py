@@ -863,9 +863,7 @@ class AnnotationSession:
         several = count >= 2
         if not np.any(count == 1) or not painted[:, several].any(axis=1).all():
             return None
-        shape = [1, 1, 1]
-        shape[axis] = several.size
-        return np.where(several.reshape(shape), strokes, 0).astype(strokes.dtype, copy=False)
+        return np.where(np.expand_dims(several, other_axes), strokes, 0).astype(strokes.dtype, copy=False)
 
     def _memory_after_new_outline(self, prior, added, nearest_added, restated):
         """The round prior, the added voxels and the distance the memory fades in from, after a

@@ -1122,10 +1122,11 @@ def _fingerprint(voxels):
 def _strokesFingerprint(strokes, classes, classNames):
     """Digest of stroke labels on a volume's grid by class name (``classNames[k]`` is the name of
     value ``classes[k]``): which class each voxel holds, whatever the segments' order."""
+    names = sorted(classNames)
     ranks = np.zeros(strokes.shape, np.uint8)
     for value, name in zip(classes, classNames):
-        ranks[strokes == value] = sorted(classNames).index(name) + 1
-    digest = hashlib.sha256("\n".join(sorted(classNames)).encode())
+        ranks[strokes == value] = names.index(name) + 1
+    digest = hashlib.sha256("\n".join(names).encode())
     digest.update(np.asarray(ranks.shape, np.int64).tobytes())
     digest.update(ranks.tobytes())
     return digest.hexdigest()
