@@ -1888,7 +1888,7 @@ def enclosed_pseudo_labels(strokes, spacing, margin_mm, anisotropy_ratio=1.5, co
                 single = hole_ids[n_values == 1]
                 hole_class[single] = pairs[1][np.isin(pairs[0], single)]
                 inside = hole_class[holes]
-                keep = (inside != 0) & (crop == 0)
+                keep = (inside != 0) & (crop == 0) & ~_between_inner_strokes(crop, inside)
                 keep &= ndi.distance_transform_edt(~outline, sampling=plane_spacing) > margin_mm
                 if contradicts is not None:
                     keep &= _uncontradicted_holes(keep, holes, (axis, position, box), strokes.shape, outline_value,
@@ -1896,6 +1896,34 @@ def enclosed_pseudo_labels(strokes, spacing, margin_mm, anisotropy_ratio=1.5, co
                 np.moveaxis(found, axis, 0)[position][box][keep] = inside[keep]
     index = _nonzero_index(found)
     return index, found.reshape(-1)[index]
+
+
+def _between_inner_strokes(plane, inside):
+    """Pixels of a 2D ``plane`` of strokes whose nearest strokes along its rows, or along its
+    columns, are on both sides of the class in ``inside`` (the class of the hole each lies in).
+
+    An outline says that what lies between it and the strokes inside is the inner class; it
+    says nothing about what lies between two of those strokes (a ring drawn round a curved
+    object, such as the ventricles' horns, encloses the tissue in its bend), and the stroke
+    distances already place that near the inner class.
+    """
+    between = np.zeros(plane.shape, bool)
+    for axis in (0, 1):
+        rows = np.moveaxis(plane, axis, -1)
+        positions = np.broadcast_to(np.arange(rows.shape[-1]), rows.shape)
+        painted = rows != 0
+        before = np.maximum.accumulate(np.where(painted, positions, -1), axis=-1)
+        after = np.minimum.accumulate(np.where(painted, positions, rows.shape[-1])[..., ::-1], axis=-1)[..., ::-1]
+        # The nearest strokes strictly before and strictly after each pixel, read from the rows
+        # padded with 0 at both ends (index -1 and n: none).
+        padded = np.pad(rows, [(0, 0)] * (rows.ndim - 1) + [(1, 1)])
+        none_before = np.full(rows.shape[:-1] + (1,), -1)
+        none_after = np.full(rows.shape[:-1] + (1,), rows.shape[-1])
+        value_before = np.take_along_axis(padded, np.concatenate([none_before, before[..., :-1]], axis=-1) + 1, axis=-1)
+        value_after = np.take_along_axis(padded, np.concatenate([after[..., 1:], none_after], axis=-1) + 1, axis=-1)
+        inner = np.moveaxis(inside, axis, -1)
+        between |= np.moveaxis((value_before == inner) & (value_after == inner) & (inner != 0), -1, axis)
+    return between
 
 
 def _uncontradicted_holes(keep, holes, plane, shape, outline_value, inside, contradicts, judged=None):
