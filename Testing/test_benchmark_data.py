@@ -25,3 +25,17 @@ def test_thicken_averages_slices_of_isotropic_volumes_only():
     as_is, thickened = load_case(stack, SHARED_DATA), load_case(stack, SHARED_DATA, thicken=4)
     np.testing.assert_array_equal(as_is[0], thickened[0])
     assert as_is[2] == thickened[2]
+
+
+def test_recorded_strokes_replay_the_run(tmp_path):
+    """A run's recorded strokes, replayed through the same method and random state, give the same
+    Dice in every round: methods replayed on them are compared on the same strokes."""
+    from robot_benchmark import recording_path, replay_case, run_case
+
+    head = load_cases("us_hc18_subset")[0]
+    recording = recording_path(tmp_path, "us_hc18_subset", "dabs", head["case"], 1)
+    drawn = run_case("engine", head, SHARED_DATA, rounds=2, cap=2, seed=1, style="dabs", record=recording)
+    replayed = replay_case("engine", head, SHARED_DATA, recording, seed=1, style="dabs")
+    assert len(drawn["dice"]) == 3
+    assert replayed["dice"] == drawn["dice"]
+    assert replayed["rounds_to_target"] == drawn["rounds_to_target"]

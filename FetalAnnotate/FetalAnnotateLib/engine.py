@@ -464,9 +464,9 @@ class AnnotationSession:
     enclosure_margin_mm : float >= 0 or None
         *Outline mode* (off by default; :data:`OUTLINE_MARGIN_MM` is the benchmarked value): where, within one
         slice, the strokes of a class form a closed outline around strokes of exactly one
-        other class, unpainted voxels inside that outline and farther than this from it are
-        added as pseudo-labels of the inner class ("outline around, scribble inside";
-        :func:`enclosed_pseudo_labels`). An outline is dropped when most of what it would teach
+        other class, unpainted voxels inside that outline and farther than this from it, but
+        not between two inner strokes, are added as pseudo-labels of the inner class ("outline
+        around, scribble inside"; :func:`enclosed_pseudo_labels`). An outline is dropped when most of what it would teach
         looks like, and lies geodesically nearer, the outline's own class (a loop drawn far
         around the target), and stays dropped while updates build on its round (:meth:`_tight_outlines`).
         May be changed between updates.
@@ -1825,7 +1825,9 @@ def enclosed_pseudo_labels(strokes, spacing, margin_mm, anisotropy_ratio=1.5, co
     every axis of an isotropic volume) that holds strokes of two or more classes, the holes of
     one class's strokes (unpainted areas they enclose) that contain strokes of exactly one
     other class are taken to belong to that inner class, except
-    within ``margin_mm`` of the outline (the user draws it around the object, not on it).
+    within ``margin_mm`` of the outline (the user draws it around the object, not on it) and
+    between two of the inner class's strokes along a row or a column (the bend of a curved
+    object: :func:`_between_inner_strokes`).
     This is how experts outline a structure, and the robot user of the benchmark draws its
     background ring so; without it the forest only sees inner-class examples far from the
     outline and gives the object's rim (e.g. the bright CSF inside the fetal skull) to the

@@ -18,6 +18,16 @@ case that misleads outline mode, a slip undone at round 5, a slip of round 2 era
 the session opened again at round 5, and a new session with nothing to take up at round 5);
 each style is reported on its own rows, and the undo, the erasing, the opening or the new
 session also on a line of its own. Not part of CI.
+
+The robot draws each method its own corrections, so one stroke landing elsewhere changes every
+later round, and two engines that differ little can differ by a collapse. ``--record DIR`` saves
+the strokes of every round of one method's runs; ``--replay DIR`` gives every method those
+strokes instead, with the random state they were drawn with (not for the session-event styles):
+
+    .venv/bin/python Testing/benchmarks/robot_benchmark.py --dataset fetal_mri_mialsrtk_sub01 --cap 10 \
+        --seeds 3 --no-synthetic --methods engine-outline --record strokes/outline
+    .venv/bin/python Testing/benchmarks/robot_benchmark.py --dataset fetal_mri_mialsrtk_sub01 --cap 10 \
+        --seeds 3 --no-synthetic --methods engine,engine-outline --replay strokes/outline
 """
 
 import argparse
@@ -146,18 +156,21 @@ def timed_setup(method_name, image, spacing, axis, seed):
     return method, time.perf_counter() - start
 
 
-def run_case(method_name, row, root, rounds, cap, target_dice=0.9, seed=0, thicken=1, style="robot"):
+def run_case(method_name, row, root, rounds, cap, target_dice=0.9, seed=0, thicken=1, style="robot", record=None):
     """Robot-user session of one method on one case (``thicken``: see :func:`load_case`; ``style``:
-    how round 0 is drawn, one of ``robot_user.BINARY_STYLES``)."""
+    how round 0 is drawn, one of ``robot_user.BINARY_STYLES``). ``record``: a path where the
+    strokes of every round are saved for :func:`replay_case` (styles without a session event only)."""
     image, target, spacing, axis = load_case(row, root, thicken)
     method, setup_s = timed_setup(method_name, image, spacing, axis, seed)
     strokes = robot_user.initial_strokes(target, axis, style)
-    dices, round_s, event, slip = [], [], None, None
+    dices, round_s, event, slip, sequence = [], [], None, None, []
 
     def score(labels):
         return robot_user.dice(labels == robot_user.FOREGROUND, target)
 
     for index in range(cap + 1):
+        if record is not None:
+            sequence.append(strokes.copy())
         start = time.perf_counter()
         prediction = method.predict(strokes)
         round_s.append(time.perf_counter() - start)
@@ -185,6 +198,13 @@ def run_case(method_name, row, root, rounds, cap, target_dice=0.9, seed=0, thick
         elif not robot_user.add_correction_stroke(strokes, target, prediction, axis):
             dices += [dices[-1]] * (max(rounds, 0) - index)  # perfect: later rounds keep it
             break
+    if record is not None:
+        np.savez_compressed(record, *sequence)
+    return case_result(row, seed, style, setup_s, dices, round_s, target_dice, event)
+
+
+def case_result(row, seed, style, setup_s, dices, round_s, target_dice=0.9, event=None):
+    """The per-case record that :func:`summarize` reads."""
     hits = [i for i, d in enumerate(dices) if d >= target_dice]
     return {
         "case": row["case"],
@@ -196,6 +216,33 @@ def run_case(method_name, row, root, rounds, cap, target_dice=0.9, seed=0, thick
         "rounds_to_target": hits[0] if hits else None,
         "event": event,
     }
+
+
+def recording_path(folder, dataset, style, case, seed):
+    """Where ``--record`` saves, and ``--replay`` reads, the strokes of one run."""
+    return Path(folder) / f"{dataset}@{style}@{case}@seed{seed}.npz"
+
+
+def replay_case(method_name, row, root, recording, target_dice=0.9, seed=0, thicken=1, style="robot"):
+    """One method given, round by round, the strokes that :func:`run_case` recorded for another
+    (or the same) method: the methods compared on the same strokes, where the robot would draw
+    each method its own corrections (one stroke landing elsewhere changes every later round)."""
+    if not Path(recording).exists():
+        raise SystemExit(f"no recorded strokes at {recording}: record them first with --record")
+    image, target, spacing, axis = load_case(row, root, thicken)
+    method, setup_s = timed_setup(method_name, image, spacing, axis, seed)
+    dices, round_s = [], []
+    with np.load(recording) as rounds:
+        for index in range(len(rounds.files)):
+            strokes = rounds[f"arr_{index}"]
+            if strokes.shape != target.shape:
+                raise SystemExit(f"{recording} holds strokes of shape {strokes.shape}, the case {target.shape}: "
+                                 "replay with the --thicken it was recorded with")
+            start = time.perf_counter()
+            prediction = method.predict(strokes)
+            round_s.append(time.perf_counter() - start)
+            dices.append(robot_user.dice(prediction, target))
+    return case_result(row, seed, style, setup_s, dices, round_s, target_dice)
 
 
 def slip_and_undo(method, strokes, target, prediction, axis):
@@ -337,10 +384,18 @@ def worker(args):
         manifest = Path(args.manifest)
         rows = read_manifest(manifest, dataset, args.limit)
         cases = []
-        for seed in seeds_of(method, args.seeds):
+        # Replayed strokes were drawn with every random state: a deterministic method replays them all.
+        for seed in range(args.seeds) if args.replay else seeds_of(method, args.seeds):
             for row in rows:
-                cases.append(run_case(method, row, manifest.parent, args.rounds, args.cap, seed=seed,
-                                      thicken=args.thicken, style=style))
+                if args.replay:
+                    recording = recording_path(args.replay, dataset, style, row["case"], seed)
+                    cases.append(replay_case(method, row, manifest.parent, recording, seed=seed,
+                                             thicken=args.thicken, style=style))
+                else:
+                    record = (recording_path(args.record, dataset, style, row["case"], seed)
+                              if args.record else None)
+                    cases.append(run_case(method, row, manifest.parent, args.rounds, args.cap, seed=seed,
+                                          thicken=args.thicken, style=style, record=record))
                 print(f"  {method:15s} {style:10s} {row['case'][:34]:34s} seed {seed} dice "
                       + " ".join(f"{d:.3f}" for d in cases[-1]["dice"][:11]), file=sys.stderr, flush=True)
     print_worker_result(cases)
@@ -402,19 +457,36 @@ def main(argv=None):
                              + " (default: %(default)s)")
     parser.add_argument("--no-synthetic", action="store_true", help="skip the 512x512x80 timing case")
     parser.add_argument("--json", default="", help="write all per-case results here")
+    parser.add_argument("--record", default="",
+                        help="save the strokes of every round of every run in this folder (one method only)")
+    parser.add_argument("--replay", default="",
+                        help="give every method the strokes saved in this folder by --record, instead of the robot's")
     parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args)
 
     styles = parse_styles(args.styles, robot_user.BINARY_STYLES)
+    if args.record and args.replay:
+        raise SystemExit("--record and --replay exclude each other")
+    if args.record and len(args.methods.split(",")) > 1:
+        raise SystemExit("--record saves one method's strokes: name one method in --methods")
+    if args.record or args.replay:
+        events = [style for style in styles if style in robot_user.SESSION_STYLES]
+        if events:
+            raise SystemExit(f"the {', '.join(events)} style's session events cannot be recorded or replayed")
+    if args.record:
+        Path(args.record).mkdir(parents=True, exist_ok=True)
     rows = read_manifest(args.manifest, args.dataset)
     datasets = list(dict.fromkeys(row["dataset"] for row in rows))
     jobs = [f"{m}@{d}@{s}" for d in datasets for s in styles for m in args.methods.split(",")]
     if not args.no_synthetic:
         jobs.append("synthetic")
     results = run_jobs(__file__, jobs, [args.manifest, "--limit", str(args.limit), "--rounds", str(args.rounds),
-                                        "--cap", str(args.cap), "--seeds", str(args.seeds), "--thicken", str(args.thicken)])
+                                        "--cap", str(args.cap), "--seeds", str(args.seeds), "--thicken", str(args.thicken),
+                                        "--record", args.record, "--replay", args.replay])
+    if args.replay:
+        print(f"every method given the strokes recorded in {args.replay}")
 
     header = (f"{'dataset':26s} {'style':10s} {'method':15s} {'n':>3s} {'Dice r0':>8s} {'r5':>6s} {'r10':>6s} {'r1-10':>6s} {'drop':>6s} "
               f"{'rounds>=0.9':>11s} {'setup s':>8s} {'s/round':>8s} {'peak RSS MB':>11s} {'seeds':>5s} {'sd r0':>6s} {'sd r1-10':>8s}")
