@@ -39,3 +39,15 @@ def test_recorded_strokes_replay_the_run(tmp_path):
     assert len(drawn["dice"]) == 3
     assert replayed["dice"] == drawn["dice"]
     assert replayed["rounds_to_target"] == drawn["rounds_to_target"]
+
+
+def test_recorded_class_strokes_replay_the_run(tmp_path):
+    from multiclass_benchmark import replay_case, run_case
+    from robot_benchmark import recording_path
+
+    phantom = {"case": "phantom-seed1", "phantom_seed": 1}
+    recording = recording_path(tmp_path, "phantom", "dabs", phantom["case"], 0)
+    drawn = run_case("engine", phantom, tmp_path, cap=1, style="dabs", record=recording)
+    replayed = replay_case("engine", phantom, tmp_path, recording, style="dabs")
+    assert len(drawn["class_dice"]) == 2
+    assert replayed["class_dice"] == drawn["class_dice"] and replayed["classes"] == drawn["classes"]

@@ -11,7 +11,8 @@ every pixel painted with its true class. Reported per round: Dice of every class
     .venv/bin/python Testing/benchmarks/multiclass_benchmark.py --dataset fetal_mri_sb_atlas --limit 3 --seeds 3
 
 Each (method, dataset, style) runs in its own process so that its peak RSS is its own (the
-helpers of robot_benchmark.py). Not part of CI.
+helpers of robot_benchmark.py). ``--record DIR`` and ``--replay DIR`` save one method's strokes
+and give every method those strokes, as in robot_benchmark.py. Not part of CI.
 """
 
 import argparse
@@ -58,19 +59,22 @@ def load_class_case(row, root):
     return image, (parcellation + 1).astype(np.uint8), spacing, ATLAS_CLASS_NAMES
 
 
-def run_case(method_name, row, root, cap, seed=0, style="robot"):
-    """Robot-user session of one method on one multi-class case: round 0 and ``cap`` corrections."""
+def run_case(method_name, row, root, cap, seed=0, style="robot", record=None):
+    """Robot-user session of one method on one multi-class case: round 0 and ``cap`` corrections
+    (``record``: see ``robot_benchmark.run_case``)."""
     image, truth, spacing, class_names = load_class_case(row, root)
     axis = robot_user.acquisition_axis(spacing)
     classes = sorted(class_names)
     method, setup_s = robot_benchmark.timed_setup(method_name, image, spacing, axis, seed)
     strokes = robot_user.initial_class_strokes(truth, axis, style if style in robot_user.STYLES else "robot")
-    class_dice, round_s, event, slip = [], [], None, None
+    class_dice, round_s, event, slip, sequence = [], [], None, None, []
 
     def score(labels):
         return float(np.mean(robot_user.class_dices(truth, labels, classes)))
 
     for index in range(cap + 1):
+        if record is not None:
+            sequence.append(strokes.copy())
         start = time.perf_counter()
         labels = method.predict_labels(strokes)
         round_s.append(time.perf_counter() - start)
@@ -94,13 +98,21 @@ def run_case(method_name, row, root, cap, seed=0, style="robot"):
         elif not robot_user.add_class_correction_stroke(strokes, truth, labels, axis):
             class_dice += [class_dice[-1]] * (cap - index)  # perfect: later rounds keep it
             break
+    if record is not None:
+        np.savez_compressed(record, *sequence)
+    return class_case_result(row, seed, style, setup_s, [class_names[value] for value in classes], class_dice,
+                             round_s, event)
+
+
+def class_case_result(row, seed, style, setup_s, names, class_dice, round_s, event=None):
+    """The per-case record that ``robot_benchmark.summarize`` and :func:`class_summary` read."""
     mean_dice = [float(np.mean(dices)) for dices in class_dice]
     return {
         "case": row["case"],
         "seed": seed,
         "style": style,
         "setup_s": setup_s,
-        "classes": [class_names[value] for value in classes],
+        "classes": names,
         "class_dice": class_dice,
         "dice": mean_dice,
         "round_s": round_s,
@@ -109,14 +121,35 @@ def run_case(method_name, row, root, cap, seed=0, style="robot"):
     }
 
 
+def replay_case(method_name, row, root, recording, seed=0, style="robot"):
+    """One method given the strokes that :func:`run_case` recorded (see ``robot_benchmark.replay_case``)."""
+    image, truth, spacing, class_names = load_class_case(row, root)
+    sequence = robot_benchmark.recorded_rounds(recording, truth.shape)
+    classes = sorted(class_names)
+    method, setup_s = robot_benchmark.timed_setup(method_name, image, spacing, robot_user.acquisition_axis(spacing),
+                                                  seed)
+    class_dice, round_s = [], []
+    for strokes in sequence:
+        start = time.perf_counter()
+        labels = method.predict_labels(strokes)
+        round_s.append(time.perf_counter() - start)
+        class_dice.append(robot_user.class_dices(truth, labels, classes))
+    return class_case_result(row, seed, style, setup_s, [class_names[value] for value in classes], class_dice, round_s)
+
+
 def worker(args):
     """Run one method on one dataset in one drawing style and print JSON."""
     method, dataset, style = args.worker.split("@", 2)
     manifest = Path(args.manifest)
     cases = []
-    for seed in robot_benchmark.seeds_of(method, args.seeds):
+    for seed in robot_benchmark.recorded_seeds(method, args):
         for row in dataset_cases(dataset, manifest, args.limit):
-            cases.append(run_case(method, row, manifest.parent, args.cap, seed=seed, style=style))
+            recording = (robot_benchmark.recording_path(args.record or args.replay, dataset, style, row["case"], seed)
+                         if args.record or args.replay else None)
+            if args.replay:
+                cases.append(replay_case(method, row, manifest.parent, recording, seed=seed, style=style))
+            else:
+                cases.append(run_case(method, row, manifest.parent, args.cap, seed=seed, style=style, record=recording))
             print(f"  {method:15s} {style:10s} {row['case'][:34]:34s} seed {seed} class-mean Dice "
                   + " ".join(f"{d:.3f}" for d in cases[-1]["dice"][:11]), file=sys.stderr, flush=True)
     robot_benchmark.print_worker_result(cases)
@@ -147,16 +180,21 @@ def main(argv=None):
                         help="comma-separated ways of drawing round 0: " + ", ".join(robot_user.CLASS_STYLES)
                              + " (default: %(default)s)")
     parser.add_argument("--json", default="", help="write all per-case results here")
+    robot_benchmark.add_record_arguments(parser)
     parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args)
 
     styles = robot_benchmark.parse_styles(args.styles, robot_user.CLASS_STYLES)
+    robot_benchmark.check_record_arguments(args, styles)
     datasets = [args.dataset] if args.dataset else [ATLAS, PHANTOM]
     jobs = [f"{m}@{d}@{s}" for d in datasets for s in styles for m in args.methods.split(",")]
     results = robot_benchmark.run_jobs(__file__, jobs, [args.manifest, "--limit", str(args.limit),
-                                                        "--cap", str(args.cap), "--seeds", str(args.seeds)])
+                                                        "--cap", str(args.cap), "--seeds", str(args.seeds),
+                                                        "--record", args.record, "--replay", args.replay])
+    if args.replay:
+        print(f"every method given the strokes recorded in {args.replay}")
 
     print(f"{'dataset':20s} {'style':10s} {'method':15s} {'n':>3s} {'seeds':>5s} {'class-mean Dice r0':>18s} {'r5':>6s} "
           f"{'r10':>6s} {'r1-10':>6s} {'drop':>6s} {'setup s':>8s} {'s/round':>8s} {'peak RSS MB':>11s}")

@@ -223,26 +223,60 @@ def recording_path(folder, dataset, style, case, seed):
     return Path(folder) / f"{dataset}@{style}@{case}@seed{seed}.npz"
 
 
+def recorded_rounds(recording, shape):
+    """The strokes of every round saved at ``recording`` (``--record``), checked against the case's ``shape``."""
+    if not Path(recording).exists():
+        raise SystemExit(f"no recorded strokes at {recording}: record them first with --record")
+    with np.load(recording) as rounds:
+        sequence = [rounds[f"arr_{index}"] for index in range(len(rounds.files))]
+    if sequence and sequence[0].shape != tuple(shape):
+        raise SystemExit(f"{recording} holds strokes of shape {sequence[0].shape}, the case {tuple(shape)}: "
+                         "replay with the options it was recorded with (--thicken)")
+    return sequence
+
+
 def replay_case(method_name, row, root, recording, target_dice=0.9, seed=0, thicken=1, style="robot"):
     """One method given, round by round, the strokes that :func:`run_case` recorded for another
     (or the same) method: the methods compared on the same strokes, where the robot would draw
     each method its own corrections (one stroke landing elsewhere changes every later round)."""
-    if not Path(recording).exists():
-        raise SystemExit(f"no recorded strokes at {recording}: record them first with --record")
     image, target, spacing, axis = load_case(row, root, thicken)
+    sequence = recorded_rounds(recording, target.shape)
     method, setup_s = timed_setup(method_name, image, spacing, axis, seed)
     dices, round_s = [], []
-    with np.load(recording) as rounds:
-        for index in range(len(rounds.files)):
-            strokes = rounds[f"arr_{index}"]
-            if strokes.shape != target.shape:
-                raise SystemExit(f"{recording} holds strokes of shape {strokes.shape}, the case {target.shape}: "
-                                 "replay with the --thicken it was recorded with")
-            start = time.perf_counter()
-            prediction = method.predict(strokes)
-            round_s.append(time.perf_counter() - start)
-            dices.append(robot_user.dice(prediction, target))
+    for strokes in sequence:
+        start = time.perf_counter()
+        prediction = method.predict(strokes)
+        round_s.append(time.perf_counter() - start)
+        dices.append(robot_user.dice(prediction, target))
     return case_result(row, seed, style, setup_s, dices, round_s, target_dice)
+
+
+def add_record_arguments(parser):
+    """``--record`` and ``--replay`` (both robot benchmarks)."""
+    parser.add_argument("--record", default="",
+                        help="save the strokes of every round of every run in this folder (one method only)")
+    parser.add_argument("--replay", default="",
+                        help="give every method the strokes saved in this folder by --record, instead of the robot's "
+                             "(every recorded round: --cap and --rounds are not read)")
+
+
+def check_record_arguments(args, styles):
+    """Exit with a message where ``--record`` / ``--replay`` cannot be honoured; create the record folder."""
+    if args.record and args.replay:
+        raise SystemExit("--record and --replay exclude each other")
+    if args.record and len(args.methods.split(",")) > 1:
+        raise SystemExit("--record saves one method's strokes: name one method in --methods")
+    events = [style for style in styles if style in robot_user.SESSION_STYLES]
+    if (args.record or args.replay) and events:
+        raise SystemExit(f"the {', '.join(events)} style's session events cannot be recorded or replayed")
+    if args.record:
+        Path(args.record).mkdir(parents=True, exist_ok=True)
+
+
+def recorded_seeds(method, args):
+    """Random states a worker runs: every recorded one when replaying (a deterministic method
+    replays the strokes drawn with each), else :func:`seeds_of`."""
+    return range(args.seeds) if args.replay else seeds_of(method, args.seeds)
 
 
 def slip_and_undo(method, strokes, target, prediction, axis):
@@ -384,8 +418,7 @@ def worker(args):
         manifest = Path(args.manifest)
         rows = read_manifest(manifest, dataset, args.limit)
         cases = []
-        # Replayed strokes were drawn with every random state: a deterministic method replays them all.
-        for seed in range(args.seeds) if args.replay else seeds_of(method, args.seeds):
+        for seed in recorded_seeds(method, args):
             for row in rows:
                 if args.replay:
                     recording = recording_path(args.replay, dataset, style, row["case"], seed)
@@ -457,26 +490,14 @@ def main(argv=None):
                              + " (default: %(default)s)")
     parser.add_argument("--no-synthetic", action="store_true", help="skip the 512x512x80 timing case")
     parser.add_argument("--json", default="", help="write all per-case results here")
-    parser.add_argument("--record", default="",
-                        help="save the strokes of every round of every run in this folder (one method only)")
-    parser.add_argument("--replay", default="",
-                        help="give every method the strokes saved in this folder by --record, instead of the robot's")
+    add_record_arguments(parser)
     parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args)
 
     styles = parse_styles(args.styles, robot_user.BINARY_STYLES)
-    if args.record and args.replay:
-        raise SystemExit("--record and --replay exclude each other")
-    if args.record and len(args.methods.split(",")) > 1:
-        raise SystemExit("--record saves one method's strokes: name one method in --methods")
-    if args.record or args.replay:
-        events = [style for style in styles if style in robot_user.SESSION_STYLES]
-        if events:
-            raise SystemExit(f"the {', '.join(events)} style's session events cannot be recorded or replayed")
-    if args.record:
-        Path(args.record).mkdir(parents=True, exist_ok=True)
+    check_record_arguments(args, styles)
     rows = read_manifest(args.manifest, args.dataset)
     datasets = list(dict.fromkeys(row["dataset"] for row in rows))
     jobs = [f"{m}@{d}@{s}" for d in datasets for s in styles for m in args.methods.split(",")]
