@@ -144,8 +144,7 @@ def worker(args):
     cases = []
     for seed in robot_benchmark.recorded_seeds(method, args):
         for row in dataset_cases(dataset, manifest, args.limit):
-            recording = (robot_benchmark.recording_path(args.record or args.replay, dataset, style, row["case"], seed)
-                         if args.record or args.replay else None)
+            recording = robot_benchmark.worker_recording(args, dataset, style, row["case"], seed)
             if args.replay:
                 cases.append(replay_case(method, row, manifest.parent, recording, seed=seed, style=style))
             else:

@@ -223,6 +223,12 @@ def recording_path(folder, dataset, style, case, seed):
     return Path(folder) / f"{dataset}@{style}@{case}@seed{seed}.npz"
 
 
+def worker_recording(args, dataset, style, case, seed):
+    """The recording a worker's run saves (``--record``) or replays (``--replay``), or None."""
+    folder = args.record or args.replay
+    return recording_path(folder, dataset, style, case, seed) if folder else None
+
+
 def recorded_rounds(recording, shape):
     """The strokes of every round saved at ``recording`` (``--record``), checked against the case's ``shape``."""
     if not Path(recording).exists():
@@ -420,15 +426,13 @@ def worker(args):
         cases = []
         for seed in recorded_seeds(method, args):
             for row in rows:
+                recording = worker_recording(args, dataset, style, row["case"], seed)
                 if args.replay:
-                    recording = recording_path(args.replay, dataset, style, row["case"], seed)
                     cases.append(replay_case(method, row, manifest.parent, recording, seed=seed,
                                              thicken=args.thicken, style=style))
                 else:
-                    record = (recording_path(args.record, dataset, style, row["case"], seed)
-                              if args.record else None)
                     cases.append(run_case(method, row, manifest.parent, args.rounds, args.cap, seed=seed,
-                                          thicken=args.thicken, style=style, record=record))
+                                          thicken=args.thicken, style=style, record=recording))
                 print(f"  {method:15s} {style:10s} {row['case'][:34]:34s} seed {seed} dice "
                       + " ".join(f"{d:.3f}" for d in cases[-1]["dice"][:11]), file=sys.stderr, flush=True)
     print_worker_result(cases)
