@@ -250,6 +250,22 @@ def test_ddp_entry_point_runs_two_gloo_processes(tmp_path):
     assert (out / "model.json").exists() and load_checkpoint(out)[1]["architecture"]["base_channels"] == 4
 
 
+def test_distributed_training_releases_its_process_group_when_it_returns(tmp_path):
+    """The DistributedDataParallel wrapper, which holds the process group, is gone when train()
+    returns: left to the interpreter's exit, after destroy_process_group, gloo's threads abort."""
+    import gc
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        train(tiny_volumes(2), TrainConfig(**{**TINY, "epochs": 1}), tmp_path / "run")
+        alive = [o for o in gc.get_objects() if isinstance(o, torch.nn.parallel.DistributedDataParallel)]
+    finally:
+        dist.destroy_process_group()
+    assert alive == []
+
+
 def test_stop_file_checkpoints_the_first_step_and_is_removed(tmp_path):
     request_stop(tmp_path)  # written before the training starts: a Stop right after Start
     result = train(tiny_volumes(2), TrainConfig(**TINY), tmp_path)

@@ -305,8 +305,6 @@ def run_train(args):
     try:
         result = train(volumes, config, args.out, progress=report, should_stop=lambda: bool(terminated),
                        resume=args.resume)
-        if dist.is_initialized():
-            dist.barrier()  # rank 0 writes the checkpoint last; a peer torn down before it can abort gloo
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

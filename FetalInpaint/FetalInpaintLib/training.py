@@ -12,6 +12,7 @@ A new (not resumed) training first removes these files of an earlier one, so non
 """
 
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -259,14 +260,23 @@ def train(volumes, config, output_dir, progress=None, should_stop=None, resume=F
     def stop_wanted():
         return stop_requested(output_dir) or bool(should_stop and should_stop())
 
-    if rank != 0:
-        return _train(volumes, config, output_dir, progress, stop_wanted, resume, device, distributed, rank, world)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    with TrainingLock(output_dir):
-        try:
+    try:
+        if rank != 0:
             return _train(volumes, config, output_dir, progress, stop_wanted, resume, device, distributed, rank, world)
-        finally:
-            clear_stop_request(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with TrainingLock(output_dir):
+            try:
+                return _train(volumes, config, output_dir, progress, stop_wanted, resume, device, distributed, rank,
+                              world)
+            finally:
+                clear_stop_request(output_dir)
+    finally:
+        if distributed:
+            # The DistributedDataParallel wrapper holds the process group in a reference cycle.
+            # Collected only at the interpreter's exit, after destroy_process_group, its gloo
+            # threads are destroyed unjoined and abort the process ("terminate called without an
+            # active exception").
+            gc.collect()
 
 
 def _train(volumes, config, output_dir, progress, should_stop, resume, device, distributed, rank, world):
