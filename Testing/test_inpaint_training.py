@@ -260,7 +260,8 @@ def test_distributed_training_releases_its_process_group_when_it_returns(tmp_pat
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         train(tiny_volumes(2), TrainConfig(**{**TINY, "epochs": 1}), tmp_path / "run")
-        alive = [o for o in gc.get_objects() if isinstance(o, torch.nn.parallel.DistributedDataParallel)]
+        # type(), not isinstance(): the latter dereferences the weak proxies among the objects.
+        alive = [o for o in gc.get_objects() if type(o) is torch.nn.parallel.DistributedDataParallel]
     finally:
         dist.destroy_process_group()
     assert alive == []
